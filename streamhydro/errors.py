@@ -1,0 +1,51 @@
+"""Exceptions. Every error streamhydro raises on purpose derives from :class:`StreamhydroError`.
+
+Messages name the bad value and the fix; the fields let callers act without parsing text.
+"""
+
+from __future__ import annotations
+
+
+class StreamhydroError(Exception):
+    """Root of every error streamhydro raises on purpose."""
+
+
+class ConfigError(StreamhydroError):
+    """A configuration value is missing or wrong. Raised at start, before any work is done."""
+
+    def __init__(self, key: str, problem: str, fix: str) -> None:
+        self.key = key
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"config key '{key}': {problem}. Fix: {fix}")
+
+
+class ModelError(StreamhydroError):
+    """A model in the registry cannot be served: missing, corrupt, or not fitting its manifest."""
+
+    def __init__(self, model: str, problem: str) -> None:
+        self.model = model
+        self.problem = problem
+        super().__init__(f"model {model}: {problem}")
+
+
+class KafkaError(StreamhydroError):
+    """The Kafka connector could not read or deliver records."""
+
+
+class DeliveryError(KafkaError):
+    """Records were not acknowledged by the broker; the task fails so that Spark retries it."""
+
+    def __init__(self, failed: int, total: int, first_error: str) -> None:
+        self.failed = failed
+        self.total = total
+        self.first_error = first_error
+        super().__init__(f"{failed} of {total} records were not delivered (first error: {first_error})")
+
+
+class DataLossError(KafkaError):
+    """Offsets the query expected to read are gone from the topic (retention, truncation)."""
+
+
+class BrokerError(StreamhydroError):
+    """The embedded broker could not be started or stopped."""
