@@ -7,12 +7,16 @@ Layout::
 
     <root>/<name>/<version>/model.onnx      the model, as ONNX
     <root>/<name>/<version>/manifest.json   what it is (see :class:`Manifest`)
-    <root>/<name>/PROMOTED                  optional: the version that "promoted" resolves to
+    <root>/<name>/PROMOTED                  optional: promotion history, one version per line;
+                                            the last line is what "promoted" resolves to
+
+Any other directory under the root (training data, say) is not a model and is ignored.
 
 Versions are positive integers. A version directory appears only complete: publishing writes a
 hidden staging directory beside it and renames it into place, so readers never see a half-written
-model. ``latest`` resolves to the highest version; ``promoted`` to the version named in PROMOTED
-(or the highest, when nothing was promoted); a number pins that version.
+model. ``latest`` resolves to the highest version; ``promoted`` to the last version named in
+PROMOTED (or the highest, when nothing was promoted); a number pins that version. ``rollback``
+drops PROMOTED's last line; PROMOTED is rewritten whole and renamed into place, never edited.
 """
 
 from __future__ import annotations
@@ -169,7 +173,7 @@ class Registry:
     def models(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
 
     def versions(self, name: str) -> list[int]:
         model_dir = self.root / name
@@ -178,10 +182,18 @@ class Registry:
         return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
     def promoted(self, name: str) -> int | None:
+        history = self.promotions(name)
+        return history[-1] if history else None
+
+    def promotions(self, name: str) -> list[int]:
+        """Every promotion still in effect or rolled back to, oldest first; the last is current."""
         pointer = self.root / name / PROMOTED_FILE
         if not pointer.exists():
-            return None
-        return int(pointer.read_text().strip())
+            return []
+        try:
+            return [int(line) for line in pointer.read_text().split()]
+        except ValueError as exc:
+            raise ModelError(name, f"{pointer} is not a list of version numbers ({exc})") from exc
 
     def resolve(self, name: str, selector: str = "latest") -> int:
         """The version number that ``selector`` (latest | promoted | a number) names."""
@@ -227,6 +239,7 @@ class Registry:
         model_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
         try:
+            staging.chmod(0o755)  # mkdtemp's 0700 would hide the version from readers running as other users
             (staging / MODEL_FILE).write_bytes(model_bytes)
             while True:
                 version = manifest.version or (max(self.versions(manifest.name), default=0) + 1)
@@ -245,12 +258,27 @@ class Registry:
             shutil.rmtree(staging, ignore_errors=True)
 
     def promote(self, name: str, version: int) -> None:
-        """Point PROMOTED at ``version``, atomically."""
+        """Make ``version`` the promoted one, atomically, remembering the one before for rollback."""
         if version not in self.versions(name):
             raise ModelError(name, f"cannot promote version {version}: have {self.versions(name)}")
+        history = self.promotions(name)
+        if history[-1:] != [version]:
+            self._write_promotions(name, [*history, version])
+
+    def rollback(self, name: str) -> int:
+        """Undo the last promotion: the version promoted before it is promoted again. Returns it."""
+        history = self.promotions(name)
+        if len(history) < 2:
+            raise ModelError(name, f"nothing to roll back to: promotion history is {history}; promote a version first")
+        if history[-2] not in self.versions(name):
+            raise ModelError(name, f"cannot roll back to version {history[-2]}: it is no longer in {self.root / name}")
+        self._write_promotions(name, history[:-1])
+        return history[-2]
+
+    def _write_promotions(self, name: str, history: list[int]) -> None:
         pointer = self.root / name / PROMOTED_FILE
         tmp = pointer.with_name(f".{PROMOTED_FILE}.{os.getpid()}")
-        tmp.write_text(f"{version}\n")
+        tmp.write_text("".join(f"{v}\n" for v in history))
         os.replace(tmp, pointer)
 
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Set up a fresh machine and run streamhydro: `bash deploy/bootstrap.sh demo` or `bash deploy/bootstrap.sh test`.
+#   demo  -- a virtualenv in .venv with streamhydro, then `streamhydro demo` (extra arguments are passed on)
+#   test  -- the same plus the test extras and the Debian packages the integration tests use, then pytest
+# Needs Python >= 3.11 and Java 17 (Spark). Re-running skips what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=${1:-}
+shift || true
+venv=${STREAMHYDRO_VENV:-.venv}
+python=${PYTHON:-python3}
+
+# Debian packages the integration tests start for real: Prometheus (+ promtool), PostgreSQL and its JDBC driver.
+test_debs=(prometheus postgresql libpostgresql-jdbc-java)
+
+setup_python() {
+  if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv"
+  fi
+  # The trainer's PyTorch: the CPU build, pinned, so that pip never pulls several GB of CUDA wheels.
+  "$venv/bin/pip" install -q torch==2.13.0
+  "$venv/bin/pip" install -q -e ".[train,test]"
+}
+
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+setup_java() {
+  command -v java >/dev/null || apt_install openjdk-17-jre-headless
+}
+
+setup_debs() {
+  local missing=()
+  for deb in "${test_debs[@]}"; do
+    dpkg-query -W -f='${Status}' "$deb" 2>/dev/null | grep -q "install ok installed" || missing+=("$deb")
+  done
+  [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+}
+
+case "$mode" in
+  demo)
+    setup_java
+    setup_python
+    exec "$venv/bin/streamhydro" demo "$@"
+    ;;
+  test)
+    setup_java
+    setup_debs
+    setup_python
+    exec "$venv/bin/python" -m pytest "$@"
+    ;;
+  *)
+    echo "usage: bash deploy/bootstrap.sh demo [demo options] | test [pytest options]" >&2
+    exit 64
+    ;;
+esac

@@ -1,0 +1,5 @@
+import sys
+
+from streamhydro.cli import main
+
+sys.exit(main())

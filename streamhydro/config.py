@@ -1,0 +1,352 @@
+"""Configuration of ``streamhydro serve``: a TOML file, checked in full at start.
+
+Runs on the driver, once, before Spark starts. This is the one place where settings are read
+from the outside world (the file and the environment) and the one place that translates them
+to Spark and Kafka option keys; everything downstream receives frozen dataclasses.
+
+Secrets stay out of the file: any string value may be ``"${NAME}"``, replaced by the environment
+variable NAME (an unset variable is an error naming the key). Any scalar key can also be
+overridden by an environment variable ``STREAMHYDRO_<SECTION>_<KEY>`` in upper case, e.g.
+``STREAMHYDRO_KAFKA_BOOTSTRAP_SERVERS``. Values of keys that look secret are masked in ``repr``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from streamhydro.errors import ConfigError
+
+ENV_PREFIX = "STREAMHYDRO_"
+SECRET_WORDS = ("password", "secret", "jaas", "token", "key.pem", "credential")
+_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+def doc(text: str, **kwargs: Any) -> Any:
+    """A dataclass field with its documentation, used for errors and the README reference."""
+    return dataclasses.field(metadata={"doc": text}, **kwargs)
+
+
+class Masked(dict):
+    """A dict of client settings whose secret-looking values are hidden in ``repr``."""
+
+    def __repr__(self) -> str:
+        return repr({k: ("***" if is_secret(k) else v) for k, v in self.items()})
+
+
+def is_secret(key: str) -> bool:
+    return any(word in key.lower() for word in SECRET_WORDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparkSettings:
+    master: str = doc("Spark master URL: local[N], local-cluster[N,C,MB], spark://, yarn, k8s://.", default="local[2]")
+    app_name: str = doc("Spark application name.", default="streamhydro")
+    checkpoint_location: str = doc(
+        "Where the query keeps offsets and state; a restart resumes from here.", default="var/checkpoints/serve"
+    )
+    trigger_interval: str = doc("Micro-batch trigger interval, e.g. '0 seconds' (as fast as possible), '5 seconds'.", default="0 seconds")
+    executor_gpus: float = doc("GPUs per executor (spark.executor.resource.gpu.amount); 0 = no GPUs.", default=0.0)
+    task_gpus: float = doc("GPUs per inference task; a fraction shares a GPU (0.25 = four tasks per GPU).", default=0.0)
+    gpu_discovery_script: str = doc("Script printing the executor's GPU addresses (deploy/gpu/getGpusResources.sh).", default="")
+    conf: Mapping[str, str] = doc("Extra Spark configuration passed as is.", default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str = doc("Kafka bootstrap servers, host:port[,host:port].", default="127.0.0.1:9092")
+    subscribe: str = doc("Input topics, comma-separated (one of subscribe / subscribe_pattern / assign).", default="events")
+    subscribe_pattern: str = doc("Input topic regex (instead of subscribe).", default="")
+    assign: str = doc("Input partitions as JSON, e.g. '{\"events\": [0, 1]}' (instead of subscribe).", default="")
+    starting_offsets: str = doc("Where a new query starts: earliest | latest | JSON per partition.", default="earliest")
+    max_offsets_per_trigger: int = doc("At most this many records per micro-batch; 0 = no limit.", default=200_000)
+    fail_on_data_loss: bool = doc("Fail the query when offsets it should read are gone (retention).", default=True)
+    output_topic: str = doc("Topic the predictions go to.", default="predictions")
+    dead_letter_topic: str = doc("Topic records that cannot be scored go to, with their origin in headers.", default="predictions-dlq")
+    source: str = doc(
+        "Kafka connector: python (streamhydro's), builtin (Spark's JVM connector, needs spark-sql-kafka on the "
+        "classpath), or auto (builtin when available, else python).",
+        default="auto",
+    )
+    client: Mapping[str, str] = doc(
+        "librdkafka/Kafka client settings for every client, e.g. security.protocol, sasl.mechanism, "
+        "sasl.username, sasl.password = \"${KAFKA_PASSWORD}\".",
+        default_factory=Masked,
+    )
+
+    def client_options(self) -> dict[str, str]:
+        """Options every Spark Kafka reader and writer gets: bootstrap servers and the client settings."""
+        options = {"kafka.bootstrap.servers": self.bootstrap_servers}
+        options.update({f"kafka.{key}": value for key, value in self.client.items()})
+        return options
+
+    def source_options(self) -> dict[str, str]:
+        """The reader's options, named as Spark's Kafka source names them (same for both connectors)."""
+        options = self.client_options()
+        if self.subscribe:
+            options["subscribe"] = self.subscribe
+        elif self.subscribe_pattern:
+            options["subscribePattern"] = self.subscribe_pattern
+        else:
+            options["assign"] = self.assign
+        options["startingOffsets"] = self.starting_offsets
+        options["failOnDataLoss"] = "true" if self.fail_on_data_loss else "false"
+        options["includeHeaders"] = "true"
+        if self.max_offsets_per_trigger:
+            options["maxOffsetsPerTrigger"] = str(self.max_offsets_per_trigger)
+        return options
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    registry: str = doc("Model registry directory.", default="models")
+    name: str = doc("Model name in the registry.", default="breast_cancer")
+    version: str = doc("Version to serve: latest | promoted | a number (pinned).", default="promoted")
+    payload: str = doc("Input value format: json (named features) | tensor (raw little-endian float32).", default="json")
+    refresh_seconds: float = doc("How often the registry is checked for a new version, at micro-batch boundaries.", default=10.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+    providers: tuple[str, ...] = doc(
+        "ONNX Runtime execution providers in preference order.", default=("CUDAExecutionProvider", "CPUExecutionProvider")
+    )
+    batch_size: int = doc("Rows per ONNX Runtime call, independent of Arrow batch size.", default=4096)
+    pipeline_depth: int = doc("Batches in flight between decode, transfer, compute and encode; 0 = sequential.", default=2)
+    intra_op_threads: int = doc("ONNX Runtime intra-op threads per task; 0 = the task's CPUs.", default=0)
+    gpu_mem_limit_mb: int = doc("GPU memory arena limit per session in MiB; 0 = no limit.", default=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsSettings:
+    enabled: bool = doc("Serve Prometheus metrics.", default=True)
+    host: str = doc("Address the metrics endpoint binds.", default="127.0.0.1")
+    port: int = doc("Port of the metrics endpoint; 0 = any free port.", default=9108)
+    certfile: str = doc("TLS certificate for the endpoint (with keyfile); empty = plain HTTP.", default="")
+    keyfile: str = doc("TLS private key for the endpoint.", default="")
+    multiprocess_dir: str = doc("Directory for the Python workers' metric files, emptied at start.", default="var/metrics")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    spark: SparkSettings = dataclasses.field(default_factory=SparkSettings)
+    kafka: KafkaSettings = dataclasses.field(default_factory=KafkaSettings)
+    model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
+    inference: InferenceSettings = dataclasses.field(default_factory=InferenceSettings)
+    metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
+
+    def replace(self, **sections: Mapping[str, Any]) -> "Config":
+        """A copy with some keys of some sections changed, checked like the file."""
+        changed = {
+            name: _build(type(getattr(self, name)), {**_as_dict(getattr(self, name)), **values}, name)
+            for name, values in sections.items()
+        }
+        return _validated(dataclasses.replace(self, **changed))
+
+
+def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment, check. ``path=None`` gives the defaults."""
+    environ = os.environ if environ is None else environ
+    raw = read_toml(path) if path is not None else {}
+    return from_mapping(raw, environ)
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed TOML file, or a ConfigError naming the file and what is wrong with it."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError("--config", f"file {path} does not exist", "pass the path of a TOML file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML ({exc})", "fix the syntax at the position shown") from exc
+
+
+def from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
+    return _validated(Config(**build_sections(Config, raw, environ)))
+
+
+def build_sections(root: type, raw: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Each section of the dataclass ``root`` built from ``raw``: unknown keys rejected, environment
+    overrides applied, ``${ENV}`` references resolved, values checked against the field types."""
+    sections = {f.name: f.type for f in dataclasses.fields(root)}
+    _reject_unknown(raw, sections, "")
+    built = {}
+    for name in sections:
+        cls = typing.get_type_hints(root)[name]
+        values = dict(raw.get(name, {}))
+        if not isinstance(raw.get(name, {}), Mapping):
+            raise ConfigError(name, "must be a table", f"write it as [{name}]")
+        _apply_environment(name, cls, values, environ)
+        values = {k: _interpolate(f"{name}.{k}", v, environ) for k, v in values.items()}
+        built[name] = _build(cls, values, name)
+    return built
+
+
+def reference() -> list[tuple[str, str, str]]:
+    """Every key as (dotted name, default, documentation), for ``--help`` and the README."""
+    rows = []
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        cls = hints[section.name]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{section.name}.{f.name}", json.dumps(_jsonable(default)), f.metadata["doc"]))
+    return rows
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def _as_dict(section: Any) -> dict[str, Any]:
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
+def _reject_unknown(raw: Mapping[str, Any], known: Mapping[str, Any], prefix: str) -> None:
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            fix = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(prefix + k for k in known)}"
+            raise ConfigError(f"{prefix}{key}", "unknown key", fix)
+
+
+def _apply_environment(section: str, cls: type, values: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for f in dataclasses.fields(cls):
+        name = f"{ENV_PREFIX}{section}_{f.name}".upper()
+        if name in environ:
+            values[f.name] = environ[name]
+
+
+def _interpolate(key: str, value: Any, environ: Mapping[str, str]) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _interpolate(f"{key}.{k}", v, environ) for k, v in value.items()}
+    if isinstance(value, str):
+        match = _ENV_REF.match(value)
+        if match:
+            if match.group(1) not in environ:
+                raise ConfigError(key, f"refers to environment variable {match.group(1)}, which is not set", f"export {match.group(1)}=...")
+            return environ[match.group(1)]
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    _reject_unknown(values, hints, f"{section}.")
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _coerce(f"{section}.{name}", hints[name], value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against the field type; strings from the environment are converted."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(key, f"expected true or false, got {value!r}", "write true or false")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected a number, got {value!r}", "write a number")
+        try:
+            number = hint(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(key, f"expected {hint.__name__}, got {value!r}", f"write a {hint.__name__}") from exc
+        if hint is int and isinstance(value, float) and value != number:
+            raise ConfigError(key, f"expected a whole number, got {value!r}", "write an integer")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}", "quote the value")
+        return value
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if item is str and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+            raise ConfigError(key, f"expected a list of strings, got {value!r}", 'write ["A", "B"]')
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list of {item.__name__}, got {value!r}", "write [1, 2]")
+        return tuple(_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value))
+    if origin in (Mapping, dict) or hint in (dict,) or isinstance(origin, type) and issubclass(origin, Mapping):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(key, f"expected a table, got {value!r}", "write a TOML table or a JSON object") from exc
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"expected a table, got {value!r}", "write a TOML table")
+        return Masked({str(k): _scalar_str(f"{key}.{k}", v) for k, v in value.items()})
+    if isinstance(hint, types.UnionType):
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def _scalar_str(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise ConfigError(key, f"expected a string, number or boolean, got {value!r}", "write a scalar value")
+
+
+def _validated(config: Config) -> Config:
+    k, m, s, i = config.kafka, config.model, config.spark, config.inference
+    chosen = [name for name, value in (("subscribe", k.subscribe), ("subscribe_pattern", k.subscribe_pattern), ("assign", k.assign)) if value]
+    if len(chosen) != 1:
+        raise ConfigError(
+            "kafka.subscribe",
+            f"exactly one of kafka.subscribe, kafka.subscribe_pattern, kafka.assign must be set, got {chosen or 'none'}",
+            "keep one of them and set the others to \"\"",
+        )
+    if k.source not in ("auto", "builtin", "python"):
+        raise ConfigError("kafka.source", f"unknown connector {k.source!r}", "use auto, builtin or python")
+    if k.max_offsets_per_trigger < 0:
+        raise ConfigError("kafka.max_offsets_per_trigger", f"must be >= 0, got {k.max_offsets_per_trigger}", "use 0 for no limit")
+    if k.output_topic == k.dead_letter_topic:
+        raise ConfigError("kafka.dead_letter_topic", "is the same topic as kafka.output_topic", "give dead letters their own topic")
+    if k.starting_offsets not in ("earliest", "latest"):
+        try:
+            json.loads(k.starting_offsets)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("kafka.starting_offsets", f"{k.starting_offsets!r} is neither earliest, latest nor JSON", 'e.g. {"events": {"0": 42}}') from exc
+    if m.payload not in ("json", "tensor"):
+        raise ConfigError("model.payload", f"unknown payload {m.payload!r}", "use json or tensor")
+    if not (m.version in ("latest", "promoted") or m.version.isdigit()):
+        raise ConfigError("model.version", f"{m.version!r} is not a version", "use latest, promoted or a version number")
+    if m.refresh_seconds <= 0:
+        raise ConfigError("model.refresh_seconds", f"must be > 0, got {m.refresh_seconds}", "e.g. 10")
+    if i.batch_size < 1:
+        raise ConfigError("inference.batch_size", f"must be >= 1, got {i.batch_size}", "e.g. 4096")
+    if i.pipeline_depth < 0:
+        raise ConfigError("inference.pipeline_depth", f"must be >= 0, got {i.pipeline_depth}", "0 turns pipelining off")
+    if not i.providers:
+        raise ConfigError("inference.providers", "is empty", 'e.g. ["CPUExecutionProvider"]')
+    if s.task_gpus < 0 or s.executor_gpus < 0:
+        raise ConfigError("spark.task_gpus", "GPU amounts must be >= 0", "use 0 for no GPUs")
+    if s.task_gpus and not s.executor_gpus:
+        raise ConfigError("spark.executor_gpus", "is 0 while spark.task_gpus asks for GPUs", "set spark.executor_gpus to the GPUs per executor")
+    if s.task_gpus > 1 and s.task_gpus != int(s.task_gpus):
+        raise ConfigError("spark.task_gpus", f"{s.task_gpus} is a fraction above 1", "use a whole number of GPUs, or a fraction below 1 to share one")
+    if s.executor_gpus and not s.gpu_discovery_script and not s.master.startswith(("local[", "local-cluster")):
+        raise ConfigError("spark.gpu_discovery_script", "is empty while GPUs are requested", "point it at deploy/gpu/getGpusResources.sh")
+    if bool(config.metrics.certfile) != bool(config.metrics.keyfile):
+        raise ConfigError("metrics.keyfile", "TLS needs both metrics.certfile and metrics.keyfile", "set both, or neither")
+    if not 0 <= config.metrics.port < 65536:
+        raise ConfigError("metrics.port", f"{config.metrics.port} is not a port", "use 1-65535, or 0 for any free port")
+    return config

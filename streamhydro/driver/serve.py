@@ -1,0 +1,231 @@
+"""The streaming inference service, ``streamhydro serve``. Runs on the driver for the life of the daemon.
+
+One Structured Streaming query: Kafka source -> ``foreachBatch``. Each micro-batch is scored by
+``mapInArrow`` tasks (``streamhydro.executor.scoring``) with the model version the
+:class:`~streamhydro.driver.models.ModelFollower` picked at that batch boundary, and the result is
+written to Kafka: predictions to the output topic, records that could not be scored to the
+dead-letter topic (each row carries its topic). ``foreachBatch`` is what makes the model version a
+per-batch decision without restarting the query; its delivery guarantee is Kafka's usual
+at-least-once, and every prediction carries an idempotency key (topic/partition/offset of its event).
+
+SIGTERM and SIGINT stop the query between micro-batches: a batch that has started writing is
+finished and committed first; a batch that has not started writing is left to the next run (its
+offsets are not committed), so nothing is lost or half-written, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from streamhydro.config import Config, load, reference
+from streamhydro.errors import ConfigError, StreamhydroError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_FORMAT = "kafka"
+BUILTIN_PROVIDER = "org.apache.spark.sql.kafka010.KafkaSourceProvider"
+KAFKA_PACKAGE = "org.apache.spark:spark-sql-kafka-0-10_2.13:<your Spark version>"
+STOP_POLL_SECONDS = 0.2
+
+
+class StopRequested(StreamhydroError):
+    """Raised inside a micro-batch that started after a stop was asked for; ends the query cleanly."""
+
+
+def add_parser(subparsers: Any) -> None:
+    keys = "\n".join(f"  {name} = {default}\n      {text}" for name, default, text in reference())
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the streaming inference daemon",
+        description="Read events from Kafka, score them with an ONNX model in mapInArrow tasks, write predictions "
+        "to Kafka. Stops after the current micro-batch on SIGTERM/SIGINT.",
+        epilog=f"configuration keys (TOML; env override STREAMHYDRO_<SECTION>_<KEY>; secrets as \"${{ENV}}\"):\n{keys}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration (defaults apply to missing keys)")
+    parser.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    service = Service(load(args.config))
+    return service.run()
+
+
+class Service:
+    """The query and everything it needs; :meth:`run` is the daemon, :meth:`start`/:meth:`stop` for embedding."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._in_batch = False
+        self._stop_event = threading.Event()
+        self.spark = None
+        self.query = None
+        self.follower = None
+        self.metrics = None
+        self.batches = 0
+
+    def start(self) -> Any:
+        """Build the session, check the model, start the query. Returns the StreamingQuery."""
+        from streamhydro.driver.models import ModelFollower
+        from streamhydro.driver.session import build_session
+        from streamhydro.kafka.admin import ensure_topics
+        from streamhydro.metrics.driver import start_driver_metrics
+        from streamhydro.metrics.multiprocess import executor_conf
+
+        c = self.config
+        conf = {**c.spark.conf, **executor_conf(c.metrics, c.spark.master)}
+        self.spark = build_session(c.spark.master, c.spark.app_name, conf)
+        self.metrics = start_driver_metrics(self.spark, c.metrics)
+        if self.metrics.url:
+            print(f"metrics at {self.metrics.url}", flush=True)
+        self.follower = ModelFollower(
+            self.spark,
+            c,
+            on_switch=lambda version: self.metrics.set_model(version.manifest.name, version.manifest.version),
+            on_refuse=self.metrics.model_refused,
+        )
+        self._format = kafka_format(self.spark, c.kafka.source)
+        ensure_topics(c.kafka.bootstrap_servers, {c.kafka.output_topic: 1, c.kafka.dead_letter_topic: 1}, c.kafka.client)
+        self._warm_up()
+        stream = self.spark.readStream.format(self._format).options(**c.kafka.source_options()).load()
+        self.query = (
+            stream.writeStream.queryName(c.spark.app_name)
+            .option("checkpointLocation", c.spark.checkpoint_location)
+            .trigger(processingTime=c.spark.trigger_interval)
+            .foreachBatch(self._process_batch)
+            .start()
+        )
+        log.info(
+            "query started: %s via %s connector -> %s (dead letters -> %s), checkpoint %s",
+            c.kafka.subscribe or c.kafka.subscribe_pattern or c.kafka.assign,
+            "Spark's built-in" if self._format == BUILTIN_FORMAT else "streamhydro's Python",
+            c.kafka.output_topic, c.kafka.dead_letter_topic, c.spark.checkpoint_location,
+        )
+        return self.query
+
+    def run(self) -> int:
+        """Start, then wait for a signal or a failure. 0 after a requested stop."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.request_stop())
+        self.start()
+        try:
+            return self.wait()
+        finally:
+            self.close()
+
+    def request_stop(self) -> None:
+        """Ask for a stop after the current micro-batch. Safe from a signal handler."""
+        self._stop_event.set()
+
+    def wait(self) -> int:
+        """Block until the query ends: 0 after a requested stop, raise if the query failed."""
+        while True:
+            if self._stop_event.wait(STOP_POLL_SECONDS):
+                self._stop_between_batches()
+                return 0
+            if not self.query.isActive:
+                exception = self.query.exception()
+                if exception is not None and not _is_stop(exception):
+                    raise StreamhydroError(f"streaming query failed: {exception}")
+                return 0
+
+    def stop(self) -> None:
+        """Stop between micro-batches and release everything (for embedding and tests)."""
+        self.request_stop()
+        self._stop_between_batches()
+        self.close()
+
+    def close(self) -> None:
+        if self.follower is not None:
+            self.follower.close()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    def _stop_between_batches(self) -> None:
+        with self._lock:
+            self._stopping = True
+            busy = self._in_batch
+        if busy:
+            log.info("stop requested: finishing the current micro-batch")
+            while self.query.isActive and self._in_batch:
+                time.sleep(STOP_POLL_SECONDS / 4)
+        if self.query.isActive:
+            self.query.stop()
+        exception = self.query.exception()
+        if exception is not None and not _is_stop(exception):
+            raise StreamhydroError(f"streaming query failed: {exception}")
+        log.info("query stopped after %d micro-batches", self.batches)
+
+    def _process_batch(self, batch_df: Any, batch_id: int) -> None:
+        from streamhydro.executor.scoring import OUTPUT_SCHEMA, score_batches
+
+        with self._lock:
+            if self._stopping:
+                raise StopRequested(f"stop requested before micro-batch {batch_id}; it will run on restart")
+            self._in_batch = True
+        try:
+            plan = self.follower.plan
+            scored = batch_df.mapInArrow(score_batches(plan), OUTPUT_SCHEMA)
+            scored.write.format(self._format).mode("append").options(**self.config.kafka.client_options()).save()
+            self.batches += 1
+        finally:
+            with self._lock:
+                self._in_batch = False
+
+    def _warm_up(self) -> None:
+        """Start the Python workers and load the model before the first micro-batch.
+
+        The first task of a fresh worker pays for imports and the ONNX Runtime session (seconds);
+        a one-row job per core here keeps that out of the first micro-batch's latency.
+        """
+        from streamhydro.executor.scoring import OUTPUT_SCHEMA, score_batches
+        from streamhydro.kafka.source import KafkaDataSource
+        from streamhydro.producer import make_values
+
+        plan = self.follower.plan
+        parallelism = self.spark.sparkContext.defaultParallelism
+        value = make_values(plan.manifest, plan.payload, count=1)[0]
+        rows = [(b"warm-up", value, "warm-up", 0, i, None, 0, []) for i in range(parallelism)]
+        schema = KafkaDataSource({}).schema()
+        started = time.monotonic()
+        frame = self.spark.createDataFrame(rows, schema).repartition(parallelism)
+        frame.mapInArrow(score_batches(plan), OUTPUT_SCHEMA).count()
+        log.info("warm-up: %d Python workers ready in %.1f s", parallelism, time.monotonic() - started)
+
+
+def kafka_format(spark: Any, source: str) -> str:
+    """The connector to use: Spark's JVM connector when asked for (or available, with auto), else ours."""
+    from streamhydro.kafka.source import FORMAT
+
+    if source == "python":
+        return FORMAT
+    available = _builtin_available(spark)
+    if source == "builtin" and not available:
+        raise ConfigError(
+            "kafka.source",
+            "Spark's built-in Kafka connector is not on the classpath",
+            f"start Spark with --packages {KAFKA_PACKAGE}, or set source = \"python\"",
+        )
+    chosen = BUILTIN_FORMAT if available else FORMAT
+    log.info("Kafka connector: %s", "Spark's built-in (JVM)" if available else f"streamhydro's Python data source ({FORMAT})")
+    return chosen
+
+
+def _builtin_available(spark: Any) -> bool:
+    try:
+        spark.sparkContext._jvm.java.lang.Class.forName(BUILTIN_PROVIDER)
+    except Exception:  # noqa: BLE001 -- py4j wraps ClassNotFoundException; any failure means "not there"
+        return False
+    return True
+
+
+def _is_stop(exception: Any) -> bool:
+    return StopRequested.__name__ in str(exception)

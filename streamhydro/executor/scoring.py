@@ -1,0 +1,176 @@
+"""The scoring function given to ``DataFrame.mapInArrow``: Kafka source rows in, Kafka sink rows out.
+
+:func:`score_batches` runs on the driver once per model version (it only closes over the picklable
+:class:`ScoringPlan`); the function it returns runs in executor Python workers, once per task
+partition of every micro-batch. That function only orchestrates: payload decoding and output
+encoding live in :mod:`streamhydro.payload`, sessions in :mod:`streamhydro.executor.sessions`, the
+pipeline in :mod:`streamhydro.executor.engine`.
+
+Per task partition it yields, in the sink's schema ``OUTPUT_SCHEMA``: one prediction per good
+record (in input order, to ``plan.output_topic``) and one dead letter per bad record (to
+``plan.dead_letter_topic``). A record never fails the task. At the end it hands one
+:class:`BatchStats` to the metrics module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from streamhydro.executor.engine import BatchStats, EngineSettings, Rebatcher, StageClock, Tracer, run_pipeline
+from streamhydro.executor.sessions import ModelSession, TaskResources, get_session, place, task_resources
+from streamhydro.payload import Decoded, Decoder, Encoder
+from streamhydro.registry import Manifest
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OUTPUT_SCHEMA", "EngineSettings", "ScoringPlan", "BatchStats", "score_batches", "score_partition"]
+
+OUTPUT_SCHEMA = "key binary, value binary, topic string, headers array<struct<key:string,value:binary>>"
+# Kafka source columns the encoder needs for each scored row.
+META_COLUMNS = ("key", "topic", "partition", "offset", "timestamp", "headers")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringPlan:
+    """Everything a scoring task needs; built on the driver once per model version, pickled into tasks.
+
+    ``model_bytes`` is any object whose ``.value`` is the ONNX bytes: a pyspark Broadcast on the
+    driver (read by an executor only when its worker has no session for the model yet).
+    """
+
+    manifest: Manifest
+    model_bytes: Any
+    payload: str
+    output_topic: str
+    dead_letter_topic: str
+    engine: EngineSettings = EngineSettings()
+
+
+def score_batches(
+    plan: ScoringPlan, observe: Callable[[BatchStats], None] | None = None
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The function for ``df.mapInArrow(score_batches(plan), OUTPUT_SCHEMA, profile=...)``.
+
+    ``observe`` receives each task partition's stats in addition to the metrics module.
+    """
+
+    def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        return score_partition(plan, batches, observe)
+
+    return score
+
+
+def score_partition(
+    plan: ScoringPlan,
+    batches: Iterator[pa.RecordBatch],
+    observe: Callable[[BatchStats], None] | None = None,
+    trace: Tracer | None = None,
+    resources: TaskResources | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Score one task partition's batches (also usable without Spark: benchmarks, GPU tests).
+
+    ``resources`` defaults to what Spark assigned the running task (nothing outside Spark).
+    """
+    resources = resources if resources is not None else task_resources()
+    placement = place(plan.engine, resources)
+    model = get_session(plan.manifest, plan.model_bytes, plan.payload, placement, plan.engine)
+    decoder = Decoder(plan.manifest, plan.payload)
+    encoder = Encoder(plan.manifest, plan.output_topic, plan.dead_letter_topic)
+    clock = StageClock(trace)
+    stages = _Stages(model, decoder, encoder, clock, plan.engine.batch_size)
+    yield from run_pipeline(batches, stages.front, stages.compute, stages.back, plan.engine.pipeline_depth, clock)
+    stats = clock.finish(
+        model=plan.manifest.name,
+        version=plan.manifest.version,
+        partition_id=resources.partition_id,
+        requested_device=model.requested_device,
+        device=model.device,
+        providers=model.providers,
+        pipeline_depth=plan.engine.pipeline_depth,
+    )
+    publish_stats(stats)
+    if observe is not None:
+        observe(stats)
+
+
+def publish_stats(stats: BatchStats) -> None:
+    """Hand a task partition's stats to the metrics module: the one place the engine reports to."""
+    from streamhydro.metrics.executor import observe_batch
+
+    log.debug("task partition stats: %s", stats)
+    observe_batch(stats)
+
+
+@dataclasses.dataclass
+class _Staged:
+    seq: int
+    meta: pa.Table
+    inputs: Any
+
+
+@dataclasses.dataclass
+class _Computed:
+    seq: int
+    meta: pa.Table
+    scores: Any
+
+
+class _Stages:
+    """The engine's three stage groups for one task partition (see streamhydro.executor.engine)."""
+
+    def __init__(self, model: ModelSession, decoder: Decoder, encoder: Encoder, clock: StageClock, batch_size: int) -> None:
+        self.model = model
+        self.decoder = decoder
+        self.encoder = encoder
+        self.clock = clock
+        self.batch_size = batch_size
+
+    def front(self, batches: Iterator[pa.RecordBatch]) -> Iterator[_Staged | pa.RecordBatch]:
+        rebatcher = Rebatcher(self.batch_size)
+        chunks = 0
+        for seq, batch in enumerate(batches):
+            with self.clock.stage("decode", seq):
+                decoded = self.decoder.decode(batch.column("value"))
+                meta = batch.select(list(META_COLUMNS)).take(pa.array(decoded.good))
+            self.clock.rows_in += batch.num_rows
+            if len(decoded.bad):
+                yield self._dead_letters(seq, batch, decoded)
+            for meta_chunk, inputs in rebatcher.add(meta, decoded.inputs):
+                yield self._stage(chunks, meta_chunk, inputs)
+                chunks += 1
+        for meta_chunk, inputs in rebatcher.flush():
+            yield self._stage(chunks, meta_chunk, inputs)
+
+    def compute(self, item: _Staged | pa.RecordBatch) -> _Computed | pa.RecordBatch:
+        if not isinstance(item, _Staged):
+            return item
+        with self.clock.stage("compute", item.seq):
+            scores = self.model.compute(item.inputs)
+        return _Computed(item.seq, item.meta, scores)
+
+    def back(self, item: _Computed | pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+        if not isinstance(item, _Computed):
+            yield item
+            return
+        with self.clock.stage("d2h", item.seq):
+            scores = self.model.to_host(item.scores)
+        with self.clock.stage("encode", item.seq):
+            out = self.encoder.predictions(item.meta, scores)
+        self.clock.rows_scored += out.num_rows
+        yield out
+
+    def _stage(self, seq: int, meta: pa.Table, inputs: dict[str, Any]) -> _Staged:
+        self.clock.batch_sizes.append(meta.num_rows)
+        with self.clock.stage("h2d", seq):
+            staged = self.model.to_device(inputs)
+        return _Staged(seq, meta, staged)
+
+    def _dead_letters(self, seq: int, batch: pa.RecordBatch, decoded: Decoded) -> pa.RecordBatch:
+        self.clock.count_errors(decoded.error_classes)
+        with self.clock.stage("encode", seq):
+            return self.encoder.dead_letters(batch, decoded)

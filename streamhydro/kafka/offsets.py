@@ -1,0 +1,158 @@
+"""End offsets that are right on every broker. Runs on the driver, in the stream reader, once per micro-batch.
+
+Why a probe: a Kafka source asks where each partition ends with ListOffsets(latest). Apache Kafka answers
+with the log end offset; Tansu 0.6 (the embedded broker) answers with the base offset of the partition's
+*last record batch* + 1 (1000 records produced in one batch over two partitions: ListOffsets says 1, the
+truth is 500). A source that trusts that answer stalls short of the end of every partition, with no error.
+
+The high watermark a broker puts in every Fetch response is right on both. So for each non-empty
+partition :class:`EndOffsetProbe` assigns a consumer at ``max(ListOffsets - 1, log start)``, which lies
+inside the last batch, consumes until one record (or the end-of-partition event) of each such partition
+arrived, and takes librdkafka's cached high watermark from that fetch. The result is never below the
+ListOffsets answer, so on Apache Kafka it is exactly that answer, one small fetch later.
+
+The probe's consumer is created lazily (no network in ``__init__``), kept for the reader's life, fetches
+small amounts, and is unassigned between probes. It carries ``kafka.group.id`` when the user set one, so
+:meth:`EndOffsetProbe.commit` can mirror the query's progress to that group for lag tools; it never joins
+the group (``assign()``, never ``subscribe()``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+
+from confluent_kafka import Consumer, KafkaError as ClientError, KafkaException, TopicPartition
+
+from streamhydro.errors import KafkaError
+from streamhydro.kafka.clients import build_client
+from streamhydro.kafka.options import GROUP_ID, ClientConfig, Subscription
+
+log = logging.getLogger(__name__)
+
+TopicPartitionKey = tuple[str, int]
+
+# The probe reads one record per partition: small fetches, no prefetching of whole partitions.
+PROBE_CONSUMER_SETTINGS = {
+    "enable.auto.commit": "false",
+    "enable.auto.offset.store": "false",
+    "enable.partition.eof": "true",
+    "auto.offset.reset": "latest",
+    "allow.auto.create.topics": "false",
+    "max.partition.fetch.bytes": "65536",
+    "fetch.max.bytes": "1048576",
+    "queued.max.messages.kbytes": "1024",
+    "fetch.wait.max.ms": "10",
+    "isolation.level": "read_uncommitted",
+}
+
+
+class EndOffsetProbe:
+    """Topic metadata, log start and true end offsets, and group commits, for one stream reader.
+
+    ``use_fetch=False`` trusts ListOffsets (cheaper; right only on brokers that answer it correctly).
+    ``timeout_s`` bounds each broker request and each probe.
+    """
+
+    def __init__(self, client: ClientConfig, use_fetch: bool = True, timeout_s: float = 10.0) -> None:
+        settings = client.with_defaults({GROUP_ID: f"streamhydro-probe-{uuid.uuid4().hex[:8]}"}).as_dict()
+        settings.update(PROBE_CONSUMER_SETTINGS)
+        self._config = ClientConfig.of(settings)
+        self._has_group = client.get(GROUP_ID) is not None
+        self._use_fetch = use_fetch
+        self._timeout_s = timeout_s
+        self._consumer: Consumer | None = None
+
+    @property
+    def consumer(self) -> Consumer:
+        if self._consumer is None:
+            self._consumer = build_client(Consumer, self._config)
+        return self._consumer
+
+    def topic_partitions(self, subscription: Subscription) -> list[TopicPartitionKey]:
+        """The partitions ``subscription`` names that exist now, from the broker's metadata."""
+        try:
+            metadata = self.consumer.list_topics(timeout=self._timeout_s)
+        except KafkaException as exc:
+            raise KafkaError(
+                f"no metadata from {self._config.get('bootstrap.servers')} within {self._timeout_s} s: {exc}. "
+                "Fix: check kafka.bootstrap.servers and that the brokers are reachable"
+            ) from exc
+        counts = {
+            name: len(topic.partitions)
+            for name, topic in metadata.topics.items()
+            if topic.error is None and not name.startswith("__")
+        }
+        return subscription.select(counts)
+
+    def list_offsets(self, partitions: Iterable[TopicPartitionKey]) -> dict[TopicPartitionKey, tuple[int, int]]:
+        """``{tp: (log start, ListOffsets(latest))}`` as the broker answers (wrong end on Tansu)."""
+        answers = {}
+        for topic, partition in partitions:
+            answer = self.consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=self._timeout_s, cached=False
+            )
+            if answer is None:
+                raise KafkaError(
+                    f"{topic}[{partition}]: no offsets from the broker within {self._timeout_s} s. "
+                    "Fix: check the broker is up and the partition has a leader"
+                )
+            answers[(topic, partition)] = (int(answer[0]), int(answer[1]))
+        return answers
+
+    def offset_ranges(self, partitions: Iterable[TopicPartitionKey]) -> dict[TopicPartitionKey, tuple[int, int]]:
+        """``{tp: (log start, true end)}``: the end is the high watermark of a fetch (see module docstring)."""
+        listed = self.list_offsets(partitions)
+        if not self._use_fetch:
+            return listed
+        ends = self._fetched_high_watermarks({tp: lo_hi for tp, lo_hi in listed.items() if lo_hi[1] > lo_hi[0]})
+        return {tp: (lo, max(hi, ends.get(tp, hi))) for tp, (lo, hi) in listed.items()}
+
+    def _fetched_high_watermarks(self, listed: Mapping[TopicPartitionKey, tuple[int, int]]) -> dict[TopicPartitionKey, int]:
+        if not listed:
+            return {}
+        consumer = self.consumer
+        consumer.assign([TopicPartition(t, p, max(hi - 1, lo)) for (t, p), (lo, hi) in listed.items()])
+        pending = set(listed)
+        deadline = time.monotonic() + self._timeout_s
+        try:
+            while pending and time.monotonic() < deadline:
+                for message in consumer.consume(num_messages=1000, timeout=0.05):
+                    error = message.error()
+                    if error is not None and error.code() != ClientError._PARTITION_EOF:
+                        log.warning("end-offset probe: %s[%s]: %s", message.topic(), message.partition(), error)
+                    pending.discard((message.topic(), message.partition()))
+            ends = {}
+            for topic, partition in listed:
+                if (topic, partition) in pending:
+                    continue
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+                ends[(topic, partition)] = int(high)
+        finally:
+            consumer.unassign()
+        if pending:
+            log.warning(
+                "end-offset probe: no fetch answer within %.1f s for %s; using ListOffsets for them this time "
+                "(raise the probe timeout on a slow cluster)",
+                self._timeout_s,
+                sorted(pending),
+            )
+        return ends
+
+    def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
+        """Mirror processed offsets to ``kafka.group.id`` (a no-op without one)."""
+        if not self._has_group or not offsets:
+            return
+        try:
+            self.consumer.commit(
+                offsets=[TopicPartition(t, p, off) for (t, p), off in offsets.items()], asynchronous=False
+            )
+        except KafkaException as exc:
+            log.warning("could not mirror offsets to group %s: %s", self._config.get(GROUP_ID), exc)
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None

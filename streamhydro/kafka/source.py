@@ -1,0 +1,182 @@
+"""streamhydro's Kafka data source on Spark's Python Data Source API: the streaming reader and the writers.
+
+Where things run:
+
+- :class:`KafkaDataSource` is built on the driver from the query's options and pickled to Spark's Python
+  processes; ``streamReader`` / ``writer`` / ``streamWriter`` parse and validate options on the driver.
+- :class:`KafkaStreamReader`'s offset methods (``initialOffset``, ``latestOffset``, ``partitions``,
+  ``commit``, ...) run on the driver in one long-lived Python process per query, once per micro-batch;
+  it holds the end-offset probe (:mod:`streamhydro.kafka.offsets`) for the query's life.
+- ``read()`` runs in executor Python workers, once per topic-partition with new records in a micro-batch.
+  The reader is pickled there fresh from ``streamReader`` (no probe, no client): ``read`` uses only the
+  frozen options and the worker's cached consumer.
+
+Offsets in Spark's checkpoint look like Spark's Kafka source's: ``{"topic": {"0": 123, "1": 45}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import pyarrow as pa
+from pyspark.sql.datasource import DataSource, DataSourceStreamReader, InputPartition
+from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows, SupportsTriggerAvailableNow
+from pyspark.sql.types import StructType
+
+from streamhydro.errors import ConfigError
+from streamhydro.kafka import clients
+from streamhydro.kafka.offsets import EndOffsetProbe
+from streamhydro.kafka.options import (
+    EARLIEST,
+    END_OFFSETS_FETCH,
+    LATEST,
+    SourceOptions,
+    offsets_from_json,
+    offsets_to_json,
+    parse_sink_options,
+    parse_source_options,
+)
+from streamhydro.kafka.planning import TopicPartitionKey, admit, cap, ranges, regressions
+from streamhydro.kafka.reading import read_range, reader_config, report_data_loss
+from streamhydro.kafka.records import KAFKA_SCHEMA
+from streamhydro.kafka.sink import KafkaArrowWriter, KafkaStreamArrowWriter
+
+log = logging.getLogger(__name__)
+
+FORMAT = "streamhydro_kafka"
+
+
+class KafkaDataSource(DataSource):
+    """``spark.readStream.format("streamhydro_kafka")`` and ``df.write(Stream).format("streamhydro_kafka")``.
+
+    Options as Spark's Kafka source and sink (see :mod:`streamhydro.kafka.options`). The schema is fixed:
+    Spark's Kafka source schema with headers.
+    """
+
+    @classmethod
+    def name(cls) -> str:
+        return FORMAT
+
+    def schema(self) -> StructType:
+        return KAFKA_SCHEMA
+
+    def streamReader(self, schema: StructType) -> KafkaStreamReader:
+        if schema != KAFKA_SCHEMA:
+            raise ConfigError(
+                "schema", f"the Kafka source has a fixed schema, got {schema.simpleString()}", "do not call .schema()"
+            )
+        return KafkaStreamReader(parse_source_options(self.options))
+
+    def writer(self, schema: StructType, overwrite: bool) -> KafkaArrowWriter:
+        return KafkaArrowWriter(parse_sink_options(self.options), schema, overwrite)
+
+    def streamWriter(self, schema: StructType, overwrite: bool) -> KafkaStreamArrowWriter:
+        return KafkaStreamArrowWriter(parse_sink_options(self.options), schema)
+
+
+class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
+    """Micro-batch reads of Kafka topic-partitions, with admission control and Trigger.AvailableNow."""
+
+    def __init__(self, options: SourceOptions) -> None:
+        self.options = options
+        self._probe: EndOffsetProbe | None = None
+        self._target: dict[TopicPartitionKey, int] | None = None
+        self._latest: dict[TopicPartitionKey, int] | None = None
+        self._mirrored: dict[TopicPartitionKey, int] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_probe": None}
+
+    @property
+    def probe(self) -> EndOffsetProbe:
+        if self._probe is None:
+            self._probe = EndOffsetProbe(self.options.client, use_fetch=self.options.end_offsets == END_OFFSETS_FETCH)
+        return self._probe
+
+    def _current(self) -> dict[TopicPartitionKey, tuple[int, int]]:
+        """``{tp: (log start, end)}`` of the partitions the subscription names now."""
+        return self.probe.offset_ranges(self.probe.topic_partitions(self.options.subscription))
+
+    def initialOffset(self) -> dict:
+        current = self._current()
+        starting = self.options.starting
+        if starting.kind == "earliest":
+            return offsets_to_json({tp: lo for tp, (lo, _) in current.items()})
+        if starting.kind == "latest":
+            return offsets_to_json({tp: hi for tp, (_, hi) in current.items()})
+        specific = dict(starting.specific)
+        missing = sorted(set(current) - set(specific))
+        unknown = sorted(set(specific) - set(current))
+        if missing or unknown:
+            raise ConfigError(
+                "startingOffsets",
+                f"JSON offsets must name exactly the subscribed partitions; missing {missing}, unknown {unknown}",
+                "list every subscribed topic-partition (-2 earliest, -1 latest), or use earliest / latest",
+            )
+        resolved = {}
+        for tp, (lo, hi) in current.items():
+            wanted = specific[tp]
+            resolved[tp] = lo if wanted == EARLIEST else hi if wanted == LATEST else wanted
+        return offsets_to_json(resolved)
+
+    def getDefaultReadLimit(self) -> ReadLimit:
+        limit = self.options.max_offsets_per_trigger
+        return ReadMaxRows(limit) if limit is not None else ReadAllAvailable()
+
+    def prepareForTriggerAvailableNow(self) -> None:
+        self._target = {tp: hi for tp, (_, hi) in self._current().items()}
+        log.info("Trigger.AvailableNow: reading up to %s", offsets_to_json(self._target))
+
+    def latestOffset(self, start: dict, limit: ReadLimit) -> dict:
+        begin = offsets_from_json(start)
+        self._mirror(begin)
+        current = self._current()
+        self._latest = {tp: hi for tp, (_, hi) in current.items()}
+        latest = cap(self._latest, self._target) if self._target is not None else dict(self._latest)
+        vanished = sorted(tp for tp, (_, now) in regressions(begin, latest).items() if now is None)
+        if vanished and self._target is None:
+            report_data_loss(self.options.fail_on_data_loss, f"partitions {vanished} are gone")
+        filled = {tp: begin.get(tp, current.get(tp, (end, end))[0]) for tp, end in latest.items()}
+        max_rows = limit.max_rows if isinstance(limit, ReadMaxRows) else None
+        return offsets_to_json(admit(filled, latest, max_rows))
+
+    def reportLatestOffset(self) -> dict | None:
+        """The true end offsets seen by the last ``latestOffset`` (lag = these - processed)."""
+        return offsets_to_json(self._latest) if self._latest is not None else None
+
+    def partitions(self, start: dict, end: dict) -> Sequence[InputPartition]:
+        begin, until = offsets_from_json(start), offsets_from_json(end)
+        for (topic, partition), (was, now) in regressions(begin, until).items():
+            if now is not None:
+                report_data_loss(
+                    self.options.fail_on_data_loss,
+                    f"{topic}[{partition}] offset went back from {was} to {now} (topic recreated or truncated)",
+                )
+        new = [tp for tp in until if tp not in begin]
+        new_start = {tp: lo for tp, (lo, _) in self.probe.list_offsets(new).items()}
+        return [InputPartition(r) for r in ranges(begin, until, new_start)]
+
+    def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
+        consumer = clients.consumer(reader_config(self.options.client))
+        yield from read_range(consumer, partition.value, self.options.fail_on_data_loss, self.options.poll_timeout_ms)
+
+    def commit(self, end: dict) -> None:
+        self._mirror(offsets_from_json(end))
+
+    def _mirror(self, processed: dict[TopicPartitionKey, int]) -> None:
+        """Mirror processed offsets to ``kafka.group.id`` for lag tools, when they moved.
+
+        Spark commits a batch's offsets only when it plans the next batch, so an idle query would leave
+        the group one batch behind forever; the ``start`` of ``latestOffset`` is processed too (Spark
+        reruns an unfinished batch before asking for a new end), so it is mirrored as well.
+        """
+        if self.options.group_id is None or processed == self._mirrored:
+            return
+        self.probe.commit(processed)
+        self._mirrored = dict(processed)
+
+    def stop(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None

@@ -1,0 +1,123 @@
+"""Producing Arrow batches to Kafka with every record's delivery confirmed.
+
+Runs in executor Python workers, once per Spark write task, with the worker's cached producer. Both the
+batch writer and the streaming writer call :func:`produce_batches`.
+
+Nothing is dropped silently: each record gets a delivery callback; after the last record the producer is
+flushed with a bounded timeout; a record refused by ``produce()``, failed in its callback, or still
+unconfirmed at the timeout raises :class:`DeliveryError`, the task fails and Spark retries it. A retried
+task produces its records again (at-least-once; consumers deduplicate on the input's topic/partition/offset).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pyarrow as pa
+from confluent_kafka import KafkaError as ClientError, KafkaException, Message, Producer
+
+from streamhydro.errors import DeliveryError
+from streamhydro.kafka import clients
+from streamhydro.kafka.options import ClientConfig
+from streamhydro.kafka.records import outgoing
+
+log = logging.getLogger(__name__)
+
+# Throughput defaults measured on the 2-core box (benchmarks/kafka_connector.py); user kafka.* settings win.
+PRODUCER_DEFAULTS = {
+    "enable.idempotence": "true",
+    "acks": "all",
+    "linger.ms": "20",
+    "batch.size": "1000000",
+    "queue.buffering.max.messages": "500000",
+    # Java's default partitioner: a key lands on the partition Spark's JVM Kafka sink would choose.
+    "partitioner": "murmur2_random",
+    # Java's delivery.timeout.ms default; librdkafka's own (300 s) makes a stuck task wait 5 minutes.
+    "message.timeout.ms": "120000",
+}
+_FLUSH_GRACE_S = 10.0
+_POLL_EVERY = 5000
+
+
+def producer_config(client: ClientConfig) -> ClientConfig:
+    return client.with_defaults(PRODUCER_DEFAULTS)
+
+
+class DeliveryTracker:
+    """Counts what happened to the records of one task: confirmed, failed in a callback, or refused by
+    ``produce()`` itself (too large, unknown partition...)."""
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.failed = 0
+        self.refused = 0
+        self.fatal = False
+        self.first_error: str | None = None
+
+    def __call__(self, error: ClientError | None, message: Message) -> None:
+        if error is None:
+            self.delivered += 1
+            return
+        self.failed += 1
+        self._note(f"{message.topic()}[{message.partition()}]: {error.str()}", error.fatal())
+
+    def refuse(self, topic: str, error: ClientError) -> None:
+        self.refused += 1
+        self._note(f"{topic}: {error.str()}", error.fatal())
+
+    def _note(self, description: str, fatal: bool) -> None:
+        self.fatal = self.fatal or fatal
+        if self.first_error is None:
+            self.first_error = description
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    rows: int
+
+
+def _produce_all(producer: Producer, batch: pa.RecordBatch, default_topic: str | None, tracker: DeliveryTracker) -> int:
+    """Hand one batch to the producer; returns how many records it accepted (stops at the first refusal)."""
+    records = outgoing(batch, default_topic)
+    produce = producer.produce
+    for i, (topic, key, value, partition, headers) in enumerate(
+        zip(records.topics, records.keys, records.values, records.partitions, records.headers)
+    ):
+        while True:
+            try:
+                produce(topic, value, key, partition=partition, on_delivery=tracker, headers=headers)
+                break
+            except BufferError:
+                producer.poll(0.05)
+            except KafkaException as exc:
+                tracker.refuse(topic, exc.args[0])
+                return i
+        if i % _POLL_EVERY == 0:
+            producer.poll(0)
+    return len(records)
+
+
+def produce_batches(client: ClientConfig, default_topic: str | None, batches: Iterable[pa.RecordBatch]) -> WriteResult:
+    """Produce every row of ``batches``; return once all are confirmed, else raise DeliveryError."""
+    config = producer_config(client)
+    producer = clients.producer(config)
+    tracker = DeliveryTracker()
+    sent = 0
+    for batch in batches:
+        sent += _produce_all(producer, batch, default_topic, tracker)
+        if tracker.refused or tracker.failed:
+            break
+    timeout_s = int(config.get("message.timeout.ms") or PRODUCER_DEFAULTS["message.timeout.ms"]) / 1000
+    producer.flush(timeout_s + _FLUSH_GRACE_S)
+    if tracker.fatal:
+        clients.discard_producer(config, producer)
+    unconfirmed = sent - tracker.delivered - tracker.failed
+    if tracker.failed or tracker.refused or unconfirmed:
+        first = tracker.first_error or f"{unconfirmed} records unconfirmed after {timeout_s + _FLUSH_GRACE_S:.0f} s"
+        raise DeliveryError(
+            failed=tracker.failed + tracker.refused + unconfirmed, total=sent + tracker.refused, first_error=first
+        )
+    log.info("delivered %d records", sent)
+    return WriteResult(rows=sent)

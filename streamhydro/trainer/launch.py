@@ -1,0 +1,210 @@
+"""Launching the barrier stage. Runs on the driver, once per ``train`` run.
+
+Spark refuses or stalls a barrier stage in a few situations that are cheap to detect up front:
+dynamic allocation (refused outright), fewer free task slots than ranks (Spark re-checks for
+minutes before failing), a master that allows no task retry (the first rank failure fails the
+job instead of retrying the stage). :func:`check_cluster` turns each into a :class:`ClusterError`
+that says what to change, before anything is launched.
+
+The stage is ``mapInArrow(barrier=True)`` followed by a one-partition exchange: Spark never
+retries a failed barrier *result* stage ("Could not recover from a failed barrier ResultStage"),
+but it does retry a barrier *shuffle map* stage as a whole, up to
+``spark.stage.maxConsecutiveAttempts`` times. The retried ranks resume from the run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pyspark.resource import ResourceProfile, ResourceProfileBuilder, TaskResourceRequests
+from pyspark.sql import DataFrame, SparkSession
+
+from streamhydro.registry import ModelVersion
+from streamhydro.trainer import data
+from streamhydro.trainer.config import TrainConfig
+from streamhydro.trainer.errors import ClusterError, TrainingError
+from streamhydro.trainer.plan import RankPlan
+from streamhydro.trainer.publish import publish
+from streamhydro.trainer.rank.task import RESULT_DDL, RankTask
+
+log = logging.getLogger(__name__)
+
+# Spark's default is 365 days: a rank stuck in barrier() would hold the cluster for a year.
+BARRIER_SYNC_TIMEOUT = "spark.barrier.sync.timeout"
+# How many times a failed barrier stage is run again (each retry resumes from the checkpoint).
+STAGE_ATTEMPTS = "spark.stage.maxConsecutiveAttempts"
+# Must be >= 2: at 1 the first failed rank aborts the job instead of failing the stage for a retry.
+TASK_MAX_FAILURES = "spark.task.maxFailures"
+# Spark's own "enough slots?" re-check; ours runs first, so Spark's need not wait minutes.
+SLOTS_CHECK_INTERVAL = "spark.scheduler.barrier.maxConcurrentTasksCheck.interval"
+SLOTS_CHECK_FAILURES = "spark.scheduler.barrier.maxConcurrentTasksCheck.maxFailures"
+# Barrier stages cannot run with dynamic allocation: executors may go away under a rank.
+DYNAMIC_ALLOCATION = "spark.dynamicAllocation.enabled"
+
+_LOCAL = re.compile(r"^local(?:\[(\*|\d+)(?:,(\d+))?\])?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a run produced: the published version, the ranks' report, where the run's checkpoints lie."""
+
+    version: ModelVersion
+    report: dict[str, Any]
+    run_dir: Path
+
+
+def session_settings(config: TrainConfig) -> tuple[str, dict[str, str]]:
+    """The master and Spark conf a trainer session is built with; the user's spark.conf wins.
+
+    An empty ``spark.master`` leaves the master to spark-submit.
+    """
+    t = config.training
+    conf = {
+        BARRIER_SYNC_TIMEOUT: str(t.timeout_seconds),
+        STAGE_ATTEMPTS: str(t.max_attempts),
+        TASK_MAX_FAILURES: str(max(2, t.max_attempts)),
+        SLOTS_CHECK_INTERVAL: "5s",
+        SLOTS_CHECK_FAILURES: "2",
+    }
+    jars = data.jdbc_jars(config.data)
+    if jars:
+        conf["spark.jars"] = ",".join(jars)
+    return _retrying_master(config.spark.master, t.max_attempts), {**conf, **config.spark.conf}
+
+
+def build_session(config: TrainConfig) -> SparkSession:
+    """The trainer's own session (no Kafka data source; master from config or spark-submit)."""
+    master, conf = session_settings(config)
+    builder = SparkSession.builder.appName(config.spark.app_name)
+    if master:
+        builder = builder.master(master)
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    return builder.getOrCreate()
+
+
+def _retrying_master(master: str, attempts: int) -> str:
+    """local[N] allows no task retry; local[N,F] does. Other masters are left as they are."""
+    match = _LOCAL.match(master)
+    if not match or match.group(2):
+        return master
+    retrying = f"local[{match.group(1) or 1},{max(2, attempts)}]"
+    log.info("spark.master %s allows no retry of a failed rank; using %s", master, retrying)
+    return retrying
+
+
+def resource_profile(spark: SparkSession, config: TrainConfig) -> ResourceProfile | None:
+    """A profile asking ``spark.gpus_per_rank`` GPUs per rank, or None (CPU, or local mode)."""
+    gpus = config.spark.gpus_per_rank
+    if not gpus:
+        return None
+    if _LOCAL.match(spark.sparkContext.master):
+        log.warning(
+            "spark.gpus_per_rank = %d, but %s cannot schedule by ResourceProfile; ranks get no GPU assignment and train on CPU",
+            gpus, spark.sparkContext.master,
+        )
+        return None
+    cpus = int(spark.conf.get("spark.task.cpus", "1"))
+    return ResourceProfileBuilder().require(TaskResourceRequests().cpus(cpus).resource("gpu", gpus)).build
+
+
+def check_cluster(spark: SparkSession, config: TrainConfig, profile: ResourceProfile | None) -> int:
+    """Refuse, with the fix, a cluster that cannot run ``training.ranks`` barrier tasks. Returns the slots."""
+    ranks = config.training.ranks
+    sc = spark.sparkContext
+    if sc.getConf().get(DYNAMIC_ALLOCATION, "false").lower() == "true":
+        raise ClusterError(
+            DYNAMIC_ALLOCATION, "is true; Spark does not run barrier stages with dynamic allocation",
+            f"set spark.conf.\"{DYNAMIC_ALLOCATION}\" = \"false\" in the trainer config (or --conf {DYNAMIC_ALLOCATION}=false)",
+        )
+    local = _LOCAL.match(sc.master)
+    if local and not local.group(2) or sc.getConf().get(TASK_MAX_FAILURES, "4") == "1":
+        log.warning("master %s allows no task retry: a failed rank fails the run instead of resuming from its checkpoint", sc.master)
+    deadline = time.monotonic() + config.training.slots_wait_seconds
+    while True:
+        slots = _slots(spark, profile)
+        if slots >= ranks or time.monotonic() >= deadline:
+            break
+        log.info("waiting for executors: %d task slots free, training.ranks = %d", slots, ranks)
+        time.sleep(2)
+    if slots < ranks:
+        what = f"{config.spark.gpus_per_rank} GPU(s) and " if profile else ""
+        raise ClusterError(
+            "training.ranks",
+            f"{ranks} ranks need {ranks} tasks running at once, each with {what}a core, but the cluster has {slots} such slots",
+            f"lower training.ranks to {slots or 1}, or give the application more executors/cores "
+            "(spark.executor.instances, spark.executor.cores; local[N] with N >= ranks)",
+        )
+    return slots
+
+
+def _slots(spark: SparkSession, profile: ResourceProfile | None) -> int:
+    jsc = spark.sparkContext._jsc.sc()
+    java_profile = profile._java_resource_profile if profile is not None else jsc.resourceProfileManager().defaultResourceProfile()
+    return int(jsc.maxNumConcurrentTasks(java_profile))
+
+
+def train(spark: SparkSession, config: TrainConfig, command: str) -> TrainResult:
+    """Read, launch the barrier stage, publish the model rank 0 returned. Blocks until done."""
+    profile = resource_profile(spark, config)
+    slots = check_cluster(spark, config, profile)
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    run_dir = Path(config.training.checkpoint_dir).absolute() / run_id
+    log.info("run %s: %d ranks on %d slots, data %s, checkpoints in %s", run_id, config.training.ranks, slots, config.source_description(), run_dir)
+
+    prepared = data.prepare(data.read(spark, config.data), config.data, config.training.seed)
+    stats = data.statistics(prepared, config.data)
+    log.info("%d training rows, %d held out", stats.train_rows, stats.holdout_rows)
+    t = config.training
+    plan = RankPlan(
+        run_id=run_id, features=config.data.features, labels=config.data.labels, mean=stats.mean, std=stats.std,
+        hidden=config.model.hidden, epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
+        seed=t.seed, checkpoint_dir=str(run_dir.parent), timeout_seconds=t.timeout_seconds, tolerance=t.tolerance,
+        inject_failure=config.injected_failure,
+    )
+    stage = _partitioned(prepared, t.ranks, t.rebalance).mapInArrow(RankTask(plan), RESULT_DDL, barrier=True, profile=profile).repartition(1)
+    rows = _run_stage(spark, stage, run_id, run_dir)
+    if len(rows) != 1:
+        raise TrainingError(f"expected one model from rank 0, got {len(rows)} rows; see the executor logs of run {run_id}")
+    report = json.loads(rows[0]["report"])
+    version = publish(config, bytes(rows[0]["model"]), report, command, run_id)
+    log.info("published %s: validation accuracy %s", version.label, report["validation_accuracy"])
+    return TrainResult(version, report, run_dir)
+
+
+def _partitioned(prepared: DataFrame, ranks: int, rebalance: bool) -> DataFrame:
+    """One partition per rank: the source's own when asked and they fit, else an even shuffle."""
+    if not rebalance:
+        partitions = prepared.rdd.getNumPartitions()
+        if partitions == ranks:
+            return prepared
+        log.info("training.rebalance is false, but the source has %d partitions for %d ranks; repartitioning", partitions, ranks)
+    return prepared.repartition(ranks)
+
+
+def _run_stage(spark: SparkSession, stage: Any, run_id: str, run_dir: Path) -> list[Any]:
+    """Collect the stage's output (one row); on failure cancel what is left of the job."""
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import PySparkException
+
+    sc = spark.sparkContext
+    tag = f"streamhydro-train-{run_id}"
+    sc.addJobTag(tag)
+    try:
+        return stage.collect()
+    except (Py4JJavaError, PySparkException) as exc:
+        sc.cancelJobsWithTag(tag)
+        first = next((line for line in str(exc).splitlines() if "Job aborted" in line or "Exception" in line), str(exc)[:300])
+        raise TrainingError(
+            f"the barrier stage of run {run_id} failed: {first.strip()}. Attempts and finished epochs are in {run_dir}; "
+            f"raise training.max_attempts to retry more often, training.timeout_seconds if ranks timed out"
+        ) from exc
+    finally:
+        sc.removeJobTag(tag)

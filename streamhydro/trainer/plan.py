@@ -1,0 +1,35 @@
+"""What a trainer rank is told to do. Made on the driver once per run; pickled into every barrier
+task, so it holds only plain values (no SparkSession, no config objects with secrets)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class RankPlan:
+    """Everything a rank needs besides its partition's rows.
+
+    The partition's Arrow batches carry the feature columns in ``features`` order, then the
+    class index (int32) and the held-out flag (bool); see :data:`streamhydro.trainer.data.LABEL` and
+    :data:`~streamhydro.trainer.data.HOLDOUT`.
+    """
+
+    run_id: str
+    features: tuple[str, ...]
+    labels: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hidden: tuple[int, ...]
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    checkpoint_dir: str
+    timeout_seconds: int
+    tolerance: float
+    inject_failure: tuple[int, int] | None = None
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)

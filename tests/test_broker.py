@@ -1,0 +1,92 @@
+"""The embedded broker: starts on a free port, answers Kafka clients, stops, and leaves no process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from streamhydro.broker import BrokerConfig, EmbeddedBroker
+from streamhydro.errors import BrokerError
+
+pytestmark = pytest.mark.broker
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split()[2] != "Z"
+
+
+def test_starts_answers_and_stops(tmp_path):
+    with EmbeddedBroker(BrokerConfig(log_dir=str(tmp_path))) as broker:
+        host, port = broker.bootstrap_servers.split(":")
+        assert host == "127.0.0.1" and int(port) > 0
+        pid = broker.pid
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+        producer.send("hello", b"world").get(timeout=10)
+        producer.close()
+        consumer = KafkaConsumer(
+            "hello", bootstrap_servers=broker.bootstrap_servers, auto_offset_reset="earliest", consumer_timeout_ms=5000
+        )
+        assert [m.value for m in consumer] == [b"world"]
+        consumer.close()
+        started = time.monotonic()
+    assert time.monotonic() - started < 3, "stop must not wait for Tansu's SIGTERM grace period"
+    assert not _alive(pid)
+    assert not broker.running()
+    assert broker.log_path.parent == tmp_path and broker.log_path.read_text()
+    with pytest.raises(BrokerError, match="not running"):
+        broker.bootstrap_servers
+
+
+def test_two_brokers_get_different_ports():
+    with EmbeddedBroker() as first, EmbeddedBroker() as second:
+        assert first.bootstrap_servers != second.bootstrap_servers
+
+
+def test_broker_dies_with_its_parent(tmp_path):
+    """A parent killed with SIGKILL runs no Python exit hook; PR_SET_PDEATHSIG still ends the broker."""
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from streamhydro.broker import EmbeddedBroker
+        broker = EmbeddedBroker().start()
+        print(broker.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline())
+        assert _alive(pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def test_broker_stopped_at_interpreter_exit():
+    script = "from streamhydro.broker import EmbeddedBroker; print(EmbeddedBroker().start().pid)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert not _alive(int(done.stdout.strip()))
+
+
+def test_start_failure_is_a_broker_error_with_the_log(tmp_path, monkeypatch):
+    fake = tmp_path / "tansu"
+    fake.write_text("#!/bin/sh\necho 'cannot bind: simulated failure' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CALF_TANSU_BIN", str(fake))
+    with pytest.raises(BrokerError, match="simulated failure"):
+        EmbeddedBroker(BrokerConfig(start_timeout_s=2, port_attempts=1, log_dir=str(tmp_path))).start()

@@ -1,0 +1,123 @@
+"""The serve configuration: every bad value fails at start with the key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamhydro import config
+from streamhydro.errors import ConfigError
+
+
+def load(text: str, tmp_path, environ=None):
+    path = tmp_path / "serve.toml"
+    path.write_text(text)
+    return config.load(path, environ or {})
+
+
+def test_defaults_are_valid():
+    cfg = config.load(None, {})
+    assert cfg.kafka.subscribe == "events"
+    assert cfg.model.version == "promoted"
+
+
+def test_file_values_and_types(tmp_path):
+    cfg = load(
+        """
+        [kafka]
+        bootstrap_servers = "broker:9093"
+        max_offsets_per_trigger = 5000
+        client = { "security.protocol" = "SASL_SSL", "enable.ssl.certificate.verification" = false }
+        [inference]
+        providers = ["CPUExecutionProvider"]
+        """,
+        tmp_path,
+    )
+    assert cfg.kafka.bootstrap_servers == "broker:9093"
+    assert cfg.kafka.max_offsets_per_trigger == 5000
+    assert cfg.kafka.client["enable.ssl.certificate.verification"] == "false"
+    assert cfg.inference.providers == ("CPUExecutionProvider",)
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load("[kafka]\nbootsrap_servers = 'x'\n", tmp_path)
+    assert info.value.key == "kafka.bootsrap_servers"
+    assert "kafka.bootstrap_servers" in str(info.value)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load("[kafak]\n", tmp_path)
+    assert "did you mean 'kafka'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[inference]\nbatch_size = 'big'", "inference.batch_size"),
+        ("[inference]\nbatch_size = 0", "inference.batch_size"),
+        ("[kafka]\nsubscribe_pattern = 'ev.*'", "kafka.subscribe"),
+        ("[kafka]\nsource = 'jvm'", "kafka.source"),
+        ("[kafka]\ndead_letter_topic = 'predictions'", "kafka.dead_letter_topic"),
+        ("[kafka]\nstarting_offsets = 'yesterday'", "kafka.starting_offsets"),
+        ("[model]\npayload = 'csv'", "model.payload"),
+        ("[model]\nversion = 'newest'", "model.version"),
+        ("[spark]\ntask_gpus = 0.5", "spark.executor_gpus"),
+        ("[spark]\nexecutor_gpus = 2\ntask_gpus = 1.5", "spark.task_gpus"),
+        ("[metrics]\ncertfile = 'cert.pem'", "metrics.keyfile"),
+        ("[metrics]\nenabled = 'maybe'", "metrics.enabled"),
+    ],
+)
+def test_bad_values_name_their_key(text, key, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(text, tmp_path)
+    assert info.value.key == key
+    assert info.value.fix
+
+
+def test_not_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load("[kafka\n", tmp_path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.toml", {})
+
+
+def test_environment_overrides_and_secret_references(tmp_path):
+    cfg = load(
+        "[kafka]\nclient = { 'sasl.password' = '${KAFKA_PASSWORD}', 'sasl.username' = 'svc' }\n",
+        tmp_path,
+        {"KAFKA_PASSWORD": "hunter2", "STREAMHYDRO_KAFKA_BOOTSTRAP_SERVERS": "k1:9092,k2:9092", "STREAMHYDRO_INFERENCE_BATCH_SIZE": "512"},
+    )
+    assert cfg.kafka.client["sasl.password"] == "hunter2"
+    assert cfg.kafka.bootstrap_servers == "k1:9092,k2:9092"
+    assert cfg.inference.batch_size == 512
+    assert "hunter2" not in repr(cfg)
+    assert "svc" in repr(cfg)
+
+
+def test_unset_secret_reference_names_the_variable(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load("[kafka]\nclient = { 'sasl.password' = '${KAFKA_PASSWORD}' }\n", tmp_path)
+    assert info.value.key == "kafka.client.sasl.password"
+    assert "KAFKA_PASSWORD" in str(info.value)
+
+
+def test_source_options_use_sparks_kafka_option_names():
+    cfg = config.Config().replace(kafka={"client": {"security.protocol": "SSL"}, "max_offsets_per_trigger": 10})
+    options = cfg.kafka.source_options()
+    assert options["kafka.bootstrap.servers"] == "127.0.0.1:9092"
+    assert options["subscribe"] == "events"
+    assert options["maxOffsetsPerTrigger"] == "10"
+    assert options["kafka.security.protocol"] == "SSL"
+    assert options["startingOffsets"] == "earliest"
+    assert "subscribePattern" not in options
+
+
+def test_reference_documents_every_key():
+    rows = config.reference()
+    names = {name for name, _, _ in rows}
+    assert {"kafka.bootstrap_servers", "model.version", "inference.pipeline_depth", "metrics.port"} <= names
+    assert all(text for _, _, text in rows)

@@ -1,0 +1,120 @@
+"""Registry: publish, resolve, promote, rollback, checksum. Pure file operations, no Spark."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from streamhydro.errors import ModelError
+from streamhydro.registry import MANIFEST_FILE, PROMOTED_FILE, Manifest, Registry, TensorSpec
+
+
+def manifest(name: str = "m", version: int = 0) -> Manifest:
+    return Manifest(
+        name=name,
+        version=version,
+        sha256="",
+        inputs=(TensorSpec("features", "float32", (-1, 2), features=("a", "b")),),
+        outputs=(TensorSpec("scores", "float32", (-1, 2)),),
+        labels=("no", "yes"),
+        created="2026-01-01T00:00:00+00:00",
+        metrics={"validation_accuracy": 0.9},
+    )
+
+
+@pytest.fixture
+def registry(tmp_path) -> Registry:
+    return Registry(tmp_path / "models")
+
+
+def test_publish_numbers_versions_and_records_the_checksum(registry):
+    first = registry.publish(manifest(), b"one")
+    second = registry.publish(manifest(), b"two")
+    assert (first.manifest.version, second.manifest.version) == (1, 2)
+    assert registry.versions("m") == [1, 2]
+    assert registry.get("m", "1").read_bytes() == b"one"
+    stored = json.loads((registry.root / "m" / "2" / MANIFEST_FILE).read_text())
+    assert stored["sha256"] == second.digest != first.digest
+    assert [p.name for p in (registry.root / "m").iterdir() if p.name.startswith(".")] == []
+
+
+def test_published_version_is_readable_by_other_users(registry):
+    registry.publish(manifest(), b"one")
+    assert (registry.root / "m" / "1").stat().st_mode & 0o055 == 0o055
+
+
+def test_a_staging_directory_is_not_a_version(registry):
+    registry.publish(manifest(), b"one")
+    (registry.root / "m" / ".staging-abc").mkdir()
+    assert registry.versions("m") == [1]
+    assert registry.resolve("m", "latest") == 1
+
+
+def test_resolve_latest_promoted_and_pinned(registry):
+    for data in (b"1", b"2", b"3"):
+        registry.publish(manifest(), data)
+    assert registry.resolve("m", "latest") == 3
+    assert registry.resolve("m", "promoted") == 3
+    registry.promote("m", 2)
+    assert registry.resolve("m", "promoted") == 2
+    assert registry.resolve("m", "1") == 1
+    with pytest.raises(ModelError, match="version '7' not found"):
+        registry.resolve("m", "7")
+
+
+def test_rollback_returns_to_the_previous_promotion(registry):
+    for data in (b"1", b"2", b"3"):
+        registry.publish(manifest(), data)
+    registry.promote("m", 1)
+    registry.promote("m", 3)
+    registry.promote("m", 3)
+    assert registry.promotions("m") == [1, 3]
+    assert registry.rollback("m") == 1
+    assert registry.resolve("m", "promoted") == 1
+    with pytest.raises(ModelError, match="nothing to roll back to"):
+        registry.rollback("m")
+    assert not list((registry.root / "m").glob(f".{PROMOTED_FILE}*"))
+
+
+def test_a_single_line_promoted_file_still_reads(registry):
+    registry.publish(manifest(), b"1")
+    registry.publish(manifest(), b"2")
+    (registry.root / "m" / PROMOTED_FILE).write_text("1\n")
+    assert registry.promoted("m") == 1
+
+
+def test_promote_refuses_a_missing_version(registry):
+    registry.publish(manifest(), b"1")
+    with pytest.raises(ModelError, match="cannot promote version 5"):
+        registry.promote("m", 5)
+
+
+def test_corrupt_model_is_detected_by_checksum(registry):
+    version = registry.publish(manifest(), b"good bytes")
+    version.path.write_bytes(b"evil bytes")
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        registry.get("m", "latest").read_bytes()
+
+
+def test_manifest_that_names_another_version_is_refused(registry):
+    registry.publish(manifest(), b"1")
+    path = registry.root / "m" / "1" / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    data["version"] = 9
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="does not match its directory"):
+        registry.get("m", "1")
+
+
+def test_malformed_manifest_is_a_model_error(registry):
+    registry.publish(manifest(), b"1")
+    (registry.root / "m" / "1" / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(ModelError, match="is not JSON"):
+        registry.get("m", "1")
+
+
+def test_directories_without_versions_are_not_models(registry):
+    registry.publish(manifest(), b"1")
+    (registry.root / "training").mkdir()
+    assert registry.models() == ["m"]
