@@ -11,8 +11,8 @@ shift || true
 venv=${STREAMHYDRO_VENV:-.venv}
 python=${PYTHON:-python3}
 
-# Debian packages the integration tests start for real: Prometheus (+ promtool), PostgreSQL and its JDBC driver.
-test_debs=(prometheus postgresql libpostgresql-jdbc-java)
+# Debian packages the integration tests start for real: Prometheus (+ promtool), the Pushgateway, PostgreSQL and its JDBC driver.
+test_debs=(prometheus prometheus-pushgateway postgresql libpostgresql-jdbc-java)
 
 setup_python() {
   if [ ! -x "$venv/bin/python" ]; then

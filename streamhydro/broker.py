@@ -73,8 +73,8 @@ def _die_with_parent() -> None:
 
 
 def _answers_metadata(bootstrap: str) -> bool:
-    from confluent_kafka.admin import AdminClient
     from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 1000})
     try:
@@ -138,9 +138,12 @@ class EmbeddedBroker:
         command = [
             binary,
             "broker",
-            "--listener-url", url,
-            "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
         ]
         with open(self.log_path, "ab") as log_file:
             self._process = subprocess.Popen(

@@ -21,6 +21,7 @@ COMMANDS = (
     "streamhydro.producer",
     "streamhydro.trainer.command",
     "streamhydro.models_command",
+    "streamhydro.metrics.exporter",
 )
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -58,6 +58,8 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         stop.set()
         summary = generator.summary()
+    finally:
+        generator.close()
     print(json.dumps(summary))
     return 0
 
@@ -173,6 +175,10 @@ class LoadGenerator:
         if self._failed:
             raise DeliveryError(len(self._failed), self.sent, self._failed[0])
         return self.summary()
+
+    def close(self) -> None:
+        """Release the producer (its connections and threads); call after :meth:`run`."""
+        self._producer.close()
 
     def summary(self) -> dict[str, Any]:
         seconds = (self._finished or time.monotonic()) - self._started

@@ -45,7 +45,7 @@ def test_starts_answers_and_stops(tmp_path):
     assert not broker.running()
     assert broker.log_path.parent == tmp_path and broker.log_path.read_text()
     with pytest.raises(BrokerError, match="not running"):
-        broker.bootstrap_servers
+        _ = broker.bootstrap_servers
 
 
 def test_two_brokers_get_different_ports():

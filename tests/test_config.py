@@ -121,3 +121,11 @@ def test_reference_documents_every_key():
     names = {name for name, _, _ in rows}
     assert {"kafka.bootstrap_servers", "model.version", "inference.pipeline_depth", "metrics.port"} <= names
     assert all(text for _, _, text in rows)
+
+
+def test_readme_documents_every_key():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [name for name, _, _ in config.reference() if f"`{name}`" not in readme]
+    assert not missing, f"README's configuration reference lacks {missing}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -9,6 +10,7 @@ import traceback
 
 import numpy as np
 import onnxruntime as ort
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,9 +21,6 @@ from streamhydro.executor import sessions
 from streamhydro.executor.engine import Rebatcher, run_pipeline
 from streamhydro.executor.scoring import EngineSettings, ScoringPlan, score_partition
 from streamhydro.registry import TensorSpec
-
-import dataclasses
-import pyarrow as pa
 
 WAIT_S = 20
 

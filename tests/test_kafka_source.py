@@ -22,10 +22,10 @@ from streamhydro.kafka.reading import read_range, reader_config
 from streamhydro.kafka.source import FORMAT
 
 
-
 def with_spark(test):
     """Spark and broker tests; the read-loop test at the end needs the broker only."""
     return pytest.mark.spark(pytest.mark.broker(test))
+
 
 BASE_MS = 1_700_000_000_000
 
@@ -125,11 +125,15 @@ def test_max_offsets_per_trigger_splits_into_batches(spark, kafka_bootstrap, top
     frame = _stream(spark, kafka_bootstrap, topic_name, maxOffsetsPerTrigger=250)
     rows, query = _available_now(spark, frame, "limited", tmp_path / "cp")
 
-    sizes = [p["numInputRows"] for p in (json_progress(p) for p in query.recentProgress) if p["numInputRows"]]
+    progress = [p for p in (json_progress(p) for p in query.recentProgress) if p["numInputRows"]]
+    sizes = [p["numInputRows"] for p in progress]
     assert len(rows) == 600 and len({(r.partition, r.offset) for r in rows}) == 600
     assert len(sizes) >= 3
     assert max(sizes) <= 250
     assert sum(sizes) == 600
+    first = progress[0]["sources"][0]
+    assert sum(first["endOffset"][topic_name].values()) == sizes[0]
+    assert sum(first["latestOffset"][topic_name].values()) == 600, "reportLatestOffset gives the true ends (for lag)"
 
 
 def json_progress(progress) -> dict:
@@ -210,7 +214,9 @@ def test_data_loss_fails_the_query_unless_allowed(spark, kafka_bootstrap, topic_
     beyond = f'{{"{topic_name}": {{"0": 50}}}}'
 
     with pytest.raises(StreamingQueryException, match="DataLossError"):
-        _available_now(spark, _stream(spark, kafka_bootstrap, topic_name, startingOffsets=beyond), "lost", tmp_path / "a")
+        _available_now(
+            spark, _stream(spark, kafka_bootstrap, topic_name, startingOffsets=beyond), "lost", tmp_path / "a"
+        )
 
     tolerant = _stream(spark, kafka_bootstrap, topic_name, startingOffsets=beyond, failOnDataLoss="false")
     rows, query = _available_now(spark, tolerant, "tolerated", tmp_path / "b")
@@ -254,7 +260,9 @@ def test_pattern_picks_up_new_topics_and_mirrors_offsets_to_group(spark, kafka_b
 def _committed(bootstrap: str, group: str, topic: str) -> list[int]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
-        return [tp.offset for tp in consumer.committed([TopicPartition(topic, 0), TopicPartition(topic, 1)], timeout=10)]
+        return [
+            tp.offset for tp in consumer.committed([TopicPartition(topic, 0), TopicPartition(topic, 1)], timeout=10)
+        ]
     finally:
         consumer.close()
 

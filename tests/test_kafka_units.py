@@ -6,7 +6,8 @@ import datetime as dt
 
 import pyarrow as pa
 import pytest
-from confluent_kafka import KafkaError as ClientError, Message
+from confluent_kafka import KafkaError as ClientError
+from confluent_kafka import Message
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import ArrayType, BinaryType, IntegerType, LongType, StringType, StructField, StructType
 
@@ -62,7 +63,7 @@ def test_jaas_plain_and_scram_become_username_password():
             **BOOT,
             "kafka.security.protocol": "SASL_SSL",
             "kafka.sasl.mechanism": "SCRAM-SHA-512",
-            "kafka.sasl.jaas.config": 'org.apache.kafka.common.security.scram.ScramLoginModule required '
+            "kafka.sasl.jaas.config": "org.apache.kafka.common.security.scram.ScramLoginModule required "
             'username="alice" password="secret";',
         }
     )
@@ -97,7 +98,13 @@ def test_exactly_one_subscription_kind():
 
 def test_subscriptions_select_partitions_from_metadata():
     metadata = {"a": 2, "ab": 1, "b": 3}
-    assert parse_subscription({"subscribe": "a, b"}).select(metadata) == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("b", 2)]
+    assert parse_subscription({"subscribe": "a, b"}).select(metadata) == [
+        ("a", 0),
+        ("a", 1),
+        ("b", 0),
+        ("b", 1),
+        ("b", 2),
+    ]
     assert parse_subscription({"subscribePattern": "a.*"}).select(metadata) == [("a", 0), ("a", 1), ("ab", 0)]
     assign = parse_subscription({"assign": '{"b": [2, 0], "a": [5]}'})
     assert assign.select(metadata) == [("b", 0), ("b", 2)]
@@ -195,7 +202,13 @@ def test_ranges_skip_empty_and_start_new_partitions_at_earliest():
 def test_schema_is_sparks_kafka_schema_and_what_spark_accepts():
     names = ["key", "value", "topic", "partition", "offset", "timestamp", "timestampType", "headers"]
     assert KAFKA_SCHEMA.fieldNames() == names
-    assert [type(f.dataType) for f in KAFKA_SCHEMA.fields[:5]] == [BinaryType, BinaryType, StringType, IntegerType, LongType]
+    assert [type(f.dataType) for f in KAFKA_SCHEMA.fields[:5]] == [
+        BinaryType,
+        BinaryType,
+        StringType,
+        IntegerType,
+        LongType,
+    ]
     assert to_arrow_schema(KAFKA_SCHEMA, timezone="UTC").equals(ARROW_SCHEMA)
 
 
@@ -238,7 +251,9 @@ def _sink_batch(**columns) -> pa.RecordBatch:
 
 
 def test_outgoing_routes_per_row_topic_and_falls_back_to_option():
-    batch = _sink_batch(value=["a", "b"], topic=["x", None], key=[b"k", None], partition=pa.array([1, None], pa.int32()))
+    batch = _sink_batch(
+        value=["a", "b"], topic=["x", None], key=[b"k", None], partition=pa.array([1, None], pa.int32())
+    )
     records = outgoing(batch, "default")
     assert records.topics == ["x", "default"]
     assert records.partitions == [1, -1]
@@ -275,7 +290,9 @@ def test_split_limit_invariants_over_random_inputs():
 
     rng = random.Random(7)
     for _ in range(5000):
-        available = {("t", p): rng.choice([0, 1, 2, 5, 100, 10_000, rng.randint(0, 500)]) for p in range(rng.randint(1, 12))}
+        available = {
+            ("t", p): rng.choice([0, 1, 2, 5, 100, 10_000, rng.randint(0, 500)]) for p in range(rng.randint(1, 12))
+        }
         max_rows = rng.randint(1, 300)
         shares = split_limit(available, max_rows)
         assert sum(shares.values()) == min(sum(available.values()), max_rows)

@@ -4,9 +4,11 @@ listener on a real streaming query."""
 from __future__ import annotations
 
 import json
+import os
 import math
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -21,6 +23,7 @@ from streamhydro.metrics.definitions import DriverMetricSet
 from streamhydro.metrics.driver import DriverMetrics
 from streamhydro.metrics.endpoint import Endpoint
 from streamhydro.metrics.listener import ProgressRecorder, kafka_lag, kafka_offsets
+from streamhydro.metrics.multiprocess import EXECUTOR_ENV_KEY, clean, executor_conf
 
 
 def progress(batch: int, rows: int, latest: dict, end: dict, name: str = "serve") -> dict:
@@ -210,3 +213,43 @@ def test_listener_on_a_real_query(spark, tmp_path: Path) -> None:
     assert value(metrics.registry, "streamhydro_input_rows_total", query="rate_q") > 0
     assert value(metrics.registry, "streamhydro_query_state", query="rate_q", state="stopped") == 1
     assert (tmp_path / "mp").is_dir()
+
+
+def test_executor_conf_points_workers_at_an_absolute_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = MetricsSettings(multiprocess_dir="var/metrics")
+    assert executor_conf(settings, "local[2]") == {EXECUTOR_ENV_KEY: str(tmp_path / "var" / "metrics")}
+    assert executor_conf(settings, "local-cluster[2,1,1024]") == {EXECUTOR_ENV_KEY: str(tmp_path / "var" / "metrics")}
+    assert executor_conf(MetricsSettings(enabled=False), "local[2]") == {}
+    absolute = MetricsSettings(multiprocess_dir="/var/lib/streamhydro/metrics")
+    assert executor_conf(absolute, "spark://master:7077") == {EXECUTOR_ENV_KEY: "/var/lib/streamhydro/metrics"}
+
+
+def test_a_relative_directory_on_a_cluster_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="metrics.multiprocess_dir") as caught:
+        executor_conf(MetricsSettings(multiprocess_dir="var/metrics"), "yarn")
+    assert "absolute path" in str(caught.value)
+
+
+def test_clean_deletes_only_metric_files(tmp_path: Path) -> None:
+    (tmp_path / "counter_12.db").write_bytes(b"x")
+    (tmp_path / "keep.txt").write_text("not ours")
+    assert clean(tmp_path / "new") == tmp_path / "new" and (tmp_path / "new").is_dir()
+    clean(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "new"]
+
+
+def test_multiprocess_variable_in_the_driver_is_refused(tmp_path: Path) -> None:
+    """The driver's own metrics must not go to files the same endpoint also merges."""
+    script = (
+        "from streamhydro.config import MetricsSettings\n"
+        "from streamhydro.errors import ConfigError\n"
+        "from streamhydro.metrics.driver import DriverMetrics\n"
+        "try:\n"
+        "    DriverMetrics(spark=None, settings=MetricsSettings())\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert "unset PROMETHEUS_MULTIPROC_DIR" in result.stdout, result.stdout + result.stderr

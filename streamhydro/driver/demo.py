@@ -102,8 +102,11 @@ def run_demo(
         finally:
             stop.set()
             producing.join()
+            generator.close()
             service.stop()
             reader.stop()
+            # Python workers keep Kafka clients; end them before the broker goes.
+            service.spark.stop()
         seconds = (reader.last_at or time.monotonic()) - started
         outputs = reader.counts
         return {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from confluent_kafka import KafkaError as ClientError, KafkaException
+from confluent_kafka import KafkaError as ClientError
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamhydro.errors import KafkaError
@@ -15,9 +16,7 @@ from streamhydro.kafka.options import ClientConfig
 _TIMEOUT_S = 30.0
 
 
-def ensure_topics(
-    bootstrap: str, topics: Mapping[str, int], client_conf: Mapping[str, str] | None = None
-) -> None:
+def ensure_topics(bootstrap: str, topics: Mapping[str, int], client_conf: Mapping[str, str] | None = None) -> None:
     """Create the missing ``{topic: partitions}`` and wait until all appear in the metadata. Idempotent.
 
     An existing topic is left as it is, whatever its partition count. ``client_conf`` holds librdkafka

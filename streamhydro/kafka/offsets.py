@@ -24,7 +24,8 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 
-from confluent_kafka import Consumer, KafkaError as ClientError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaError as ClientError
 
 from streamhydro.errors import KafkaError
 from streamhydro.kafka.clients import build_client
@@ -110,7 +111,9 @@ class EndOffsetProbe:
         ends = self._fetched_high_watermarks({tp: lo_hi for tp, lo_hi in listed.items() if lo_hi[1] > lo_hi[0]})
         return {tp: (lo, max(hi, ends.get(tp, hi))) for tp, (lo, hi) in listed.items()}
 
-    def _fetched_high_watermarks(self, listed: Mapping[TopicPartitionKey, tuple[int, int]]) -> dict[TopicPartitionKey, int]:
+    def _fetched_high_watermarks(
+        self, listed: Mapping[TopicPartitionKey, tuple[int, int]]
+    ) -> dict[TopicPartitionKey, int]:
         if not listed:
             return {}
         consumer = self.consumer

@@ -150,7 +150,7 @@ def client_config(options: Mapping[str, str]) -> ClientConfig:
     for key, value in lowered.items():
         if not key.startswith(KAFKA_PREFIX):
             continue
-        name = key[len(KAFKA_PREFIX):]
+        name = key[len(KAFKA_PREFIX) :]
         if name in _JVM_ONLY_KEYS:
             raise ConfigError(key, "is a Java-client setting librdkafka does not have", _JVM_ONLY_KEYS[name])
         if name == "sasl.jaas.config":
@@ -207,7 +207,9 @@ def parse_subscription(options: Mapping[str, str]) -> Subscription:
         try:
             re.compile(value)
         except re.error as exc:
-            raise ConfigError("subscribePattern", f"{value!r} is not a regular expression ({exc})", "fix the regex") from exc
+            raise ConfigError(
+                "subscribePattern", f"{value!r} is not a regular expression ({exc})", "fix the regex"
+            ) from exc
         return Subscription("subscribePattern", pattern=value)
     fix = 'give a JSON object of topic to partition list, e.g. {"events":[0,1]}'
     try:
@@ -327,8 +329,7 @@ def parse_source_options(options: Mapping[str, str]) -> SourceOptions:
         starting=parse_starting_offsets(lowered.get("startingoffsets")),
         max_offsets_per_trigger=_positive_int(lowered, "maxoffsetspertrigger", "maxOffsetsPerTrigger"),
         fail_on_data_loss=_bool(lowered, "failondataloss", "failOnDataLoss", default=True),
-        poll_timeout_ms=_positive_int(lowered, "kafkaconsumer.polltimeoutms", "kafkaConsumer.pollTimeoutMs")
-        or 120_000,
+        poll_timeout_ms=_positive_int(lowered, "kafkaconsumer.polltimeoutms", "kafkaConsumer.pollTimeoutMs") or 120_000,
         end_offsets=END_OFFSETS_LIST if end_offsets.lower() == END_OFFSETS_LIST.lower() else END_OFFSETS_FETCH,
     )
 

@@ -78,7 +78,9 @@ def admit(
     return {tp: end if end < start[tp] else start[tp] + admitted[tp] for tp, end in latest.items()}
 
 
-def cap(latest: Mapping[TopicPartitionKey, int], target: Mapping[TopicPartitionKey, int]) -> dict[TopicPartitionKey, int]:
+def cap(
+    latest: Mapping[TopicPartitionKey, int], target: Mapping[TopicPartitionKey, int]
+) -> dict[TopicPartitionKey, int]:
     """For Trigger.AvailableNow: never past ``target`` (the ends when the query started), and no new partitions."""
     return {tp: min(end, latest.get(tp, end)) for tp, end in target.items()}
 
@@ -102,8 +104,4 @@ def regressions(
     start: Mapping[TopicPartitionKey, int], latest: Mapping[TopicPartitionKey, int]
 ) -> dict[TopicPartitionKey, tuple[int, int | None]]:
     """Partitions whose offsets went backwards (``{tp: (start, latest)}``) or vanished (``(start, None)``)."""
-    return {
-        tp: (offset, latest.get(tp))
-        for tp, offset in start.items()
-        if tp not in latest or latest[tp] < offset
-    }
+    return {tp: (offset, latest.get(tp)) for tp, offset in start.items() if tp not in latest or latest[tp] < offset}

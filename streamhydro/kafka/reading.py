@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 
 import pyarrow as pa
-from confluent_kafka import Consumer, KafkaError as ClientError, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import KafkaError as ClientError
 
 from streamhydro.errors import DataLossError, KafkaError
 from streamhydro.kafka.options import ClientConfig
@@ -36,6 +38,9 @@ READER_CONSUMER_DEFAULTS = {
     "enable.auto.offset.store": "false",
     "allow.auto.create.topics": "false",
     "isolation.level": "read_uncommitted",
+    # Ranges are read only once they exist, so the broker never needs to hold a fetch open; a long wait
+    # (librdkafka's default 500 ms) delays the next task's requests queued behind that fetch.
+    "fetch.wait.max.ms": "10",
 }
 READER_CONSUMER_FORCED = {
     "enable.partition.eof": "true",
@@ -55,6 +60,32 @@ def report_data_loss(fail: bool, message: str) -> None:
     log.warning("data loss (failOnDataLoss=false): %s", message)
 
 
+def _handle_event(
+    consumer: Consumer, event, position: int, offsets: OffsetRange, fail_on_data_loss: bool, poll_timeout_ms: int
+) -> int:
+    """Act on a consumer event (not a record) while reading ``offsets``; returns the new read position."""
+    where = f"{offsets.topic}[{offsets.partition}]"
+    until = offsets.until_offset
+    error = event.error()
+    if error.code() == ClientError._PARTITION_EOF:
+        if event.offset() < until:
+            report_data_loss(
+                fail_on_data_loss, f"{where} ends at {event.offset()}, offsets {event.offset()}..{until - 1} are gone"
+            )
+        return until
+    if error.code() == ClientError._AUTO_OFFSET_RESET:
+        tp = TopicPartition(offsets.topic, offsets.partition)
+        low, _ = consumer.get_watermark_offsets(tp, timeout=poll_timeout_ms / 1000)
+        if low <= position:
+            raise KafkaError(f"{where}: offset {position} out of range: {error.str()}")
+        report_data_loss(
+            fail_on_data_loss, f"{where} offsets {position}..{min(low, until) - 1} are gone (log starts at {low})"
+        )
+        consumer.assign([TopicPartition(offsets.topic, offsets.partition, low)])
+        return low
+    raise KafkaError(f"{where}: reading offset {position}: {error.str()}")
+
+
 def read_range(
     consumer: Consumer,
     offsets: OffsetRange,
@@ -68,7 +99,9 @@ def read_range(
     start, until = offsets.from_offset, offsets.until_offset
     low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=poll_timeout_ms / 1000)
     if start < low:
-        report_data_loss(fail_on_data_loss, f"{where} offsets {start}..{min(low, until) - 1} are gone (log starts at {low})")
+        report_data_loss(
+            fail_on_data_loss, f"{where} offsets {start}..{min(low, until) - 1} are gone (log starts at {low})"
+        )
         start = low
     if start >= until:
         return
@@ -87,32 +120,15 @@ def read_range(
                     f"{where}: no records for {poll_timeout_ms} ms while reading offsets {position}..{until - 1}. "
                     "Fix: check the broker, or raise kafkaConsumer.pollTimeoutMs"
                 )
-            for message in messages:
-                error = message.error()
-                if error is None:
-                    if message.offset() >= until:
-                        position = until
-                        break
-                    pending.append(message)
-                    position = message.offset() + 1
-                elif error.code() == ClientError._PARTITION_EOF:
-                    if message.offset() < until:
-                        report_data_loss(
-                            fail_on_data_loss,
-                            f"{where} ends at {message.offset()}, offsets {message.offset()}..{until - 1} are gone",
-                        )
-                    position = until
-                    break
-                elif error.code() == ClientError._AUTO_OFFSET_RESET:
-                    low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=poll_timeout_ms / 1000)
-                    if low <= position:
-                        raise KafkaError(f"{where}: offset {position} out of range: {error.str()}")
-                    report_data_loss(fail_on_data_loss, f"{where} offsets {position}..{min(low, until) - 1} are gone (log starts at {low})")
-                    position = low
-                    consumer.assign([TopicPartition(topic, partition, position)])
-                    break
-                else:
-                    raise KafkaError(f"{where}: reading offset {position}: {error.str()}")
+            events = [m for m in messages if m.error() is not None]
+            data = [m for m in messages if m.error() is None] if events else messages
+            if data:
+                data_offsets = [m.offset() for m in data]
+                cut = bisect_left(data_offsets, until)
+                pending.extend(data[:cut])
+                position = until if cut < len(data) else data_offsets[-1] + 1
+            for event in events:
+                position = _handle_event(consumer, event, position, offsets, fail_on_data_loss, poll_timeout_ms)
             if len(pending) >= batch_rows or (pending and position >= until):
                 yield to_record_batch(columns_of(pending, topic, partition))
                 pending = []

@@ -131,6 +131,7 @@ def columns_of(messages: Sequence, topic: str, partition: int) -> ConsumedColumn
 
 # ---- sink side -------------------------------------------------------------------------------------
 
+
 def validate_sink_schema(schema: StructType, default_topic: str | None) -> None:
     """Check the DataFrame written to Kafka has the columns Spark's Kafka sink takes. Runs on the driver."""
     fields = {f.name.lower(): f.dataType for f in schema.fields}
@@ -139,7 +140,9 @@ def validate_sink_schema(schema: StructType, default_topic: str | None) -> None:
         raise ConfigError("value", f"the DataFrame has no value column (columns: {schema.fieldNames()})", fix_columns)
     for name in ("key", "value"):
         if name in fields and not isinstance(fields[name], (BinaryType, StringType)):
-            raise ConfigError(name, f"column {name} is {fields[name].simpleString()}", f"cast {name} to binary or string")
+            raise ConfigError(
+                name, f"column {name} is {fields[name].simpleString()}", f"cast {name} to binary or string"
+            )
     if "topic" in fields and not isinstance(fields["topic"], StringType):
         raise ConfigError("topic", f"column topic is {fields['topic'].simpleString()}", "cast topic to string")
     if "partition" in fields and not isinstance(fields["partition"], IntegerType):
@@ -183,8 +186,8 @@ def headers_lists(column: pa.Array) -> list[list[Header] | None]:
     values = entries.field("value").to_pylist()
     bounds = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=bounds[1:])
-    pairs = list(zip(keys, values))
-    return [pairs[a:b] or None for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    pairs = list(zip(keys, values, strict=True))
+    return [pairs[a:b] or None for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
 
 
 def outgoing(batch: pa.RecordBatch, default_topic: str | None) -> OutgoingRecords:
@@ -209,8 +212,6 @@ def outgoing(batch: pa.RecordBatch, default_topic: str | None) -> OutgoingRecord
         topics=topics,
         keys=key_column.to_pylist() if key_column is not None else [None] * n,
         values=_column(batch, "value").to_pylist(),
-        partitions=(
-            pc.fill_null(partition_column, -1).to_pylist() if partition_column is not None else [-1] * n
-        ),
+        partitions=(pc.fill_null(partition_column, -1).to_pylist() if partition_column is not None else [-1] * n),
         headers=headers_lists(header_column) if header_column is not None else [None] * n,
     )

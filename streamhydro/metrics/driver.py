@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from streamhydro.config import MetricsSettings
+from streamhydro.errors import ConfigError
 from streamhydro.metrics import multiprocess
 from streamhydro.metrics.definitions import DriverMetricSet
 from streamhydro.metrics.endpoint import Endpoint
@@ -48,6 +49,12 @@ class DriverMetrics:
         if not settings.enabled:
             log.info("metrics disabled (metrics.enabled = false)")
             return
+        if values.ValueClass._multiprocess:
+            raise ConfigError(
+                "metrics.multiprocess_dir",
+                f"{multiprocess.ENV_VAR} is set in the driver's environment, so driver metrics would be counted twice",
+                f"unset {multiprocess.ENV_VAR}; streamhydro sets it for the executors' Python workers itself",
+            )
         master = spark.sparkContext.master
         directory = multiprocess.multiprocess_dir(settings, master)
         configured = spark.sparkContext.getConf().get(multiprocess.EXECUTOR_ENV_KEY)

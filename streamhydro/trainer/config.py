@@ -79,7 +79,10 @@ class TrainingSettings:
 
 @dataclasses.dataclass(frozen=True)
 class SparkSettings:
-    master: str = doc("Spark master; local[N] becomes local[N,F] so a failed barrier stage can be retried.", default="local[2]")
+    master: str = doc(
+        "Spark master; local[N] becomes local[N,F] so a failed barrier stage can be retried; empty = spark-submit's --master.",
+        default="local[2]",
+    )
     app_name: str = doc("Spark application name.", default="streamhydro-train")
     gpus_per_rank: int = doc(
         "GPUs each rank asks for through a ResourceProfile (stage-level scheduling); 0 = train on CPU.", default=0

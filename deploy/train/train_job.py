@@ -1,0 +1,12 @@
+"""spark-submit entry point of the trainer: ``spark-submit [options] train_job.py --config FILE``.
+
+Runs on the driver (client or cluster deploy mode), once. The same as ``streamhydro train``; the
+master and cluster settings come from spark-submit (submit.sh leaves ``spark.master`` empty).
+"""
+
+import sys
+
+from streamhydro.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))
