@@ -12,7 +12,7 @@ venv=${STREAMHYDRO_VENV:-.venv}
 python=${PYTHON:-python3}
 
 # Debian packages the integration tests start for real: Prometheus (+ promtool), the Pushgateway, PostgreSQL and its JDBC driver.
-test_debs=(prometheus prometheus-pushgateway postgresql libpostgresql-jdbc-java)
+test_debs=(prometheus prometheus-pushgateway postgresql libpostgresql-jdbc-java libmariadb-java)
 
 setup_python() {
   if [ ! -x "$venv/bin/python" ]; then

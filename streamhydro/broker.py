@@ -76,7 +76,8 @@ def _answers_metadata(bootstrap: str) -> bool:
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 1000})
+    # log_level 0: refused connections are expected while the broker starts; do not print them.
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 1000, "log_level": 0})
     try:
         admin.list_topics(timeout=1.0)
     except KafkaException:

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 import pyarrow as pa
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from streamhydro.payload import HEADERS_TYPE
@@ -93,14 +92,3 @@ def json_values(manifest: Manifest, rows: np.ndarray) -> list[bytes]:
 def Holder(value: bytes) -> types.SimpleNamespace:  # noqa: N802 -- reads like the Broadcast it stands for
     """Stands in for a Broadcast: an object whose .value is the model bytes (picklable without this module)."""
     return types.SimpleNamespace(value=value)
-
-
-@pytest.fixture(scope="module")
-def session(request):
-    """The suite's shared ``spark`` session; a plain local[2] one while the Kafka source module is missing."""
-    try:
-        return request.getfixturevalue("spark")
-    except ModuleNotFoundError:
-        from pyspark.sql import SparkSession
-
-        return SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false").getOrCreate()

@@ -61,50 +61,18 @@ def spark():
     session.stop()
 
 
-def build_softmax_model(n_features: int, labels: tuple[str, ...], seed: int = 0) -> bytes:
-    """A small real classifier as ONNX: softmax(x @ W + b), weights drawn from ``seed``."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    weights = numpy_helper.from_array(rng.normal(size=(n_features, len(labels))).astype(np.float32), "W")
-    bias = numpy_helper.from_array(rng.normal(size=(len(labels),)).astype(np.float32), "b")
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["features", "W"], ["logits0"]),
-            helper.make_node("Add", ["logits0", "b"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        ],
-        "softmax_classifier",
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", n_features])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", len(labels)])],
-        initializer=[weights, bias],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
 @pytest.fixture(scope="session")
 def model_registry(tmp_path_factory):
     """A registry with one model, ``iris_like`` version 1: four named features, three labels."""
-    from streamhydro.registry import Manifest, Registry, TensorSpec
+    import dataclasses
+
+    from _inference_models import softmax_model
+    from streamhydro.registry import Registry, TensorSpec
 
     root = tmp_path_factory.mktemp("registry")
     registry = Registry(root)
     features = ("sepal_length", "sepal_width", "petal_length", "petal_width")
     labels = ("setosa", "versicolor", "virginica")
-    manifest = Manifest(
-        name="iris_like",
-        version=1,
-        sha256="",
-        inputs=(TensorSpec("features", "float32", (-1, len(features)), features),),
-        outputs=(TensorSpec("probabilities", "float32", (-1, len(labels))),),
-        labels=labels,
-        created="2026-11-24T00:00:00Z",
-        description="test model: softmax over random weights",
-    )
-    registry.publish(manifest, build_softmax_model(len(features), labels))
+    model, manifest = softmax_model([TensorSpec("features", "float32", (-1, len(features)), features)], labels)
+    registry.publish(dataclasses.replace(manifest, name="iris_like", description="test model: softmax over random weights"), model)
     return registry

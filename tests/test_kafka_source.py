@@ -150,8 +150,8 @@ def test_wrong_list_offsets_of_the_embedded_broker_does_not_stall(spark, kafka_b
     partitions = [(topic_name, 0), (topic_name, 1)]
     listed = {tp: hi for tp, (_, hi) in probe.list_offsets(partitions).items()}
     true_ends = {tp: hi for tp, (_, hi) in probe.offset_ranges(partitions).items()}
-    probe.close()
     assert true_ends == {(topic_name, 0): 500, (topic_name, 1): 500}
+    assert {tp: hi for tp, (_, hi) in probe.offset_ranges(partitions).items()} == true_ends, "cached, unchanged"
 
     trusting, _ = _available_now(
         spark, _stream(spark, kafka_bootstrap, topic_name, endOffsetsFrom="listOffsets"), "trusting", tmp_path / "a"
@@ -159,6 +159,10 @@ def test_wrong_list_offsets_of_the_embedded_broker_does_not_stall(spark, kafka_b
     probing, _ = _available_now(spark, _stream(spark, kafka_bootstrap, topic_name), "probing", tmp_path / "b")
 
     assert len(probing) == 1000
+    _produce(kafka_bootstrap, topic_name, 10, partitions=2, start=1000)
+    moved = {tp: hi for tp, (_, hi) in probe.offset_ranges(partitions).items()}
+    probe.close()
+    assert moved == {(topic_name, 0): 505, (topic_name, 1): 505}
     if _is_tansu(kafka_bootstrap):
         assert all(listed[tp] < 500 for tp in partitions), f"Tansu's ListOffsets is no longer wrong: {listed}"
         assert len(trusting) == sum(listed.values()) < 1000

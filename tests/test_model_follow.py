@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import build_softmax_model
+from _inference_models import softmax_model
 from streamhydro.config import Config
 from streamhydro.driver.models import ModelFollower
 from streamhydro.driver.serve import Service
@@ -33,7 +33,7 @@ def registry(model_registry, tmp_path):
 
 def publish_next(registry: Registry, seed: int) -> int:
     manifest = registry.get("iris_like").manifest
-    model = build_softmax_model(len(manifest.inputs[0].features), manifest.labels, seed=seed)
+    model, _ = softmax_model(manifest.inputs, manifest.labels, seed=seed)
     return registry.publish(dataclasses.replace(manifest, version=0), model).manifest.version
 
 

@@ -7,7 +7,13 @@ import json
 import pytest
 
 from streamhydro.errors import ModelError
-from streamhydro.registry import MANIFEST_FILE, PROMOTED_FILE, Manifest, Registry, TensorSpec
+from streamhydro.registry import (
+    MANIFEST_FILE,
+    PROMOTED_FILE,
+    Manifest,
+    Registry,
+    TensorSpec,
+)
 
 
 def manifest(name: str = "m", version: int = 0) -> Manifest:

@@ -11,7 +11,6 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from _inference_models import session  # noqa: F401 -- fixture
 from streamhydro.driver import resources
 from streamhydro.errors import ConfigError
 
@@ -36,10 +35,10 @@ def test_bad_gpu_amounts_name_the_key_and_fix(task_gpus):
 
 
 @pytest.mark.spark
-def test_local_master_falls_back_with_a_log_line(session, caplog):  # noqa: F811
+def test_local_master_falls_back_with_a_log_line(spark, caplog):
     with caplog.at_level(logging.INFO, logger="streamhydro.driver.resources"):
-        assert resources.inference_profile(session, 0.5, 1) is None
-        assert resources.inference_profile(session, 0, 1) is None
+        assert resources.inference_profile(spark, 0.5, 1) is None
+        assert resources.inference_profile(spark, 0, 1) is None
     assert "cannot schedule stage-level task resource profiles" in caplog.text
     assert "no GPU requested" in caplog.text
 

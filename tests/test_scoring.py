@@ -8,14 +8,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from _inference_models import LABELS, Holder, session, feature_spec, json_values, kafka_batch, softmax_model
+from _inference_models import LABELS, Holder, feature_spec, json_values, kafka_batch, softmax_model
 from streamhydro import payload as p
 from streamhydro.executor.scoring import OUTPUT_SCHEMA, EngineSettings, ScoringPlan, score_batches
 
 pytestmark = pytest.mark.spark
 
 
-def test_map_in_arrow_scores_good_rows_and_dead_letters_bad_ones(session):
+def test_map_in_arrow_scores_good_rows_and_dead_letters_bad_ones(spark):
     data, manifest = softmax_model([feature_spec("x", 4)])
     rows = np.random.default_rng(5).normal(size=(3000, 4)).astype(np.float32)
     values = json_values(manifest, rows)
@@ -23,10 +23,10 @@ def test_map_in_arrow_scores_good_rows_and_dead_letters_bad_ones(session):
     for position, value in bad_at.items():
         values[position] = value
     batch = kafka_batch(values)
-    frame = session.createDataFrame(batch.to_pandas()).repartition(3)
+    frame = spark.createDataFrame(batch.to_pandas()).repartition(3)
     plan = ScoringPlan(
         manifest=manifest,
-        model_bytes=session.sparkContext.broadcast(data),
+        model_bytes=spark.sparkContext.broadcast(data),
         payload="json",
         output_topic="preds",
         dead_letter_topic="dead",
@@ -57,10 +57,10 @@ def test_map_in_arrow_scores_good_rows_and_dead_letters_bad_ones(session):
     assert seen == set(range(3000)) - set(bad_at)
 
 
-def test_holder_without_broadcast_works_in_a_task(session):
+def test_holder_without_broadcast_works_in_a_task(spark):
     data, manifest = softmax_model([feature_spec("x", 4)], seed=9)
     rows = np.ones((10, 4), np.float32)
-    frame = session.createDataFrame(kafka_batch(json_values(manifest, rows)).to_pandas())
+    frame = spark.createDataFrame(kafka_batch(json_values(manifest, rows)).to_pandas())
     plan = ScoringPlan(manifest, Holder(data), "json", "preds", "dead", EngineSettings(pipeline_depth=0))
     out = frame.mapInArrow(score_batches(plan), OUTPUT_SCHEMA).collect()
     assert len(out) == 10 and {row.topic for row in out} == {"preds"}

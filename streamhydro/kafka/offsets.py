@@ -65,6 +65,10 @@ class EndOffsetProbe:
         self._use_fetch = use_fetch
         self._timeout_s = timeout_s
         self._consumer: Consumer | None = None
+        # {tp: (ListOffsets answer, true end)}: appending always changes the ListOffsets answer (a new
+        # batch on Tansu, a new high watermark on Kafka), so an unchanged answer means an unchanged end
+        # and an idle stream polls without fetching.
+        self._known: dict[TopicPartitionKey, tuple[int, int]] = {}
 
     @property
     def consumer(self) -> Consumer:
@@ -108,8 +112,10 @@ class EndOffsetProbe:
         listed = self.list_offsets(partitions)
         if not self._use_fetch:
             return listed
-        ends = self._fetched_high_watermarks({tp: lo_hi for tp, lo_hi in listed.items() if lo_hi[1] > lo_hi[0]})
-        return {tp: (lo, max(hi, ends.get(tp, hi))) for tp, (lo, hi) in listed.items()}
+        changed = {tp: (lo, hi) for tp, (lo, hi) in listed.items() if hi > lo and self._known.get(tp, (None,))[0] != hi}
+        for tp, end in self._fetched_high_watermarks(changed).items():
+            self._known[tp] = (listed[tp][1], end)
+        return {tp: (lo, max(hi, self._known.get(tp, (hi, hi))[1])) for tp, (lo, hi) in listed.items()}
 
     def _fetched_high_watermarks(
         self, listed: Mapping[TopicPartitionKey, tuple[int, int]]

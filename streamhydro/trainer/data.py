@@ -103,7 +103,7 @@ def _holdout(settings: DataSettings, seed: int) -> Column:
     """A hash of the row's values, not a random draw: the same rows are held out however the
     source is partitioned or ordered, in every job that reads it and in every stage attempt."""
     bucket = F.pmod(F.xxhash64(F.lit(seed), *[F.col(c) for c in (*settings.features, settings.label)]), F.lit(10_000))
-    return bucket < F.lit(int(round(settings.validation_fraction * 10_000)))
+    return bucket < F.lit(round(settings.validation_fraction * 10_000))
 
 
 def _class_index(frame: DataFrame, settings: DataSettings) -> Column:

@@ -23,7 +23,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pyspark.resource import ResourceProfile, ResourceProfileBuilder, TaskResourceRequests
+from pyspark.resource import (
+    ResourceProfile,
+    ResourceProfileBuilder,
+    TaskResourceRequests,
+)
 from pyspark.sql import DataFrame, SparkSession
 
 from streamhydro.registry import ModelVersion
@@ -174,7 +178,7 @@ def train(spark: SparkSession, config: TrainConfig, command: str) -> TrainResult
     if len(rows) != 1:
         raise TrainingError(f"expected one model from rank 0, got {len(rows)} rows; see the executor logs of run {run_id}")
     report = json.loads(rows[0]["report"])
-    version = publish(config, bytes(rows[0]["model"]), report, command, run_id)
+    version = publish(config, bytes(rows[0]["model"]), report, command, run_id, stats)
     log.info("published %s: validation accuracy %s", version.label, report["validation_accuracy"])
     return TrainResult(version, report, run_dir)
 

@@ -11,6 +11,7 @@ from typing import Any
 from streamhydro import __version__
 from streamhydro.registry import Manifest, ModelVersion, Registry, TensorSpec
 from streamhydro.trainer.config import TrainConfig
+from streamhydro.trainer.data import Statistics
 from streamhydro.trainer.rank.export import INPUT_NAME, OUTPUT_NAME
 
 METRIC_KEYS = (
@@ -19,8 +20,12 @@ METRIC_KEYS = (
 )
 
 
-def manifest(config: TrainConfig, report: dict[str, Any], command: str, run_id: str) -> Manifest:
-    """The manifest of a new version (number and sha256 are filled in by the registry)."""
+def manifest(config: TrainConfig, report: dict[str, Any], command: str, run_id: str, stats: Statistics) -> Manifest:
+    """The manifest of a new version (number and sha256 are filled in by the registry).
+
+    ``provenance.feature_stats`` keeps the training rows' per-feature mean and standard deviation,
+    which the load generator uses to make events that look like the training data.
+    """
     import torch
 
     d, m, t = config.data, config.model, config.training
@@ -32,7 +37,7 @@ def manifest(config: TrainConfig, report: dict[str, Any], command: str, run_id: 
         inputs=(TensorSpec(INPUT_NAME, "float32", (-1, n), features=d.features),),
         outputs=(TensorSpec(OUTPUT_NAME, "float32", (-1, k)),),
         labels=d.labels,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         description=m.description,
         provenance={
             "command": command,
@@ -47,10 +52,11 @@ def manifest(config: TrainConfig, report: dict[str, Any], command: str, run_id: 
             "torch": torch.__version__,
             "run_id": run_id,
             "attempts": report["attempt"] + 1,
+            "feature_stats": {"mean": list(stats.mean), "std": list(stats.std)},
         },
         metrics={key: report[key] for key in METRIC_KEYS if key in report},
     )
 
 
-def publish(config: TrainConfig, model: bytes, report: dict[str, Any], command: str, run_id: str) -> ModelVersion:
-    return Registry(config.model.registry).publish(manifest(config, report, command, run_id), model)
+def publish(config: TrainConfig, model: bytes, report: dict[str, Any], command: str, run_id: str, stats: Statistics) -> ModelVersion:
+    return Registry(config.model.registry).publish(manifest(config, report, command, run_id, stats), model)

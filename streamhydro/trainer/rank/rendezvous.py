@@ -15,12 +15,15 @@ import datetime
 import json
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from pyspark import BarrierTaskContext
 
 from streamhydro.trainer.rank.checkpoint import RunDirectory
+
+if TYPE_CHECKING:
+    from pyspark import BarrierTaskContext
 
 log = logging.getLogger(__name__)
 
