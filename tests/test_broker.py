@@ -9,10 +9,12 @@ import textwrap
 import time
 
 import pytest
+from confluent_kafka.admin import AdminClient
 from kafka import KafkaConsumer, KafkaProducer
 
 from streamhydro.broker import BrokerConfig, EmbeddedBroker
 from streamhydro.errors import BrokerError
+from streamhydro.kafka.admin import ensure_topics
 
 pytestmark = pytest.mark.broker
 
@@ -90,3 +92,11 @@ def test_start_failure_is_a_broker_error_with_the_log(tmp_path, monkeypatch):
     monkeypatch.setenv("CALF_TANSU_BIN", str(fake))
     with pytest.raises(BrokerError, match="simulated failure"):
         EmbeddedBroker(BrokerConfig(start_timeout_s=2, port_attempts=1, log_dir=str(tmp_path))).start()
+
+
+def test_ensure_topics_creates_missing_topics_idempotently(kafka_bootstrap, topic_name):
+    ensure_topics(kafka_bootstrap, {topic_name: 3})
+    ensure_topics(kafka_bootstrap, {topic_name: 3, f"{topic_name}-other": 1})
+    topics = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics
+    assert len(topics[topic_name].partitions) == 3
+    assert len(topics[f"{topic_name}-other"].partitions) == 1

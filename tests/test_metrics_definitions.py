@@ -47,7 +47,7 @@ def test_names_follow_prometheus_conventions() -> None:
         assert family.name.startswith("streamhydro_"), family.name
         if family.type == "histogram":
             assert family.name.endswith(UNITS), f"{family.name}: a histogram needs a unit suffix"
-        if family.type == "gauge" and family.name not in ("streamhydro_query_state", "streamhydro_trainer_epoch",
+        if family.type == "gauge" and not family.name.endswith("_info") and family.name not in ("streamhydro_query_state", "streamhydro_trainer_epoch",
                                                           "streamhydro_trainer_loss", "streamhydro_trainer_rank",
                                                           "streamhydro_trainer_ranks"):
             assert family.name.endswith(UNITS), f"{family.name}: a gauge needs a unit suffix"

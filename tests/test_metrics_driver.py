@@ -26,8 +26,8 @@ from streamhydro.metrics.listener import ProgressRecorder, kafka_lag, kafka_offs
 from streamhydro.metrics.multiprocess import EXECUTOR_ENV_KEY, clean, executor_conf
 
 
-def progress(batch: int, rows: int, latest: dict, end: dict, name: str = "serve") -> dict:
-    """The shape of ``StreamingQueryProgress.json`` for a Kafka source."""
+def progress(batch: int, rows: int, latest: dict, start: dict | None, end: dict, name: str = "serve") -> dict:
+    """The shape of ``StreamingQueryProgress.json`` for a Kafka source (offsets as objects or JSON text)."""
     return {
         "id": "4f1c0000-0000-0000-0000-000000000001",
         "runId": "r",
@@ -37,7 +37,7 @@ def progress(batch: int, rows: int, latest: dict, end: dict, name: str = "serve"
         "inputRowsPerSecond": rows / 2.0,
         "processedRowsPerSecond": "NaN" if rows == 0 else rows / 0.5,
         "durationMs": {"triggerExecution": 500, "addBatch": 400, "walCommit": 40, "latestOffset": 3},
-        "sources": [{"description": "kafka", "startOffset": None, "endOffset": json.dumps(end), "latestOffset": latest,
+        "sources": [{"description": "kafka", "startOffset": start, "endOffset": json.dumps(end), "latestOffset": latest,
                      "numInputRows": rows}],
         "sink": {"description": "foreachBatch"},
     }
@@ -69,7 +69,7 @@ def test_kafka_offsets_parse_dicts_and_json_and_reject_other_sources() -> None:
     assert kafka_offsets(None) == {}
 
 
-def test_kafka_lag_is_latest_minus_end_per_partition() -> None:
+def test_kafka_lag_is_latest_minus_processed_per_partition() -> None:
     assert kafka_lag({"t": {"0": 100, "1": 50}}, {"t": {"0": 40}}) == {("t", "0"): 60, ("t", "1"): 50}
     assert kafka_lag({"t": {"0": 10}}, {"t": {"0": 10}}) == {("t", "0"): 0}
     assert kafka_lag(None, {"t": {"0": 10}}) == {}
@@ -78,8 +78,10 @@ def test_kafka_lag_is_latest_minus_end_per_partition() -> None:
 def test_progress_sets_rates_counts_phases_and_lag(registry: CollectorRegistry) -> None:
     recorder = ProgressRecorder(DriverMetricSet(registry))
     recorder.started("4f1c0000-0000-0000-0000-000000000001", "serve")
-    recorder.progress(progress(0, 1000, {"ev": {"0": 5000, "1": 3000}}, {"ev": {"0": 600, "1": 400}}))
-    recorder.progress(progress(1, 3000, {"ev": {"0": 5000, "1": 3000}}, {"ev": {"0": 2000, "1": 2000}}))
+    # The first batch has no start offset: everything up to latest was waiting.
+    recorder.progress(progress(0, 1000, {"ev": {"0": 5000, "1": 3000}}, None, {"ev": {"0": 600, "1": 400}}))
+    assert value(registry, "streamhydro_kafka_lag_records", query="serve", topic="ev", partition="0") == 5000
+    recorder.progress(progress(1, 3000, {"ev": {"0": 5000, "1": 3000}}, {"ev": {"0": 600, "1": 400}}, {"ev": {"0": 2000, "1": 2000}}))
     assert value(registry, "streamhydro_batches_total", query="serve") == 2
     assert value(registry, "streamhydro_input_rows_total", query="serve") == 4000
     assert value(registry, "streamhydro_input_rows_per_second", query="serve") == 1500
@@ -88,15 +90,15 @@ def test_progress_sets_rates_counts_phases_and_lag(registry: CollectorRegistry) 
     assert value(registry, "streamhydro_batch_rows_sum", query="serve") == 4000
     assert value(registry, "streamhydro_batch_duration_seconds_sum", query="serve", phase="triggerExecution") == 1.0
     assert value(registry, "streamhydro_batch_duration_seconds_count", query="serve", phase="walCommit") == 2
-    assert value(registry, "streamhydro_kafka_lag_records", query="serve", topic="ev", partition="0") == 3000
-    assert value(registry, "streamhydro_kafka_lag_records", query="serve", topic="ev", partition="1") == 1000
+    assert value(registry, "streamhydro_kafka_lag_records", query="serve", topic="ev", partition="0") == 4400
+    assert value(registry, "streamhydro_kafka_lag_records", query="serve", topic="ev", partition="1") == 2600
     assert value(registry, "streamhydro_query_state", query="serve", state="active") == 1
     assert value(registry, "streamhydro_query_state", query="serve", state="failed") == 0
 
 
 def test_an_empty_batch_reports_zero_rates_not_nan(registry: CollectorRegistry) -> None:
     recorder = ProgressRecorder(DriverMetricSet(registry))
-    recorder.progress(progress(0, 0, {"ev": {"0": 0}}, {"ev": {"0": 0}}))
+    recorder.progress(progress(0, 0, {"ev": {"0": 0}}, {"ev": {"0": 0}}, {"ev": {"0": 0}}))
     rate = value(registry, "streamhydro_processed_rows_per_second", query="serve")
     assert rate == 0 and not math.isnan(rate)
 
@@ -104,7 +106,10 @@ def test_an_empty_batch_reports_zero_rates_not_nan(registry: CollectorRegistry) 
 def test_state_follows_idle_and_termination(registry: CollectorRegistry) -> None:
     recorder = ProgressRecorder(DriverMetricSet(registry))
     recorder.started("id-1", None)
+    recorder.progress({**progress(0, 10, {"ev": {"0": 10}}, {"ev": {"0": 0}}, {"ev": {"0": 10}}), "id": "id-1", "name": None})
+    assert value(registry, "streamhydro_kafka_lag_records", query="id-1", topic="ev", partition="0") == 10
     recorder.idle("id-1")
+    assert value(registry, "streamhydro_kafka_lag_records", query="id-1", topic="ev", partition="0") == 0
     assert value(registry, "streamhydro_query_state", query="id-1", state="idle") == 1
     assert value(registry, "streamhydro_query_state", query="id-1", state="active") == 0
     recorder.terminated("id-1", None)
@@ -136,6 +141,14 @@ def test_model_info_and_refusals_without_an_endpoint() -> None:
     assert value(r, "streamhydro_model_info", model="breast_cancer", version="1") is None
     assert value(r, "streamhydro_model_refusals_total", model="breast_cancer", version="3") == 1
     assert value(r, "streamhydro_model_last_refusal_info", model="breast_cancer", version="3", reason="checksum mismatch") == 1
+    metrics.model_refused("breast_cancer", 4, "inputs do not fit")
+    assert value(r, "streamhydro_model_last_refusal_info", model="breast_cancer", version="3", reason="checksum mismatch") is None
+
+
+def test_no_model_series_before_a_model_is_known() -> None:
+    metrics = DriverMetrics(spark=None, settings=MetricsSettings(enabled=False))
+    names = {s.name for f in metrics.registry.collect() for s in f.samples}
+    assert "streamhydro_model_info" not in names and "streamhydro_model_last_refusal_info" not in names
     metrics.close()
 
 

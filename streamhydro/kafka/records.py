@@ -103,7 +103,7 @@ def to_record_batch(columns: ConsumedColumns) -> pa.RecordBatch:
         [
             pa.array(columns.keys, type=pa.binary()),
             pa.array(columns.values, type=pa.binary()),
-            pa.repeat(pa.scalar(columns.topic, pa.string()), n) if n else pa.array([], pa.string()),
+            pa.repeat(pa.scalar(columns.topic, pa.string()), n),
             pa.array(np.full(n, columns.partition, dtype=np.int32)),
             pa.array(np.asarray(columns.offsets, dtype=np.int64)),
             pa.array(millis * 1000, type=pa.timestamp("us", tz="UTC")),

@@ -13,7 +13,7 @@ summing across the Python workers' files without any bookkeeping for dead proces
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "streamhydro_"
 
@@ -71,19 +71,24 @@ class DriverMetricSet:
         )
         self.kafka_lag = Gauge(
             "streamhydro_kafka_lag_records",
-            "Records in the partition not yet processed: the source's latest offset minus the last batch's end offset.",
+            "Records waiting in the partition when the last micro-batch was planned: the partition's end offset "
+            "minus the offset processed so far (0 once the query reports idle).",
             ("query", "topic", "partition"),
             registry=registry,
         )
-        self.model = Info("streamhydro_model", "The model version serving predictions.", registry=registry)
+        # Info-style gauges (value 1, the facts in labels): no series at all until something is known.
+        self.model = Gauge("streamhydro_model_info", "The model version serving predictions (value 1).", ("model", "version"), registry=registry)
         self.model_refusals = Counter(
             "streamhydro_model_refusals_total",
             "Model versions refused (checksum, loading or input checks failed); the previous version keeps serving.",
             ("model", "version"),
             registry=registry,
         )
-        self.last_refusal = Info(
-            "streamhydro_model_last_refusal", "The most recent refused model version and why.", registry=registry
+        self.last_refusal = Gauge(
+            "streamhydro_model_last_refusal_info",
+            "The most recently refused model version and why (value 1).",
+            ("model", "version", "reason"),
+            registry=registry,
         )
 
 
@@ -175,7 +180,7 @@ def declared_names() -> set[str]:
     ExecutorMetricSet(registry)
     TrainerMetricSet(registry)
     names: set[str] = {name for name, _ in GPU_FAMILIES}
-    suffixes = {"histogram": ("_bucket", "_count", "_sum"), "counter": ("_total",), "info": ("_info",), "gauge": ("",)}
+    suffixes = {"histogram": ("_bucket", "_count", "_sum"), "counter": ("_total",), "gauge": ("",)}
     for family in registry.collect():
         names.update(f"{family.name}{suffix}" for suffix in suffixes[family.type])
     return names

@@ -78,12 +78,14 @@ class DriverMetrics:
 
     def set_model(self, name: str, version: int | str) -> None:
         """The model version now serving (call on start and on every switch)."""
-        self.metrics.model.info({"model": name, "version": str(version)})
+        self.metrics.model.clear()
+        self.metrics.model.labels(name, str(version)).set(1)
 
     def model_refused(self, name: str, version: int | str, reason: str) -> None:
         """A model version failed its checks and was not switched to."""
         self.metrics.model_refusals.labels(name, str(version)).inc()
-        self.metrics.last_refusal.info({"model": name, "version": str(version), "reason": reason})
+        self.metrics.last_refusal.clear()
+        self.metrics.last_refusal.labels(name, str(version), reason).set(1)
 
     def close(self) -> None:
         """Stop the endpoint, unregister the listener, release NVML. Idempotent."""

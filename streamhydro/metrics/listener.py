@@ -6,10 +6,13 @@ feed it dicts. :class:`MetricsListener` is the thin ``StreamingQueryListener`` s
 its listener-bus thread (through py4j) once per event: query started, progress (once per
 micro-batch), idle (no new data), terminated.
 
-Kafka lag comes from each progress' ``sources[]``: ``latestOffset`` is what the source last saw at
-the end of the partition (streamhydro's source reports true end offsets, right on the embedded
-broker too; Spark's JVM connector reports the broker's), ``endOffset`` what the batch processed up
-to. Both are ``{"topic": {"partition": offset}}``; lag = latest - end per partition.
+Kafka lag comes from each progress' ``sources[]``, all ``{"topic": {"partition": offset}}``:
+``latestOffset`` is the end of the partition when the batch was planned (streamhydro's source
+reports true end offsets, right on the embedded broker too; Spark's JVM connector reports the
+broker's) and ``startOffset`` what had been processed at that moment, so lag = latest - start is
+exact for that instant. (latest - end, what was left after the batch, stays 0 whenever a batch
+takes everything: it cannot see a service falling behind unless ``maxOffsetsPerTrigger`` binds.)
+An idle event means no new data, so the query's lags drop to 0 then.
 """
 
 from __future__ import annotations
@@ -48,11 +51,11 @@ def kafka_offsets(value: Any) -> dict[tuple[str, str], int]:
     return offsets
 
 
-def kafka_lag(latest: Any, end: Any) -> dict[tuple[str, str], int]:
-    """Records not yet processed per (topic, partition); partitions the batch has not reached count from 0."""
+def kafka_lag(latest: Any, processed: Any) -> dict[tuple[str, str], int]:
+    """Records not yet processed per (topic, partition); partitions with nothing processed count from 0."""
     latest_offsets = kafka_offsets(latest)
-    end_offsets = kafka_offsets(end)
-    return {key: max(0, offset - end_offsets.get(key, 0)) for key, offset in latest_offsets.items()}
+    processed_offsets = kafka_offsets(processed)
+    return {key: max(0, offset - processed_offsets.get(key, 0)) for key, offset in latest_offsets.items()}
 
 
 class ProgressRecorder:
@@ -64,6 +67,7 @@ class ProgressRecorder:
         self._lock = threading.Lock()
         self._names: dict[str, str] = {}
         self._last_seen: dict[str, float] = {}
+        self._partitions: dict[str, set[tuple[str, str]]] = {}
 
     def started(self, query_id: str, name: str | None) -> None:
         label = name or query_id
@@ -85,13 +89,19 @@ class ProgressRecorder:
         for phase, millis in (progress.get("durationMs") or {}).items():
             m.batch_duration.labels(label, phase).observe(millis / 1000.0)
         for source in progress.get("sources") or ():
-            for (topic, partition), lag in kafka_lag(source.get("latestOffset"), source.get("endOffset")).items():
+            for (topic, partition), lag in kafka_lag(source.get("latestOffset"), source.get("startOffset")).items():
                 m.kafka_lag.labels(label, topic, partition).set(lag)
+                with self._lock:
+                    self._partitions.setdefault(label, set()).add((topic, partition))
         self._set_state(label, "active")
         self._seen(label)
 
     def idle(self, query_id: str) -> None:
         label = self._label(query_id, None)
+        with self._lock:
+            partitions = sorted(self._partitions.get(label, ()))
+        for topic, partition in partitions:
+            self._metrics.kafka_lag.labels(label, topic, partition).set(0)
         self._set_state(label, "idle")
         self._seen(label)
 
