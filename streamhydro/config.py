@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import tomllib
@@ -55,7 +56,7 @@ class SparkSettings:
         "Where the query keeps offsets and state; a restart resumes from here.", default="var/checkpoints/serve"
     )
     trigger_interval: str = doc("Micro-batch trigger interval, e.g. '0 seconds' (as fast as possible), '5 seconds'.", default="0 seconds")
-    executor_gpus: float = doc("GPUs per executor (spark.executor.resource.gpu.amount); 0 = no GPUs.", default=0.0)
+    executor_gpus: int = doc("GPUs per executor (spark.executor.resource.gpu.amount); 0 = no GPUs.", default=0)
     task_gpus: float = doc("GPUs per inference task; a fraction shares a GPU (0.25 = four tasks per GPU).", default=0.0)
     gpu_discovery_script: str = doc("Script printing the executor's GPU addresses (deploy/gpu/getGpusResources.sh).", default="")
     conf: Mapping[str, str] = doc("Extra Spark configuration passed as is.", default_factory=dict)
@@ -337,12 +338,9 @@ def _validated(config: Config) -> Config:
         raise ConfigError("inference.pipeline_depth", f"must be >= 0, got {i.pipeline_depth}", "0 turns pipelining off")
     if not i.providers:
         raise ConfigError("inference.providers", "is empty", 'e.g. ["CPUExecutionProvider"]')
-    if s.task_gpus < 0 or s.executor_gpus < 0:
-        raise ConfigError("spark.task_gpus", "GPU amounts must be >= 0", "use 0 for no GPUs")
+    check_gpu_amounts(s.executor_gpus, s.task_gpus)
     if s.task_gpus and not s.executor_gpus:
         raise ConfigError("spark.executor_gpus", "is 0 while spark.task_gpus asks for GPUs", "set spark.executor_gpus to the GPUs per executor")
-    if s.task_gpus > 1 and s.task_gpus != int(s.task_gpus):
-        raise ConfigError("spark.task_gpus", f"{s.task_gpus} is a fraction above 1", "use a whole number of GPUs, or a fraction below 1 to share one")
     if s.executor_gpus and not s.gpu_discovery_script and not s.master.startswith(("local[", "local-cluster")):
         raise ConfigError("spark.gpu_discovery_script", "is empty while GPUs are requested", "point it at deploy/gpu/getGpusResources.sh")
     if bool(config.metrics.certfile) != bool(config.metrics.keyfile):
@@ -350,3 +348,17 @@ def _validated(config: Config) -> Config:
     if not 0 <= config.metrics.port < 65536:
         raise ConfigError("metrics.port", f"{config.metrics.port} is not a port", "use 1-65535, or 0 for any free port")
     return config
+
+
+def check_gpu_amounts(executor_gpus: int, task_gpus: float) -> None:
+    """GPU amounts Spark can schedule: whole GPUs per executor; per task a whole number or 1/n."""
+    if executor_gpus < 0:
+        raise ConfigError("spark.executor_gpus", f"must be 0 or more, got {executor_gpus}", "set a whole number of GPUs")
+    if task_gpus < 0 or (task_gpus > 1 and task_gpus != int(task_gpus)):
+        raise ConfigError(
+            "spark.task_gpus",
+            f"{task_gpus} is not a valid GPU amount per task",
+            "use a fraction 1/n (0.5, 0.25: n tasks share a GPU) or a whole number",
+        )
+    if 0 < task_gpus < 1 and not math.isclose(1 / task_gpus, round(1 / task_gpus)):
+        raise ConfigError("spark.task_gpus", f"{task_gpus} does not divide a GPU evenly", "use 1/n, e.g. 0.5, 0.25 or 0.125")

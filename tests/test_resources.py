@@ -31,7 +31,7 @@ def test_gpu_conf_leaves_task_amount_to_the_profile_on_clusters():
 def test_bad_gpu_amounts_name_the_key_and_fix(task_gpus):
     with pytest.raises(ConfigError) as caught:
         resources.gpu_conf(1, task_gpus, "/opt/gpus.sh")
-    assert caught.value.key == "inference.task_gpus" and caught.value.fix
+    assert caught.value.key == "spark.task_gpus" and caught.value.fix
 
 
 @pytest.mark.spark

@@ -14,11 +14,11 @@ there the application-level ``spark.task.resource.gpu.amount`` applies to every 
 from __future__ import annotations
 
 import logging
-import math
 
 from pyspark.resource import ResourceProfile, ResourceProfileBuilder, TaskResourceRequests
 from pyspark.sql import SparkSession
 
+from streamhydro.config import check_gpu_amounts
 from streamhydro.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def gpu_conf(executor_gpus: int, task_gpus: float, discovery_script: str, master
     and every stage's tasks then take ``task_gpus``. Standalone worker keys are included so that
     ``local-cluster`` and single-host standalone deployments announce their GPUs.
     """
-    _check_amounts(executor_gpus, task_gpus)
+    check_gpu_amounts(executor_gpus, task_gpus)
     if executor_gpus == 0:
         return {}
     conf = {
@@ -71,9 +71,9 @@ def inference_profile(spark: SparkSession, gpu_per_task: float, cpus_per_task: i
     None (with a log line saying why) when no GPU is asked for, or when the master cannot do task
     resource profiles (``local[*]``): tasks then run with the application-level resources.
     """
-    _check_amounts(1, gpu_per_task)
+    check_gpu_amounts(1, gpu_per_task)
     if cpus_per_task < 1:
-        raise ConfigError("inference.cpus_per_task", f"must be at least 1, got {cpus_per_task}", "set it to 1 or more")
+        raise ConfigError("spark.task.cpus", f"must be at least 1, got {cpus_per_task}", "set it to 1 or more")
     master = spark.sparkContext.master
     if gpu_per_task == 0:
         log.info("inference stage: no GPU requested, running with the application's default task resources")
@@ -93,21 +93,6 @@ def inference_profile(spark: SparkSession, gpu_per_task: float, cpus_per_task: i
         "inference stage: task resource profile %s with %s GPU and %d CPU per task", profile.id, gpu_per_task, cpus_per_task
     )
     return profile
-
-
-def _check_amounts(executor_gpus: int, task_gpus: float) -> None:
-    if executor_gpus < 0:
-        raise ConfigError("inference.executor_gpus", f"must be 0 or more, got {executor_gpus}", "set a whole number of GPUs")
-    if task_gpus < 0 or (task_gpus > 1 and task_gpus != int(task_gpus)):
-        raise ConfigError(
-            "inference.task_gpus",
-            f"{task_gpus} is not a valid GPU amount per task",
-            "use a fraction 1/n (0.5, 0.25: n tasks share a GPU) or a whole number",
-        )
-    if 0 < task_gpus < 1 and not math.isclose(1 / task_gpus, round(1 / task_gpus)):
-        raise ConfigError(
-            "inference.task_gpus", f"{task_gpus} does not divide a GPU evenly", "use 1/n, e.g. 0.5, 0.25 or 0.125"
-        )
 
 
 def _amount(value: float) -> str:

@@ -69,19 +69,28 @@ class Service:
         self.query = None
         self.follower = None
         self.metrics = None
+        self._profile = None
         self.batches = 0
 
     def start(self) -> Any:
         """Build the session, check the model, start the query. Returns the StreamingQuery."""
         from streamhydro.driver.models import ModelFollower
+        from streamhydro.driver.resources import gpu_conf, inference_profile
         from streamhydro.driver.session import build_session
         from streamhydro.kafka.admin import ensure_topics
         from streamhydro.metrics.driver import start_driver_metrics
         from streamhydro.metrics.multiprocess import executor_conf
 
         c = self.config
-        conf = {**c.spark.conf, **executor_conf(c.metrics, c.spark.master)}
-        self.spark = build_session(c.spark.master, c.spark.app_name, conf)
+        s = c.spark
+        conf = {
+            **gpu_conf(s.executor_gpus, s.task_gpus, s.gpu_discovery_script, s.master),
+            **s.conf,
+            **executor_conf(c.metrics, s.master),
+        }
+        self.spark = build_session(s.master, s.app_name, conf)
+        task_cpus = int(self.spark.sparkContext.getConf().get("spark.task.cpus", "1"))
+        self._profile = inference_profile(self.spark, s.task_gpus, task_cpus)
         self.metrics = start_driver_metrics(self.spark, c.metrics)
         if self.metrics.url:
             print(f"metrics at {self.metrics.url}", flush=True)
@@ -173,7 +182,7 @@ class Service:
             self._in_batch = True
         try:
             plan = self.follower.plan
-            scored = batch_df.mapInArrow(score_batches(plan), OUTPUT_SCHEMA)
+            scored = batch_df.mapInArrow(score_batches(plan), OUTPUT_SCHEMA, profile=self._profile)
             scored.write.format(self._format).mode("append").options(**self.config.kafka.client_options()).save()
             self.batches += 1
         finally:
@@ -197,7 +206,7 @@ class Service:
         schema = KafkaDataSource({}).schema()
         started = time.monotonic()
         frame = self.spark.createDataFrame(rows, schema).repartition(parallelism)
-        frame.mapInArrow(score_batches(plan), OUTPUT_SCHEMA).count()
+        frame.mapInArrow(score_batches(plan), OUTPUT_SCHEMA, profile=self._profile).count()
         log.info("warm-up: %d Python workers ready in %.1f s", parallelism, time.monotonic() - started)
 
 
