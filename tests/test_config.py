@@ -129,3 +129,13 @@ def test_readme_documents_every_key():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [name for name, _, _ in config.reference() if f"`{name}`" not in readme]
     assert not missing, f"README's configuration reference lacks {missing}"
+
+
+def test_serve_with_a_bad_config_exits_2_naming_the_key(tmp_path, capsys):
+    from streamhydro.cli import main
+
+    path = tmp_path / "serve.toml"
+    path.write_text("[inference]\npipeline_depth = -1\n")
+    assert main(["serve", "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "inference.pipeline_depth" in error and "Fix:" in error

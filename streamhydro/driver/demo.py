@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import tempfile
 import threading
@@ -76,8 +75,6 @@ def run_demo(
     from streamhydro.producer import LoadGenerator
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="streamhydro-demo-") as work:
         config = Config().replace(
             spark={"master": master, "app_name": "streamhydro-demo", "checkpoint_location": f"{work}/checkpoint"},
@@ -88,7 +85,7 @@ def run_demo(
         ensure_topics(k.bootstrap_servers, {INPUT_TOPIC: INPUT_PARTITIONS, k.output_topic: INPUT_PARTITIONS, k.dead_letter_topic: 1})
         _say(f"embedded broker at {broker.bootstrap_servers} (log: {broker.log_path}); starting Spark ({master})...")
         service = Service(config)
-        service.start()
+        service.start(on_signal=stop.set)
         manifest = service.follower.plan.manifest
         _say(f"serving {manifest.name}:{manifest.version}; {INPUT_TOPIC} -> {k.output_topic} (dead letters -> {k.dead_letter_topic})")
         reader = OutputReader(k.bootstrap_servers, (k.output_topic, k.dead_letter_topic))

@@ -20,6 +20,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from streamhydro.config import Config, load, reference
@@ -72,8 +73,13 @@ class Service:
         self._profile = None
         self.batches = 0
 
-    def start(self) -> Any:
-        """Build the session, check the model, start the query. Returns the StreamingQuery."""
+    def start(self, on_signal: Callable[[], None] | None = None) -> Any:
+        """Build the session, check the model, start the query. Returns the StreamingQuery.
+
+        ``on_signal``, when given, is called on SIGTERM and SIGINT from the moment the session
+        exists (PySpark installs its own SIGINT handler when the SparkContext starts, so handlers
+        set before that would be replaced).
+        """
         from streamhydro.driver.models import ModelFollower
         from streamhydro.driver.resources import gpu_conf, inference_profile
         from streamhydro.driver.session import build_session
@@ -89,6 +95,9 @@ class Service:
             **executor_conf(c.metrics, s.master),
         }
         self.spark = build_session(s.master, s.app_name, conf)
+        if on_signal is not None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, frame: on_signal())
         task_cpus = int(self.spark.sparkContext.getConf().get("spark.task.cpus", "1"))
         self._profile = inference_profile(self.spark, s.task_gpus, task_cpus)
         self.metrics = start_driver_metrics(self.spark, c.metrics)
@@ -121,9 +130,7 @@ class Service:
 
     def run(self) -> int:
         """Start, then wait for a signal or a failure. 0 after a requested stop."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self.request_stop())
-        self.start()
+        self.start(on_signal=self.request_stop)
         try:
             return self.wait()
         finally:
