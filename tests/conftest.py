@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 BOOTSTRAP_ENV = "STREAMHYDRO_TEST_BOOTSTRAP"
 
@@ -76,3 +82,47 @@ def model_registry(tmp_path_factory):
     model, manifest = softmax_model([TensorSpec("features", "float32", (-1, len(features)), features)], labels)
     registry.publish(dataclasses.replace(manifest, name="iris_like", description="test model: softmax over random weights"), model)
     return registry
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get(url: str) -> str:
+    """The body of an HTTP GET, as text."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+@pytest.fixture
+def pushgateway(tmp_path) -> Iterator[str]:
+    """A real Pushgateway (Debian's prometheus-pushgateway) on a free loopback port; stopped afterwards."""
+    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
+    if binary is None:
+        pytest.fail("prometheus-pushgateway not found: apt-get install prometheus-pushgateway")
+    address = f"127.0.0.1:{free_port()}"
+    log = (tmp_path / "pushgateway.log").open("w")
+    process = subprocess.Popen([binary, f"--web.listen-address={address}"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                get(f"http://{address}/-/ready")
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    pytest.fail(f"pushgateway did not start: {(tmp_path / 'pushgateway.log').read_text()}")
+                time.sleep(0.1)
+        yield address
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+
+
+def samples(text: str) -> list:
+    """Every sample of a Prometheus text exposition."""
+    return [s for f in text_string_to_metric_families(text) for s in f.samples]

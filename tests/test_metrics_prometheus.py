@@ -13,12 +13,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from kafka import KafkaProducer
 
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.producer import JSON_BAD_KINDS, corrupt, make_values
+from conftest import free_port, get
 
 pytestmark = [pytest.mark.spark, pytest.mark.broker, pytest.mark.slow]
 
@@ -34,17 +33,6 @@ START_SECONDS = 180  # serve: Spark start, Python workers, model warm-up
 FLOW_SECONDS = 120
 GOOD, BAD = 12_000, 60
 PER_TRIGGER = 1000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http_get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read()
 
 
 class Prometheus:
@@ -74,7 +62,7 @@ class Prometheus:
         if self.process.poll() is not None:
             pytest.fail(f"Prometheus exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
         try:
-            http_get(f"http://{self.address}/-/ready")
+            get(f"http://{self.address}/-/ready")
         except OSError:
             return False
         return True
@@ -82,7 +70,7 @@ class Prometheus:
     def query(self, promql: str) -> float | None:
         """The single value of an instant query (summed if it has several series), None when empty."""
         url = f"http://{self.address}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-        answer = json.loads(http_get(url))
+        answer = json.loads(get(url))
         assert answer["status"] == "success", answer
         result = answer["data"]["result"]
         if not result:
@@ -90,7 +78,7 @@ class Prometheus:
         return sum(float(series["value"][1]) for series in result)
 
     def targets_health(self) -> str:
-        answer = json.loads(http_get(f"http://{self.address}/api/v1/targets"))
+        answer = json.loads(get(f"http://{self.address}/api/v1/targets"))
         return "; ".join(f"{t['scrapeUrl']} {t['health']} {t['lastError']}" for t in answer["data"]["activeTargets"])
 
     def stop(self) -> None:

@@ -2,57 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
-import urllib.request
-from collections.abc import Iterator
-
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import free_port, get, samples
 from streamhydro.metrics.trainer import DEFAULT_JOB, TrainerReporter
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()
-
-
-@pytest.fixture
-def pushgateway(tmp_path) -> Iterator[str]:
-    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
-    if binary is None:
-        pytest.fail("prometheus-pushgateway not found: apt-get install prometheus-pushgateway")
-    address = f"127.0.0.1:{free_port()}"
-    log = (tmp_path / "pushgateway.log").open("w")
-    process = subprocess.Popen([binary, f"--web.listen-address={address}"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                get(f"http://{address}/-/ready")
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail(f"pushgateway did not start: {(tmp_path / 'pushgateway.log').read_text()}")
-                time.sleep(0.1)
-        yield address
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
-
-
-def samples(text: str) -> list:
-    return [s for f in text_string_to_metric_families(text) for s in f.samples]
 
 
 def test_ranks_push_to_the_pushgateway_without_overwriting_each_other(pushgateway: str) -> None:

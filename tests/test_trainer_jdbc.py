@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import pytest
 
 from streamhydro.registry import Registry
 from streamhydro.trainer.data import JDBC_DRIVERS
+from conftest import free_port
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -36,12 +36,6 @@ def server_binary(name: str) -> str:
     if not found[-1]:
         pytest.fail(f"PostgreSQL's {name} is not installed; CI must run: {INSTALL}")
     return found[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

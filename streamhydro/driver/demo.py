@@ -42,6 +42,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--registry", default="models", help="model registry directory (default %(default)s)")
     parser.add_argument("--model", default="breast_cancer", help="model to serve (default %(default)s)")
     parser.add_argument("--master", default="local[2]", help="Spark master (default %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=9108, help="port of the metrics endpoint; 0 = any free port (default %(default)s)")
     parser.set_defaults(run=_run)
 
 
@@ -54,6 +55,7 @@ def _run(args: argparse.Namespace) -> int:
         registry=args.registry,
         model=args.model,
         master=args.master,
+        metrics_port=args.metrics_port,
     )
     print(json.dumps(summary))
     return 0
@@ -67,6 +69,7 @@ def run_demo(
     registry: str,
     model: str,
     master: str,
+    metrics_port: int = 9108,
 ) -> dict[str, Any]:
     """Run the demo; returns the summary. ``events=None`` runs until SIGINT/SIGTERM."""
     from streamhydro.broker import EmbeddedBroker
@@ -80,6 +83,7 @@ def run_demo(
             spark={"master": master, "app_name": "streamhydro-demo", "checkpoint_location": f"{work}/checkpoint"},
             kafka={"bootstrap_servers": broker.bootstrap_servers, "subscribe": INPUT_TOPIC},
             model={"registry": registry, "name": model, "version": "promoted", "payload": payload},
+            metrics={"port": metrics_port, "multiprocess_dir": f"{work}/metrics"},
         )
         k = config.kafka
         ensure_topics(k.bootstrap_servers, {INPUT_TOPIC: INPUT_PARTITIONS, k.output_topic: INPUT_PARTITIONS, k.dead_letter_topic: 1})

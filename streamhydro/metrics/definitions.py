@@ -152,7 +152,7 @@ class TrainerMetricSet:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.loss = Gauge("streamhydro_trainer_loss", "Training loss of the last step.", registry=registry)
-        self.epoch = Gauge("streamhydro_trainer_epoch", "Current epoch (0-based).", registry=registry)
+        self.epoch = Gauge("streamhydro_trainer_epoch", "Last finished epoch (1-based; ends at training.epochs).", registry=registry)
         self.samples_per_second = Gauge(
             "streamhydro_trainer_samples_per_second", "Training samples per second over the last epoch.", registry=registry
         )

@@ -33,7 +33,7 @@ class Endpoint:
         scheme = "https" if certfile else "http"
         shown = f"[{host}]" if ":" in host else host
         self.url = f"{scheme}://{shown}:{self.port}/metrics"
-        log.info("metrics at %s", self.url)
+        log.debug("metrics endpoint listening at %s", self.url)
 
     def close(self) -> None:
         self._server.shutdown()

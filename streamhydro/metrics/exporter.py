@@ -7,7 +7,6 @@ that Prometheus scrapes. Deployment (systemd unit, Kubernetes sidecar sharing an
 the executor pod) is described in docs/metrics.md.
 
     streamhydro metrics-exporter --dir /var/lib/streamhydro/metrics --host 0.0.0.0 --port 9109
-    python -m streamhydro.metrics.exporter --dir ...           # the same, without the CLI
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -78,19 +76,9 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     exporter = NodeExporter(args.dir, args.host, args.port, args.certfile, args.keyfile, args.clean)
+    print(f"metrics at {exporter.url}", flush=True)
     try:
         stop.wait()
     finally:
         exporter.close()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streamhydro.metrics.exporter", description=__doc__.splitlines()[0])
-    _arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

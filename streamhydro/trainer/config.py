@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,11 +92,23 @@ class SparkSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsSettings:
+    pushgateway: str = doc(
+        "Pushgateway every rank pushes its training metrics to (host:port, reachable from the executors); "
+        "empty = each rank serves its own endpoint while it trains.",
+        default="",
+    )
+    host: str = doc("Address a rank's endpoint binds when there is no Pushgateway.", default="127.0.0.1")
+    port: int = doc("Port of rank 0's endpoint, rank r uses port + r; 0 = any free port (logged by each rank).", default=0)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     data: DataSettings = dataclasses.field(default_factory=DataSettings)
     model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
     training: TrainingSettings = dataclasses.field(default_factory=TrainingSettings)
     spark: SparkSettings = dataclasses.field(default_factory=SparkSettings)
+    metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
 
     @property
     def injected_failure(self) -> tuple[int, int] | None:
@@ -159,4 +172,29 @@ def _validated(config: TrainConfig) -> TrainConfig:
         raise ConfigError("training.inject_failure", f"rank {config.injected_failure[0]} does not exist with {t.ranks} ranks", "name a rank below training.ranks")
     if s.gpus_per_rank < 0:
         raise ConfigError("spark.gpus_per_rank", f"must be >= 0, got {s.gpus_per_rank}", "use 0 to train on CPU")
+    _check_metrics(config.metrics, t.ranks)
     return config
+
+
+def _check_metrics(metrics: MetricsSettings, ranks: int) -> None:
+    if metrics.pushgateway and not _is_host_port(metrics.pushgateway):
+        raise ConfigError(
+            "metrics.pushgateway", f"{metrics.pushgateway!r} is not host:port", 'e.g. "127.0.0.1:9091", or "" to serve from each rank'
+        )
+    if not metrics.host:
+        raise ConfigError("metrics.host", "is empty", 'e.g. "127.0.0.1", or "0.0.0.0" to be scraped from other hosts')
+    if metrics.port and not 0 < metrics.port <= 65536 - ranks:
+        raise ConfigError(
+            "metrics.port", f"{metrics.port} + rank is not a port for all {ranks} ranks",
+            f"use 1-{65536 - ranks}, or 0 for any free port",
+        )
+
+
+def _is_host_port(address: str) -> bool:
+    """``host:port``, optionally with an http:// or https:// scheme, as prometheus_client's push takes it."""
+    parts = urllib.parse.urlsplit(address if "://" in address else f"http://{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port is not None and parts.path in ("", "/")

@@ -34,7 +34,7 @@ from streamhydro.registry import ModelVersion
 from streamhydro.trainer import data
 from streamhydro.trainer.config import TrainConfig
 from streamhydro.trainer.errors import ClusterError, TrainingError
-from streamhydro.trainer.plan import RankPlan
+from streamhydro.trainer.plan import MetricsPlan, RankPlan
 from streamhydro.trainer.publish import publish
 from streamhydro.trainer.rank.task import RESULT_DDL, RankTask
 
@@ -172,6 +172,7 @@ def train(spark: SparkSession, config: TrainConfig, command: str) -> TrainResult
         hidden=config.model.hidden, epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
         seed=t.seed, checkpoint_dir=str(run_dir.parent), timeout_seconds=t.timeout_seconds, tolerance=t.tolerance,
         inject_failure=config.injected_failure,
+        metrics=MetricsPlan(pushgateway=config.metrics.pushgateway, host=config.metrics.host, port=config.metrics.port),
     )
     stage = _partitioned(prepared, t.ranks, t.rebalance).mapInArrow(RankTask(plan), RESULT_DDL, barrier=True, profile=profile).repartition(1)
     rows = _run_stage(spark, stage, run_id, run_dir)

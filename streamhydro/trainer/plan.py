@@ -7,6 +7,16 @@ import dataclasses
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsPlan:
+    """Where a rank's training metrics go: ``pushgateway`` (host:port), or an endpoint on
+    ``host:port + rank`` (any free port with ``port`` 0) served while the rank trains."""
+
+    pushgateway: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class RankPlan:
     """Everything a rank needs besides its partition's rows.
 
@@ -29,6 +39,7 @@ class RankPlan:
     timeout_seconds: int
     tolerance: float
     inject_failure: tuple[int, int] | None = None
+    metrics: MetricsPlan = dataclasses.field(default_factory=MetricsPlan)
 
     @property
     def n_features(self) -> int:

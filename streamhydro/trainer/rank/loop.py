@@ -5,6 +5,11 @@ an allreduce, with smaller partitions cycling through their (reshuffled) rows. A
 one rank skipped would hang the others until the group timeout, so the loop has no per-rank branch
 around a collective. After each epoch rank 0 saves a checkpoint and every rank waits for it, so a
 rank dying in epoch N leaves the checkpoint of epoch N-1 behind, and the retried stage resumes there.
+
+Every rank reports its own training metrics through one
+:class:`~streamhydro.metrics.trainer.TrainerReporter` (``[metrics]`` of the trainer config): loss
+after every optimizer step; epoch and the rank's samples/s after every epoch, when they are pushed
+to the Pushgateway if one is configured. A failed push is logged and training goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from streamhydro.metrics.trainer import TrainerReporter
 from streamhydro.trainer.errors import DataError
 from streamhydro.trainer.model import mlp
 from streamhydro.trainer.plan import RankPlan
@@ -55,28 +61,32 @@ def train(plan: RankPlan, data: PartitionArrays, group: Group, run_dir: RunDirec
 
     samples = 0
     loop_started = time.perf_counter()
-    for epoch in range(resumed + 1, plan.epochs + 1):
-        _maybe_die(plan, group, epoch)
-        epoch_started = time.perf_counter()
-        order = _epoch_order(len(y), steps * plan.batch_size, plan.seed, epoch, group.rank)
-        model.train()
-        total = 0.0
-        for step in range(steps):
-            idx = order[step * plan.batch_size : (step + 1) * plan.batch_size].to(group.device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[idx]), y[idx])
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-        samples += steps * plan.batch_size
-        mean_loss = group.all_reduce([total / steps])[0] / group.world_size
-        if group.rank == 0:
-            run_dir.save(epoch, {"model": net.state_dict(), "optimizer": optimizer.state_dict()})
-            run_dir.append_history(
-                {"epoch": epoch, "attempt": group.attempt, "loss": mean_loss, "steps": steps,
-                 "seconds": round(time.perf_counter() - epoch_started, 4)}
-            )
-        group.sync()
+    with _reporter(plan, group) as metrics:
+        for epoch in range(resumed + 1, plan.epochs + 1):
+            _maybe_die(plan, group, epoch)
+            epoch_started = time.perf_counter()
+            order = _epoch_order(len(y), steps * plan.batch_size, plan.seed, epoch, group.rank)
+            model.train()
+            total = 0.0
+            for step in range(steps):
+                idx = order[step * plan.batch_size : (step + 1) * plan.batch_size].to(group.device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x[idx]), y[idx])
+                loss.backward()
+                optimizer.step()
+                step_loss = float(loss.detach())
+                total += step_loss
+                metrics.step(step_loss, len(idx))
+            samples += steps * plan.batch_size
+            mean_loss = group.all_reduce([total / steps])[0] / group.world_size
+            if group.rank == 0:
+                run_dir.save(epoch, {"model": net.state_dict(), "optimizer": optimizer.state_dict()})
+                run_dir.append_history(
+                    {"epoch": epoch, "attempt": group.attempt, "loss": mean_loss, "steps": steps,
+                     "seconds": round(time.perf_counter() - epoch_started, 4)}
+                )
+            group.sync()
+            metrics.epoch_end(epoch, steps * plan.batch_size / (time.perf_counter() - epoch_started))
     train_seconds = time.perf_counter() - loop_started
 
     net.eval()
@@ -103,6 +113,17 @@ def train(plan: RankPlan, data: PartitionArrays, group: Group, run_dir: RunDirec
         "rank_seconds": round(time.perf_counter() - started, 4),
     }
     return net, report
+
+
+def _reporter(plan: RankPlan, group: Group) -> TrainerReporter:
+    """This rank's metrics: pushed to ``plan.metrics.pushgateway``, or served while it trains (URL logged)."""
+    m = plan.metrics
+    reporter = TrainerReporter(group.rank, group.world_size, pushgateway=m.pushgateway, host=m.host, port=m.port)
+    if reporter.url:
+        log.info("rank %d serves its training metrics at %s", group.rank, reporter.url)
+    else:
+        log.info("rank %d pushes its training metrics to %s at every epoch end", group.rank, m.pushgateway)
+    return reporter
 
 
 def _resume(net: nn.Module, optimizer: torch.optim.Optimizer, group: Group, run_dir: RunDirectory) -> int:
