@@ -153,6 +153,9 @@ class EmbeddedBroker:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
+                # Its own session, so a Ctrl-C in the terminal reaches only the parent, which stops
+                # the broker last, after everything using it has finished.
+                start_new_session=True,
             )
         with _RUNNING_LOCK:
             _RUNNING.add(self)
