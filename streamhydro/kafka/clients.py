@@ -64,23 +64,21 @@ def _reset_after_fork() -> None:
 
 def consumer(config: ClientConfig) -> Consumer:
     """This worker's consumer for ``config``, created on first use."""
-    with _lock:
-        _reset_after_fork()
-        client = _consumers.get(config)
-        if client is None:
-            client = _consumers[config] = build_client(Consumer, config)
-            log.info("created Kafka consumer in pid %d: %r", os.getpid(), config)
-        return client
+    return _cached(Consumer, _consumers, config)
 
 
 def producer(config: ClientConfig) -> Producer:
     """This worker's producer for ``config``, created on first use."""
+    return _cached(Producer, _producers, config)
+
+
+def _cached(kind: type, cache: dict, config: ClientConfig):
     with _lock:
         _reset_after_fork()
-        client = _producers.get(config)
+        client = cache.get(config)
         if client is None:
-            client = _producers[config] = build_client(Producer, config)
-            log.info("created Kafka producer in pid %d: %r", os.getpid(), config)
+            client = cache[config] = build_client(kind, config)
+            log.info("created Kafka %s in pid %d: %r", kind.__name__.lower(), os.getpid(), config)
         return client
 
 
