@@ -34,20 +34,25 @@ def kafka_bootstrap() -> Iterator[str]:
     Prefers an external Kafka named by $STREAMHYDRO_TEST_BOOTSTRAP, then an Apache Kafka container
     (testcontainers) when a Docker engine answers, then the embedded Tansu broker.
     """
+    from streamhydro.kafka import clients
+
     external = os.environ.get(BOOTSTRAP_ENV)
     if external:
         yield external
+        clients.close_all()
         return
     if _docker_reachable():
         from testcontainers.kafka import KafkaContainer
 
         with KafkaContainer() as container:
             yield container.get_bootstrap_server()
+            clients.close_all()
         return
     from streamhydro.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker:
         yield broker.bootstrap_servers
+        clients.close_all()
 
 
 @pytest.fixture

@@ -72,6 +72,15 @@ def producer(config: ClientConfig) -> Producer:
     return _cached(Producer, _producers, config)
 
 
+def close_all() -> None:
+    """Close this process's cached clients (before their brokers go away, so nothing is left retrying)."""
+    with _lock:
+        for client in [*_consumers.values(), *_producers.values()]:
+            client.close()
+        _consumers.clear()
+        _producers.clear()
+
+
 def _cached(kind: type, cache: dict, config: ClientConfig):
     with _lock:
         _reset_after_fork()
