@@ -8,7 +8,10 @@ Every contestant gets the same Kafka-shaped input (a cached DataFrame whose ``va
 with 30 named features) and the same ONNX model, and ends with one JSON output value per row, written
 to Spark's ``noop`` sink:
 
-* ``streamhydro``: ``mapInArrow(score_batches(plan), OUTPUT_SCHEMA)`` (decode, ORT, encode in the engine);
+* ``streamhydro``: ``mapInArrow(score_batches(plan), OUTPUT_SCHEMA)`` (decode, ORT, encode in the engine,
+  pipelined with ``--pipeline-depth``);
+* ``streamhydro_sequential``: the same with pipelining off (``pipeline_depth=0``), the peer the
+  pipelining is judged against (on a GPU the goal is pipelined >= 1.5x sequential);
 * ``predict_batch_udf``: ``from_json`` -> ``array`` -> ``pyspark.ml.functions.predict_batch_udf`` (ORT
   inside) -> ``to_json``;
 * ``pandas_udf``: ``from_json`` -> ``array`` -> a Series-to-Series ``pandas_udf`` calling ORT -> ``to_json``;
@@ -25,6 +28,7 @@ compute-heavy MLP from ``benchmarks/heavy_model.py``. Prints a table, then one J
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -161,15 +165,17 @@ def bench_model(spark, label: str, data: bytes, manifest: Manifest, rows: int, a
     batches = [matrix[i : i + args.batch_size] for i in range(0, rows, args.batch_size)]
     arrow_batches = table.to_batches(max_chunksize=20000)
     local_plan = ScoringPlan(manifest, SimpleNamespace(value=data), "json", "p", "d", plan.engine)
+    sequential = dataclasses.replace(plan, engine=dataclasses.replace(plan.engine, pipeline_depth=0))
     result = {
         "streamhydro": timed(noop(frame.mapInArrow(score_batches(plan), OUTPUT_SCHEMA)), args.repeats, rows),
+        "streamhydro_sequential": timed(noop(frame.mapInArrow(score_batches(sequential), OUTPUT_SCHEMA)), args.repeats, rows),
         "predict_batch_udf": timed(noop(batch_udf_frame), args.repeats, rows),
         "pandas_udf": timed(noop(pandas_frame), args.repeats, rows),
         "bare_ort": timed(lambda: [session.run(None, {input_name: b}) for b in batches], args.repeats, rows),
         "engine_no_spark": timed(lambda: list(score_partition(local_plan, iter(arrow_batches))), args.repeats, rows),
     }
     frame.unpersist()
-    print(f"{label:<14}" + "".join(f"{value:>20,.0f}" for value in result.values()), flush=True)
+    print(f"{label:<14}" + "".join(f"{value:>23,.0f}" for value in result.values()), flush=True)
     return result
 
 
@@ -187,6 +193,9 @@ def main() -> None:
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark.sql import SparkSession
 
+    from streamhydro.driver.session import use_this_python_for_local_workers
+
+    use_this_python_for_local_workers(f"local[{args.cores}]")
     spark = (
         SparkSession.builder.master(f"local[{args.cores}]")
         .appName("streamhydro-inference-benchmark")
@@ -199,8 +208,8 @@ def main() -> None:
     try:
         demo_bytes, demo_manifest = demo_model()
         heavy_bytes, heavy_manifest = mlp("heavy_mlp", args.hidden, args.layers, demo_manifest.inputs[0].features)
-        names = ["streamhydro", "predict_batch_udf", "pandas_udf", "bare_ort", "engine_no_spark"]
-        print("rows/s " + " " * 7 + "".join(f"{name:>20}" for name in names))
+        names = ["streamhydro", "streamhydro_sequential", "predict_batch_udf", "pandas_udf", "bare_ort", "engine_no_spark"]
+        print("rows/s " + " " * 7 + "".join(f"{name:>23}" for name in names))
         results = {
             "demo": bench_model(spark, f"demo({demo_manifest.name})", demo_bytes, demo_manifest, args.rows, args),
             "heavy": bench_model(spark, "heavy", heavy_bytes, heavy_manifest, args.heavy_rows, args),
@@ -212,6 +221,7 @@ def main() -> None:
         summary[model] = {f"{name}_rows_per_s": round(value) for name, value in result.items()}
         summary[model]["vs_bare_ort"] = round(result["streamhydro"] / result["bare_ort"], 3)
         summary[model]["vs_predict_batch_udf"] = round(result["streamhydro"] / result["predict_batch_udf"], 3)
+        summary[model]["pipelined_vs_sequential"] = round(result["streamhydro"] / result["streamhydro_sequential"], 3)
         print(
             f"{model}: streamhydro = {summary[model]['vs_bare_ort']:.2f} x bare ORT, "
             f"{summary[model]['vs_predict_batch_udf']:.2f} x predict_batch_udf"

@@ -203,16 +203,15 @@ class Service:
         a one-row job per core here keeps that out of the first micro-batch's latency.
         """
         from streamhydro.executor.scoring import OUTPUT_SCHEMA, score_batches
-        from streamhydro.kafka.source import KafkaDataSource
+        from streamhydro.kafka.records import KAFKA_SCHEMA
         from streamhydro.producer import make_values
 
         plan = self.follower.plan
         parallelism = self.spark.sparkContext.defaultParallelism
         value = make_values(plan.manifest, plan.payload, count=1)[0]
         rows = [(b"warm-up", value, "warm-up", 0, i, None, 0, []) for i in range(parallelism)]
-        schema = KafkaDataSource({}).schema()
         started = time.monotonic()
-        frame = self.spark.createDataFrame(rows, schema).repartition(parallelism)
+        frame = self.spark.createDataFrame(rows, KAFKA_SCHEMA).repartition(parallelism)
         frame.mapInArrow(score_batches(plan), OUTPUT_SCHEMA, profile=self._profile).count()
         log.info("warm-up: %d Python workers ready in %.1f s", parallelism, time.monotonic() - started)
 

@@ -30,6 +30,7 @@ from pyspark.resource import (
 )
 from pyspark.sql import DataFrame, SparkSession
 
+from streamhydro.driver.session import use_this_python_for_local_workers
 from streamhydro.registry import ModelVersion
 from streamhydro.trainer import data
 from streamhydro.trainer.config import TrainConfig
@@ -86,6 +87,7 @@ def session_settings(config: TrainConfig) -> tuple[str, dict[str, str]]:
 def build_session(config: TrainConfig) -> SparkSession:
     """The trainer's own session (no Kafka data source; master from config or spark-submit)."""
     master, conf = session_settings(config)
+    use_this_python_for_local_workers(master)
     builder = SparkSession.builder.appName(config.spark.app_name)
     if master:
         builder = builder.master(master)
