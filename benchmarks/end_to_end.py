@@ -14,6 +14,9 @@ Three phases, in one process, on one local Spark session and one embedded broker
 3. latency: events produced at ``--latency-rate`` for ``--latency-seconds`` into the running
    service; latency = time a prediction is read back - its event's produce timestamp.
 
+Scoring runs on the CPU with ``inference.pipeline_depth = 0``, the setting for CPU-only hosts
+(see docs/inference.md).
+
 Prints a table to stderr and, as its last line, one JSON object.
 """
 
@@ -63,7 +66,7 @@ def main() -> None:
             kafka={"bootstrap_servers": bootstrap, "subscribe": "events", "source": "python",
                    "max_offsets_per_trigger": args.max_offsets_per_trigger},
             model={"registry": args.registry, "name": args.model},
-            inference={"providers": ["CPUExecutionProvider"]},
+            inference={"providers": ["CPUExecutionProvider"], "pipeline_depth": 0},
             metrics={"enabled": False},
         )
         service = Service(config)

@@ -83,6 +83,8 @@ def run_demo(
             spark={"master": master, "app_name": "streamhydro-demo", "checkpoint_location": f"{work}/checkpoint"},
             kafka={"bootstrap_servers": broker.bootstrap_servers, "subscribe": INPUT_TOPIC},
             model={"registry": registry, "name": model, "version": "promoted", "payload": payload},
+            # local Spark assigns no GPUs, so scoring runs on the CPU, where pipelining does not pay.
+            inference={"pipeline_depth": 0},
             metrics={"port": metrics_port, "multiprocess_dir": f"{work}/metrics"},
         )
         k = config.kafka
