@@ -277,6 +277,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return value
     if origin is tuple:
         item = typing.get_args(hint)[0]
+        if isinstance(value, tuple):
+            value = list(value)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if item is str and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):

@@ -139,3 +139,9 @@ def test_serve_with_a_bad_config_exits_2_naming_the_key(tmp_path, capsys):
     assert main(["serve", "--config", str(path)]) == 2
     error = capsys.readouterr().err
     assert "inference.pipeline_depth" in error and "Fix:" in error
+
+
+def test_replace_keeps_the_sections_other_keys():
+    cfg = config.Config().replace(inference={"pipeline_depth": 0})
+    assert cfg.inference.pipeline_depth == 0
+    assert cfg.inference.providers == config.InferenceSettings().providers
