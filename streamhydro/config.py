@@ -58,7 +58,7 @@ class SparkSettings:
     trigger_interval: str = doc("Micro-batch trigger interval, e.g. '0 seconds' (as fast as possible), '5 seconds'.", default="0 seconds")
     executor_gpus: int = doc("GPUs per executor (spark.executor.resource.gpu.amount); 0 = no GPUs.", default=0)
     task_gpus: float = doc("GPUs per inference task; a fraction shares a GPU (0.25 = four tasks per GPU).", default=0.0)
-    gpu_discovery_script: str = doc("Script printing the executor's GPU addresses (deploy/gpu/getGpusResources.sh).", default="")
+    gpu_discovery_script: str = doc("Script printing the executor's GPU addresses (deploy/gpu/get_gpus_resources.sh).", default="")
     conf: Mapping[str, str] = doc("Extra Spark configuration passed as is.", default_factory=dict)
 
 
@@ -344,7 +344,7 @@ def _validated(config: Config) -> Config:
     if s.task_gpus and not s.executor_gpus:
         raise ConfigError("spark.executor_gpus", "is 0 while spark.task_gpus asks for GPUs", "set spark.executor_gpus to the GPUs per executor")
     if s.executor_gpus and not s.gpu_discovery_script and not s.master.startswith(("local[", "local-cluster")):
-        raise ConfigError("spark.gpu_discovery_script", "is empty while GPUs are requested", "point it at deploy/gpu/getGpusResources.sh")
+        raise ConfigError("spark.gpu_discovery_script", "is empty while GPUs are requested", "point it at deploy/gpu/get_gpus_resources.sh")
     if bool(config.metrics.certfile) != bool(config.metrics.keyfile):
         raise ConfigError("metrics.keyfile", "TLS needs both metrics.certfile and metrics.keyfile", "set both, or neither")
     if not 0 <= config.metrics.port < 65536:
