@@ -38,18 +38,31 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--topic", default="events", help="topic to send to (default %(default)s)")
     parser.add_argument("--count", type=int, default=10_000, help="events to send; 0 = until interrupted (default %(default)s)")
     parser.add_argument("--rate", type=float, default=0.0, help="events per second; 0 = as fast as possible (default)")
-    parser.add_argument("--payload", choices=("json", "tensor"), default="json", help="value format (default %(default)s)")
-    parser.add_argument("--bad-fraction", type=float, default=0.0, help="fraction of malformed records, 0..1 (default 0)")
-    parser.add_argument("--registry", default="models", help="model registry directory (default %(default)s)")
-    parser.add_argument("--model", default="breast_cancer", help="model whose inputs shape the events (default %(default)s)")
+    add_event_arguments(parser)
     parser.add_argument("--version", default="promoted", help="latest | promoted | N (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.set_defaults(run=_run)
 
 
+def add_event_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that shape generated events: shared by ``produce`` and ``demo``."""
+    parser.add_argument("--payload", choices=("json", "tensor"), default="json", help="event format (default %(default)s)")
+    parser.add_argument("--bad-fraction", type=_fraction, default=0.0, help="fraction of malformed events, 0..1 (default 0)")
+    parser.add_argument("--registry", default="models", help="model registry directory (default %(default)s)")
+    parser.add_argument("--model", default="breast_cancer", help="model whose inputs shape the events (default %(default)s)")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction: use a number from 0 to 1")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
-    if not 0.0 <= args.bad_fraction <= 1.0:
-        raise ConfigError("--bad-fraction", f"{args.bad_fraction} is not a fraction", "use a number from 0 to 1")
     manifest = Registry(args.registry).get(args.model, args.version).manifest
     generator = LoadGenerator(args.bootstrap_servers, args.topic, manifest, args.payload, args.bad_fraction, seed=args.seed)
     stop = threading.Event()

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _inference_models import Holder, feature_spec, json_values, kafka_batch, softmax_model  # noqa: E402
 from streamhydro.driver.resources import gpu_conf, inference_profile  # noqa: E402
+from streamhydro.driver.session import use_this_python_for_local_workers  # noqa: E402
 from streamhydro.executor.scoring import EngineSettings, ScoringPlan, score_partition  # noqa: E402
 
 HOLD_S = 3.0
@@ -71,11 +72,11 @@ def main() -> None:
     script.write_text('#!/usr/bin/env bash\necho \'{"name":"gpu","addresses":["0","1"]}\'\n')
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     master = "local-cluster[1,4,1024]"
+    use_this_python_for_local_workers(master)
     builder = SparkSession.builder.master(master).appName("fake-gpu-check")
     for key, value in {
         **gpu_conf(2, 0.5, str(script), master),
         "spark.ui.enabled": "false",
-        "spark.pyspark.python": sys.executable,
         "spark.executorEnv.PYTHONPATH": os.pathsep.join(sys.path),
     }.items():
         builder = builder.config(key, value)

@@ -131,3 +131,40 @@ def pushgateway(tmp_path) -> Iterator[str]:
 def samples(text: str) -> list:
     """Every sample of a Prometheus text exposition."""
     return [s for f in text_string_to_metric_families(text) for s in f.samples]
+
+
+def send(bootstrap: str, topic: str, values: list[bytes], first_key: int = 0) -> list[bytes]:
+    """Produce with kafka-python, the users' own client: keys ``user-<n>``, a ``trace`` header. Returns the keys."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+    keys = []
+    for i, value in enumerate(values, start=first_key):
+        key = f"user-{i}".encode()
+        producer.send(topic, key=key, value=value, headers=[("trace", f"t{i}".encode())])
+        keys.append(key)
+    producer.flush(60)
+    producer.close()
+    return keys
+
+
+def read_all(bootstrap: str, topic: str, expected: int, seconds: float = 240) -> list:
+    """Read ``topic`` from the beginning with kafka-python until ``expected`` records or time runs out.
+
+    One more short poll after ``expected`` arrived returns any surplus, so callers can assert exact counts.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
+    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    records: list = []
+    deadline = time.monotonic() + seconds
+    while len(records) < expected and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=500, max_records=50_000).values():
+            records.extend(batch)
+    for batch in consumer.poll(timeout_ms=200).values():
+        records.extend(batch)
+    consumer.close()
+    return records

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 from pyspark.errors import StreamingQueryException
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, BinaryType, IntegerType, StringType, StructField, StructType
 
+from conftest import read_all
 from streamhydro.errors import ConfigError
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.records import HEADER_TYPE
@@ -26,19 +25,6 @@ ROW_SCHEMA = StructType(
         StructField("headers", ArrayType(HEADER_TYPE)),
     ]
 )
-
-
-def _read_back(bootstrap: str, topic: str, expected: int, timeout_s: float = 30) -> list:
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=1000)
-    records: list = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(records) < expected and time.monotonic() < deadline:
-            records.extend(consumer)
-        records.extend(consumer)
-    finally:
-        consumer.close()
-    return records
 
 
 def _writer(frame, bootstrap: str, **options):
@@ -60,8 +46,8 @@ def test_batch_write_routes_rows_with_keys_headers_and_partitions(spark, kafka_b
 
     _writer(frame, kafka_bootstrap).save()
 
-    odd = _read_back(kafka_bootstrap, first, 101)
-    even = _read_back(kafka_bootstrap, second, 100)
+    odd = read_all(kafka_bootstrap, first, 101)
+    even = read_all(kafka_bootstrap, second, 100)
     assert len(odd) == 101 and len(even) == 100
     by_value = {r.value: r for r in odd + even}
     for i in (1, 2, 199):
@@ -102,7 +88,7 @@ def test_stream_write_copies_a_topic(spark, kafka_bootstrap, topic_name, tmp_pat
     assert query.exception() is None
     assert sum(p.numInputRows for p in query.recentProgress) == 500
 
-    copied = _read_back(kafka_bootstrap, target, 500)
+    copied = read_all(kafka_bootstrap, target, 500)
     assert sorted(r.value for r in copied) == sorted(f"V{i}".encode() for i in range(500))
     assert all(r.headers == [("i", r.key[1:])] for r in copied)
 

@@ -21,11 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kafka import KafkaProducer
 
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.producer import JSON_BAD_KINDS, corrupt, make_values
-from conftest import free_port, get
+from conftest import free_port, get, send
 
 pytestmark = [pytest.mark.spark, pytest.mark.broker, pytest.mark.slow]
 
@@ -146,14 +145,6 @@ def topics(kafka_bootstrap: str, topic_name: str) -> dict[str, str]:
     return names
 
 
-def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all")
-    for i, value in enumerate(values):
-        producer.send(topic, key=f"k{i}".encode(), value=value)
-    producer.flush(60)
-    producer.close()
-
-
 def events(manifest, seed: int) -> list[bytes]:
     import numpy as np
 
@@ -227,7 +218,7 @@ multiprocess_dir = "{tmp_path / 'metrics'}"
         total = GOOD + BAD
         for burst in (1, 2):
             started = time.monotonic()
-            produce(kafka_bootstrap, topics["input"], events(manifest, seed=burst))
+            send(kafka_bootstrap, topics["input"], events(manifest, seed=burst))
             eventually(f"rows read (burst {burst})", "sum(streamhydro_input_rows_total)", lambda v: v >= burst * total)
             eventually(f"lag back to zero (burst {burst})", "sum(streamhydro_kafka_lag_records)", lambda v: v == 0)
             window = f"{int(time.monotonic() - started) + 2}s"

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
+from conftest import read_all
 from streamhydro.cli import main
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.payload import Decoder
@@ -59,11 +59,7 @@ def test_produce_command_sends_what_it_prints(kafka_bootstrap, topic_name, model
     assert summary["sent"] == 500
     assert 50 <= sum(summary["bad"].values()) <= 150
 
-    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, consumer_timeout_ms=2000)
-    consumer.assign([TopicPartition(topic_name, 0)])
-    consumer.seek_to_beginning()
-    records = list(consumer)
-    consumer.close()
+    records = read_all(kafka_bootstrap, topic_name, 500, seconds=30)
     assert len(records) == 500
     assert records[0].key == b"k-0"
     manifest = model_registry.get("iris_like").manifest

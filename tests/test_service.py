@@ -8,8 +8,8 @@ import time
 import numpy as np
 import onnxruntime as ort
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from conftest import read_all, send
 from streamhydro.config import Config
 from streamhydro.driver.serve import Service
 from streamhydro.kafka.admin import ensure_topics
@@ -42,34 +42,6 @@ def service_config(kafka_bootstrap, topics, model_registry, tmp_path, **kafka):
         inference={"providers": ["CPUExecutionProvider"], "batch_size": 1000},
         metrics={"enabled": False},
     )
-
-
-def send(kafka_bootstrap, topic, values, first_key=0):
-    """Produce with kafka-python, the users' own client. Returns the keys sent."""
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5, acks="all")
-    keys = []
-    for i, value in enumerate(values, start=first_key):
-        key = f"user-{i}".encode()
-        producer.send(topic, key=key, value=value, headers=[("trace", f"t{i}".encode())])
-        keys.append(key)
-    producer.flush(60)
-    producer.close()
-    return keys
-
-
-def read_all(kafka_bootstrap, topic, expected, seconds=OUTPUT_WAIT_SECONDS):
-    """Read ``topic`` from the beginning with kafka-python until ``expected`` records or time runs out."""
-    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
-    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(partitions)
-    consumer.seek_to_beginning(*partitions)
-    records = []
-    deadline = time.monotonic() + seconds
-    while len(records) < expected and time.monotonic() < deadline:
-        for batch in consumer.poll(timeout_ms=500, max_records=50_000).values():
-            records.extend(batch)
-    consumer.close()
-    return records
 
 
 def features_of(value: bytes, names) -> list[float]:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from streamhydro.config import Config
+from streamhydro.producer import add_event_arguments
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--events", type=int, default=0, help="exit after N events were scored and print a JSON summary (default: run until Ctrl-C)")
     parser.add_argument("--rate", type=float, default=None, help="events per second (default: 2000 interactive, unthrottled with --events)")
-    parser.add_argument("--bad-fraction", type=float, default=0.0, help="fraction of malformed events, sent to the dead-letter topic (default 0)")
-    parser.add_argument("--payload", choices=("json", "tensor"), default="json", help="event format (default %(default)s)")
-    parser.add_argument("--registry", default="models", help="model registry directory (default %(default)s)")
-    parser.add_argument("--model", default="breast_cancer", help="model to serve (default %(default)s)")
+    add_event_arguments(parser)
     parser.add_argument("--master", default="local[2]", help="Spark master (default %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=9108, help="port of the metrics endpoint; 0 = any free port (default %(default)s)")
     parser.set_defaults(run=_run)
