@@ -1,47 +1,56 @@
-"""End-to-end throughput and latency of ``streamhydro serve`` on the embedded broker.
+"""End to end on Apache Kafka: ``serve`` with each connector against the pipeline users would build instead.
 
-    python benchmarks/end_to_end.py [--events 200000] [--latency-rate 5000] [--latency-seconds 20]
+    python benchmarks/end_to_end.py [--events 400000] [--latency-rate 5000] [--latency-seconds 20]
 
-Three phases, in one process, on one local Spark session and one embedded broker:
+Contenders, in one process, on one local[2] Spark session, one broker, the demo model and the same events:
 
-1. throughput: ``--events`` JSON events are produced first, then the service is started and works
-   through the backlog in micro-batches of ``--max-offsets-per-trigger``. Reported: the first
-   (cold) micro-batch's seconds, the steady-state rate over the later micro-batches (from the
-   query's progress: rows / wall time from the second batch's start to the last batch's end),
-   and the overall rate from the query's start to the last prediction read back;
-2. peer: the same backlog through the same Kafka source and sink with no scoring stage (a
-   streaming passthrough with the same batch limit), measured the same way: the connector's ceiling;
-3. latency: events produced at ``--latency-rate`` for ``--latency-seconds`` into the running
-   service; latency = time a prediction is read back - its event's produce timestamp.
+- ``serve_python``: the service with streamhydro's Kafka data source and sink;
+- ``serve_builtin``: the service with Spark's JVM Kafka source and sink;
+- ``peer``: Spark's JVM Kafka source -> ``from_json`` -> ``pyspark.ml.functions.predict_batch_udf`` (ONNX
+  Runtime, the same model and batch size) -> ``to_json`` -> Spark's JVM Kafka sink: what a Spark user
+  writes without streamhydro.
 
-Scoring runs on the CPU with ``inference.pipeline_depth = 0``, the setting for CPU-only hosts
-(see docs/inference.md).
+Two phases per contender:
 
-Prints a table to stderr and, as its last line, one JSON object.
+1. throughput: ``--events`` JSON events lie in the input topic before the query starts; it works through
+   them in micro-batches of ``--max-offsets-per-trigger``. A reader on the output topic takes the time as
+   each batch of predictions arrives. Reported: ``cold_start_s`` (query start -> first prediction),
+   ``steady_events_per_s`` (predictions after the first 10 % / their arrival span), and ``missing``
+   (events without a prediction: must be 0);
+2. latency: the query runs on an empty topic, then events are produced live at ``--latency-rate`` for
+   ``--latency-seconds`` (``linger.ms=1``); latency = arrival of the prediction - the event's producer
+   timestamp, p50 and p99.
+
+Scoring runs on the CPU with ``inference.pipeline_depth = 0``, the setting for CPU-only hosts. Every wait
+has a deadline (``--deadline-seconds``). Prints a table to stderr and, as its last line, one JSON object
+with every row and the ratios of each serve contender to the peer.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
-import numpy as np
-
-from streamhydro.broker import EmbeddedBroker
+from streamhydro.brokers import ApacheKafkaBroker
 from streamhydro.config import Config
-from streamhydro.driver.serve import Service
+from streamhydro.driver.demo import latency_summary
+from streamhydro.driver.serve import Service, connector_conf
+from streamhydro.driver.session import build_session
 from streamhydro.kafka.admin import ensure_topics
-from streamhydro.kafka.source import FORMAT
+from streamhydro.kafka.options import client_for
+from streamhydro.outputs import OutputReader, topic_ends
 from streamhydro.producer import LoadGenerator
 from streamhydro.registry import Registry
 
 PARTITIONS = 2
+BATCH_SIZE = 4096
 
 
 def main() -> None:
@@ -50,132 +59,181 @@ def main() -> None:
     parser.add_argument("--latency-rate", type=float, default=5000.0)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument("--max-offsets-per-trigger", type=int, default=100_000)
+    parser.add_argument("--deadline-seconds", type=float, default=600.0)
     parser.add_argument("--registry", default="models")
     parser.add_argument("--model", default="breast_cancer")
     args = parser.parse_args()
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
-    manifest = Registry(args.registry).get(args.model, "promoted").manifest
-    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="streamhydro-bench-") as work:
+    model = Registry(args.registry).get(args.model, "promoted")
+    spark = build_session("local[2]", "streamhydro-bench", {"spark.ui.enabled": "false", **connector_conf("builtin", {})})
+    rows: dict[str, dict[str, Any]] = {}
+    with ApacheKafkaBroker() as broker, tempfile.TemporaryDirectory(prefix="streamhydro-bench-") as work:
         bootstrap = broker.bootstrap_servers
-        ensure_topics(bootstrap, {"events": PARTITIONS, "predictions": PARTITIONS, "predictions-dlq": 1, "passthrough": PARTITIONS})
-        LoadGenerator(bootstrap, "events", manifest).run(args.events, None, threading.Event())
+        ensure_topics(client_for(bootstrap), {"events": PARTITIONS})
+        LoadGenerator(client_for(bootstrap), "events", model.manifest).run(args.events, None, threading.Event())
+        for name in ("serve_python", "serve_builtin", "peer"):
+            start = contender(name, spark, bootstrap, model, args, work)
+            rows[name] = {
+                **throughput(start, bootstrap, name, args),
+                **latency(start, bootstrap, name, model.manifest, args),
+            }
+    spark.stop()
+    result: dict[str, Any] = {"events": args.events, "max_offsets_per_trigger": args.max_offsets_per_trigger,
+                              "latency_rate_per_s": args.latency_rate, "cpus": os.cpu_count(), **rows}
+    peer = rows["peer"]
+    for name in ("serve_python", "serve_builtin"):
+        mine = rows[name]
+        result[f"{name}_vs_peer"] = {
+            "steady_throughput": _ratio(mine["steady_events_per_s"], peer["steady_events_per_s"]),
+            "latency_p50": _ratio(mine["latency_p50_ms"], peer["latency_p50_ms"]),
+            "latency_p99": _ratio(mine["latency_p99_ms"], peer["latency_p99_ms"]),
+        }
+    for key, value in result.items():
+        print(f"{key:>28}  {value}", file=sys.stderr)
+    print(json.dumps(result))
 
+
+def _ratio(mine: float | None, theirs: float | None) -> float | None:
+    return round(mine / theirs, 3) if mine and theirs else None
+
+
+Starter = Callable[[str, str, str], Callable[[], None]]
+
+
+def contender(name: str, spark, bootstrap: str, model, args: argparse.Namespace, work: str) -> Starter:
+    """A function that starts ``name`` reading ``input`` and writing ``output`` (checkpoint under ``tag``)
+    and returns the function that stops it."""
+
+    def start_serve(input_topic: str, output_topic: str, tag: str) -> Callable[[], None]:
         config = Config().replace(
-            spark={"master": "local[2]", "app_name": "streamhydro-bench", "checkpoint_location": f"{work}/serve"},
-            kafka={"bootstrap_servers": bootstrap, "subscribe": "events", "source": "python",
+            spark={"master": "local[2]", "app_name": f"bench-{name}", "checkpoint_location": f"{work}/{name}-{tag}"},
+            kafka={"bootstrap_servers": bootstrap, "subscribe": input_topic, "output_topic": output_topic,
+                   "dead_letter_topic": f"{output_topic}-dlq", "source": name.removeprefix("serve_"),
                    "max_offsets_per_trigger": args.max_offsets_per_trigger},
             model={"registry": args.registry, "name": args.model},
-            inference={"providers": ["CPUExecutionProvider"], "pipeline_depth": 0},
+            inference={"providers": ["CPUExecutionProvider"], "pipeline_depth": 0, "batch_size": BATCH_SIZE},
             metrics={"enabled": False},
         )
         service = Service(config)
         service.start()
-        started = time.monotonic()
-        reader = Reader(bootstrap, "predictions")
-        reader.wait_for(args.events)
-        serve_seconds = reader.last_at - started
-        serve_progress = list(service.query.recentProgress)
+        return service.stop
 
-        latencies = measure_latency(bootstrap, manifest, reader, args.latency_rate, args.latency_seconds)
-        in_topic = reader.count
-        service.stop()
-        reader.close()
+    def start_peer(input_topic: str, output_topic: str, tag: str) -> Callable[[], None]:
+        query = peer_query(spark, bootstrap, input_topic, output_topic, f"{work}/{name}-{tag}", model, args.max_offsets_per_trigger)
+        return query.stop
 
-        passthrough_progress = passthrough(service.spark, config, work, in_topic)
-
-    serve_cold, serve_steady = progress_rates(serve_progress)
-    _, passthrough_steady = progress_rates(passthrough_progress)
-    result = {
-        "events": args.events,
-        "max_offsets_per_trigger": args.max_offsets_per_trigger,
-        "serve_first_batch_seconds": serve_cold,
-        "serve_steady_events_per_s": serve_steady,
-        "serve_overall_events_per_s": round(args.events / serve_seconds, 1),
-        "passthrough_steady_events_per_s": passthrough_steady,
-        "serve_vs_passthrough_steady": round(serve_steady / passthrough_steady, 3),
-        "latency_rate_per_s": args.latency_rate,
-        "latency_events": len(latencies),
-        "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
-        "latency_p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
-        "cpus": os.cpu_count(),
-    }
-    for key, value in result.items():
-        print(f"{key:>32}  {value}", file=sys.stderr)
-    print(json.dumps(result))
+    return start_peer if name == "peer" else start_serve
 
 
-def progress_rates(progress: list[dict]) -> tuple[float, float]:
-    """(seconds of the first micro-batch with rows, rows/s over the later ones) from query progress."""
-    batches = [p for p in progress if p["numInputRows"] > 0]
-    if len(batches) < 2:
-        raise SystemExit("fewer than two micro-batches: raise --events or lower --max-offsets-per-trigger")
+def peer_query(spark, bootstrap: str, input_topic: str, output_topic: str, checkpoint: str, model, max_offsets: int):
+    """Spark's Kafka source -> from_json -> predict_batch_udf (ONNX Runtime) -> to_json -> Spark's Kafka sink."""
+    from pyspark.ml.functions import predict_batch_udf
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import ArrayType, DoubleType, FloatType, StructField, StructType
 
-    def start(p: dict) -> float:
-        return datetime.datetime.fromisoformat(p["timestamp"].replace("Z", "+00:00")).timestamp()
+    spec = model.manifest.inputs[0]
+    model_path = str(model.path)
 
-    later = batches[1:]
-    wall = start(later[-1]) + later[-1]["durationMs"]["triggerExecution"] / 1000 - start(later[0])
-    return batches[0]["durationMs"]["triggerExecution"] / 1000, round(sum(p["numInputRows"] for p in later) / wall, 1)
+    def make_predict_fn():
+        import numpy as np
+        import onnxruntime as ort
 
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
 
-class Reader:
-    """Reads a topic from the beginning with confluent-kafka; keeps counts and produce->read latencies."""
+        def predict(inputs: np.ndarray) -> np.ndarray:
+            return session.run(None, {spec.name: inputs.astype(np.float32)})[0]
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        return predict
 
-        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench", "enable.auto.commit": False})
-        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
-        self.count = 0
-        self.last_at = 0.0
-
-    def wait_for(self, total: int, record_latency_after_ms: float | None = None, latencies: list | None = None) -> None:
-        while self.count < total:
-            messages = self._consumer.consume(min(50_000, total - self.count), timeout=0.5)
-            now_ms = time.time() * 1000
-            for message in messages:
-                if latencies is not None:
-                    event_ms = json.loads(message.value())["source"]["timestamp_ms"]
-                    if event_ms >= record_latency_after_ms:
-                        latencies.append(now_ms - event_ms)
-            if messages:
-                self.count += len(messages)
-                self.last_at = time.monotonic()
-
-    def close(self) -> None:
-        self._consumer.close()
-
-
-def measure_latency(bootstrap: str, manifest, reader: Reader, rate: float, seconds: float) -> list[float]:
-    count = int(rate * seconds)
-    start_ms = time.time() * 1000
-    generator = LoadGenerator(bootstrap, "events", manifest, seed=7)
-    producing = threading.Thread(target=generator.run, args=(count, rate, threading.Event()))
-    producing.start()
-    latencies: list[float] = []
-    reader.wait_for(reader.count + count, start_ms, latencies)
-    producing.join()
-    return latencies
-
-
-def passthrough(spark, config: Config, work: str, events: int) -> list[dict]:
-    """The same backlog through the same source and sink, with no scoring: the connector's ceiling."""
-    k = config.kafka
-    stream = spark.readStream.format(FORMAT).options(**k.source_options()).load()
-    query = (
-        stream.selectExpr("key", "value", "headers", "'passthrough' AS topic")
-        .writeStream.format(FORMAT)
-        .options(**k.client_options())
-        .option("checkpointLocation", f"{work}/passthrough")
-        .trigger(availableNow=True)
+    scores = predict_batch_udf(
+        make_predict_fn, return_type=ArrayType(FloatType()), batch_size=BATCH_SIZE, input_tensor_shapes=[[spec.width]]
+    )
+    labels = F.array(*[F.lit(label) for label in model.manifest.labels])
+    event = F.from_json(F.col("value").cast("string"), StructType([StructField(f, DoubleType()) for f in spec.features]))
+    stream = (
+        spark.readStream.format("kafka")
+        .option("kafka.bootstrap.servers", bootstrap)
+        .option("subscribe", input_topic)
+        .option("startingOffsets", "earliest")
+        .option("maxOffsetsPerTrigger", str(max_offsets))
+        .load()
+    )
+    scored = stream.select("key", "topic", "partition", "offset", "timestamp", event.alias("e")).select(
+        "key", "topic", "partition", "offset", "timestamp",
+        scores(F.array(*[F.col(f"e.{f}").cast("float") for f in spec.features])).alias("scores"),
+    )
+    value = F.to_json(F.struct(
+        F.col("key").cast("string").alias("key"),
+        F.struct(
+            F.element_at(labels, F.array_position(F.col("scores"), F.array_max("scores")).cast("int")).alias("label"),
+            F.map_from_arrays(labels, F.col("scores")).alias("scores"),
+        ).alias("prediction"),
+        F.struct("topic", "partition", "offset", F.unix_millis("timestamp").alias("timestamp_ms")).alias("source"),
+        F.concat_ws("/", "topic", "partition", "offset").alias("idempotency_key"),
+    ))
+    return (
+        scored.select("key", value.alias("value"))
+        .writeStream.format("kafka")
+        .option("kafka.bootstrap.servers", bootstrap)
+        .option("topic", output_topic)
+        .option("checkpointLocation", checkpoint)
         .start()
     )
-    query.awaitTermination()
-    reader = Reader(k.bootstrap_servers, "passthrough")
-    reader.wait_for(events)
-    reader.close()
-    return list(query.recentProgress)
+
+
+def _wait(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"deadline: {what} not reached within {seconds} s")
+        time.sleep(0.2)
+
+
+def throughput(start: Starter, bootstrap: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    output = f"{name}-backlog"
+    ensure_topics(client_for(bootstrap), {output: PARTITIONS, f"{output}-dlq": 1})
+    reader = OutputReader(client_for(bootstrap), (output,), track=True, group=f"bench-{name}")
+    reader.start()
+    started = time.monotonic()
+    stop = start("events", output, "backlog")
+    try:
+        _wait(lambda: reader.distinct >= args.events, args.deadline_seconds, f"{name}: {args.events} predictions")
+    finally:
+        stop()
+        reader.stop()
+    return {
+        "cold_start_s": round(reader.first_at - started, 2),
+        "steady_events_per_s": reader.steady_rate(),
+        "overall_events_per_s": round(args.events / (reader.last_at - started), 1),
+        "missing": reader.missing(topic_ends(client_for(bootstrap), "events")),
+        "duplicates": reader.duplicates,
+    }
+
+
+def latency(start: Starter, bootstrap: str, name: str, manifest, args: argparse.Namespace) -> dict[str, Any]:
+    source, output = f"{name}-live", f"{name}-live-out"
+    ensure_topics(client_for(bootstrap), {source: PARTITIONS, output: PARTITIONS, f"{output}-dlq": 1})
+    reader = OutputReader(client_for(bootstrap), (output,), track=True, group=f"bench-live-{name}")
+    reader.start()
+    stop = start(source, output, "live")
+    warm_up = LoadGenerator(client_for(bootstrap), source, manifest, seed=6)
+    live = LoadGenerator(client_for(bootstrap, {"linger.ms": "1"}), source, manifest, seed=7)
+    count = int(args.latency_rate * args.latency_seconds)
+    try:
+        warm_up.run(100, None, threading.Event())
+        _wait(lambda: reader.distinct >= 100, args.deadline_seconds, f"{name}: warm-up predictions")
+        warm = reader.distinct
+        live.run(count, args.latency_rate, threading.Event())
+        _wait(lambda: reader.distinct >= warm + count, args.deadline_seconds, f"{name}: live predictions")
+    finally:
+        stop()
+        warm_up.close()
+        live.close()
+        reader.stop()
+    return {"latency_events": count, **latency_summary(reader.latency_ms(since=warm))}
 
 
 if __name__ == "__main__":

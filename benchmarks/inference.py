@@ -191,18 +191,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3, help="heavy model hidden layers")
     args = parser.parse_args()
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    from pyspark.sql import SparkSession
+    from streamhydro.spark import Master, build_session
 
-    from streamhydro.driver.session import use_this_python_for_local_workers
-
-    use_this_python_for_local_workers(f"local[{args.cores}]")
-    spark = (
-        SparkSession.builder.master(f"local[{args.cores}]")
-        .appName("streamhydro-inference-benchmark")
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "20000")
-        .config("spark.python.worker.reuse", "true")
-        .getOrCreate()
+    spark = build_session(
+        Master.parse(f"local[{args.cores}]"),
+        "streamhydro-inference-benchmark",
+        {"spark.ui.enabled": "false", "spark.sql.execution.arrow.maxRecordsPerBatch": "20000", "spark.python.worker.reuse": "true"},
     )
     spark.sparkContext.setLogLevel("ERROR")
     try:

@@ -2,7 +2,7 @@
 
     python benchmarks/kafka_connector.py --records 200000 --value-bytes 100 --partitions 3
 
-Starts the embedded broker unless --bootstrap names one, fills a topic with confluent-kafka, then measures
+Starts Apache Kafka (the jar cache) unless --bootstrap names a broker, fills a topic with confluent-kafka, then measures
 (after a small warm-up of each path, so Python worker start-up is not counted):
 
 - read: ``readStream`` with Trigger.AvailableNow into the ``noop`` sink, whole query wall time, and the
@@ -23,14 +23,16 @@ import uuid
 
 from confluent_kafka import Producer
 
-from streamhydro.broker import EmbeddedBroker
-from streamhydro.driver.session import build_session
+from streamhydro.brokers import ApacheKafkaBroker
+from streamhydro.spark import Master, streaming_session
 from streamhydro.kafka.admin import ensure_topics
+from streamhydro.kafka.clients import build_client
+from streamhydro.kafka.options import client_for
 from streamhydro.kafka.source import FORMAT
 
 
 def fill(bootstrap: str, topic: str, records: int, value_bytes: int) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1_000_000})
+    producer = build_client(Producer, client_for(bootstrap, {"linger.ms": "20", "batch.size": "1000000"}))
     value = b"x" * value_bytes
     for i in range(records):
         while True:
@@ -77,17 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--value-bytes", type=int, default=100)
     parser.add_argument("--partitions", type=int, default=3)
-    parser.add_argument("--bootstrap", help="an existing broker (default: start the embedded one)")
+    parser.add_argument("--bootstrap", help="an existing broker (default: start Apache Kafka locally)")
     args = parser.parse_args(argv)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
-    broker = None if args.bootstrap else EmbeddedBroker().start()
+    broker = None if args.bootstrap else ApacheKafkaBroker().start()
     bootstrap = args.bootstrap or broker.bootstrap_servers
     try:
         run = uuid.uuid4().hex[:8]
         warm, source, sink, warm_sink = (f"bench-{run}-{name}" for name in ("warm", "in", "out", "warm-out"))
         ensure_topics(
-            bootstrap,
+            client_for(bootstrap),
             {warm: args.partitions, source: args.partitions, sink: args.partitions, warm_sink: args.partitions},
         )
         fill(bootstrap, warm, 1000, args.value_bytes)
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         fill(bootstrap, source, args.records, args.value_bytes)
         fill_seconds = time.perf_counter() - started
 
-        spark = build_session("local[2]", "streamhydro-kafka-bench", {"spark.ui.enabled": "false"})
+        spark = streaming_session(Master.parse("local[2]"), "streamhydro-kafka-bench", {"spark.ui.enabled": "false"})
         spark.sparkContext.setLogLevel("ERROR")
         read_all(spark, bootstrap, warm)
         rows, read_seconds, batch_seconds = read_all(spark, bootstrap, source)
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 "records": args.records,
                 "value_bytes": args.value_bytes,
                 "partitions": args.partitions,
-                "broker": "embedded" if broker is not None else args.bootstrap,
+                "broker": "local Apache Kafka" if broker is not None else args.bootstrap,
                 "fill_rows_per_s": round(args.records / fill_seconds),
                 "read_seconds": round(read_seconds, 2),
                 "read_rows_per_s": round(args.records / read_seconds),

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up a fresh machine and run streamhydro: `bash deploy/bootstrap.sh demo` or `bash deploy/bootstrap.sh test`.
-#   demo  -- a virtualenv in .venv with streamhydro, then `streamhydro demo` (extra arguments are passed on)
+#   demo  -- a virtualenv in .venv with streamhydro, the JVM jars (Apache Kafka, Spark's Kafka connector)
+#            from Maven Central, then `streamhydro demo` (extra arguments are passed on)
 #   test  -- the same plus the test extras and the Debian packages the integration tests use, then pytest
-# Needs Python >= 3.11 and Java 17 (Spark). Re-running skips what is already installed.
+# Needs Python >= 3.11, Java 17 (Spark, Kafka) and Maven (installed from Debian when missing).
+# Re-running skips what is already installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +22,7 @@ setup_python() {
   fi
   # The trainer's PyTorch: the CPU build, pinned, so that pip never pulls several GB of CUDA wheels.
   "$venv/bin/pip" install -q torch==2.13.0
-  "$venv/bin/pip" install -q -e ".[train,test]"
+  "$venv/bin/pip" install -q -e ".[cpu,train,test]"
 }
 
 apt_install() {
@@ -32,6 +34,12 @@ apt_install() {
 
 setup_java() {
   command -v java >/dev/null || apt_install openjdk-17-jre-headless
+  command -v mvn >/dev/null || apt_install maven
+}
+
+# Apache Kafka (the local broker) and Spark's Kafka connector, resolved once into the jar cache.
+setup_jars() {
+  "$venv/bin/streamhydro" --log-level WARNING jars >/dev/null
 }
 
 setup_debs() {
@@ -46,12 +54,14 @@ case "$mode" in
   demo)
     setup_java
     setup_python
+    setup_jars
     exec "$venv/bin/streamhydro" demo "$@"
     ;;
   test)
     setup_java
     setup_debs
     setup_python
+    setup_jars
     exec "$venv/bin/python" -m pytest "$@"
     ;;
   *)

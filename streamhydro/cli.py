@@ -22,6 +22,7 @@ COMMANDS = (
     "streamhydro.trainer.command",
     "streamhydro.models_command",
     "streamhydro.metrics.exporter",
+    "streamhydro.jars",
 )
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -23,12 +23,16 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamhydro.errors import ConfigError
+from streamhydro.secrets import masked, remember
+from streamhydro.spark import CLUSTER, Master, check_gpu_master
+
+if TYPE_CHECKING:
+    from streamhydro.kafka.options import ClientConfig
 
 ENV_PREFIX = "STREAMHYDRO_"
-SECRET_WORDS = ("password", "secret", "jaas", "token", "key.pem", "credential")
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 
@@ -38,19 +42,18 @@ def doc(text: str, **kwargs: Any) -> Any:
 
 
 class Masked(dict):
-    """A dict of client settings whose secret-looking values are hidden in ``repr``."""
+    """A dict of client settings whose secret values are hidden in ``repr`` (:mod:`streamhydro.secrets`)."""
 
     def __repr__(self) -> str:
-        return repr({k: ("***" if is_secret(k) else v) for k, v in self.items()})
-
-
-def is_secret(key: str) -> bool:
-    return any(word in key.lower() for word in SECRET_WORDS)
+        return repr(masked(self))
 
 
 @dataclasses.dataclass(frozen=True)
 class SparkSettings:
-    master: str = doc("Spark master URL: local[N], local-cluster[N,C,MB], spark://, yarn, k8s://.", default="local[2]")
+    master: str = doc(
+        "Spark master URL: local[N], local-cluster[N,C,MB], spark://, yarn, k8s://; empty = spark-submit's --master.",
+        default="local[2]",
+    )
     app_name: str = doc("Spark application name.", default="streamhydro")
     checkpoint_location: str = doc(
         "Where the query keeps offsets and state; a restart resumes from here.", default="var/checkpoints/serve"
@@ -78,17 +81,31 @@ class KafkaSettings:
         "classpath), or auto (builtin when available, else python).",
         default="auto",
     )
+    end_offsets_from: str = doc(
+        "How streamhydro's source learns where partitions end: listOffsets (what Apache Kafka and Spark's "
+        "connector use) or fetch (a Fetch response's high watermark, for brokers whose ListOffsets is wrong, "
+        "such as Tansu).",
+        default="listOffsets",
+    )
     client: Mapping[str, str] = doc(
-        "librdkafka/Kafka client settings for every client, e.g. security.protocol, sasl.mechanism, "
-        "sasl.username, sasl.password = \"${KAFKA_PASSWORD}\".",
+        "Kafka client settings for every client, written once in the Java or the librdkafka spelling and "
+        "translated for each connector, e.g. security.protocol, sasl.mechanism, sasl.username, "
+        "sasl.password = \"${KAFKA_PASSWORD}\" (or sasl.jaas.config), ssl.ca.location.",
         default_factory=Masked,
     )
 
     def client_options(self) -> dict[str, str]:
-        """Options every Spark Kafka reader and writer gets: bootstrap servers and the client settings."""
-        options = {"kafka.bootstrap.servers": self.bootstrap_servers}
-        options.update({f"kafka.{key}": value for key, value in self.client.items()})
-        return options
+        """Options every Spark Kafka reader and writer gets: bootstrap servers and the client settings,
+        Java-spelled (:func:`streamhydro.kafka.options.spark_options`)."""
+        from streamhydro.kafka.options import spark_options
+
+        return spark_options(self.bootstrap_servers, self.client)
+
+    def librdkafka(self) -> "ClientConfig":
+        """The settings of streamhydro's own clients (admin, load generator, readers of the output)."""
+        from streamhydro.kafka.options import client_config
+
+        return client_config(self.client_options())
 
     def source_options(self) -> dict[str, str]:
         """The reader's options, named as Spark's Kafka source names them (same for both connectors)."""
@@ -102,6 +119,8 @@ class KafkaSettings:
         options["startingOffsets"] = self.starting_offsets
         options["failOnDataLoss"] = "true" if self.fail_on_data_loss else "false"
         options["includeHeaders"] = "true"
+        if self.end_offsets_from != "listOffsets":
+            options["endOffsetsFrom"] = self.end_offsets_from
         if self.max_offsets_per_trigger:
             options["maxOffsetsPerTrigger"] = str(self.max_offsets_per_trigger)
         return options
@@ -114,6 +133,11 @@ class ModelSettings:
     version: str = doc("Version to serve: latest | promoted | a number (pinned).", default="promoted")
     payload: str = doc("Input value format: json (named features) | tensor (raw little-endian float32).", default="json")
     refresh_seconds: float = doc("How often the registry is checked for a new version, at micro-batch boundaries.", default=10.0)
+    max_value_bytes: int = doc(
+        "Largest JSON record value parsed, in bytes; a larger one goes to the dead-letter topic unparsed, "
+        "without its value (error class ValueTooLarge). Tensor values are always exactly the model's row size.",
+        default=1_048_576,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +148,10 @@ class InferenceSettings:
     batch_size: int = doc("Rows per ONNX Runtime call, independent of Arrow batch size.", default=4096)
     pipeline_depth: int = doc("Batches in flight between decode, transfer, compute and encode; 0 = sequential.", default=2)
     intra_op_threads: int = doc("ONNX Runtime intra-op threads per task; 0 = the task's CPUs.", default=0)
-    gpu_mem_limit_mb: int = doc("GPU memory arena limit per session in MiB; 0 = no limit.", default=0)
+    gpu_mem_limit_mb: int = doc(
+        "GPU memory arena limit per session in MiB; 0 = the task's share: spark.task_gpus x the GPU's memory x 0.8.",
+        default=0,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +321,9 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
                 raise ConfigError(key, f"expected a table, got {value!r}", "write a TOML table or a JSON object") from exc
         if not isinstance(value, Mapping):
             raise ConfigError(key, f"expected a table, got {value!r}", "write a TOML table")
-        return Masked({str(k): _scalar_str(f"{key}.{k}", v) for k, v in value.items()})
+        settings = Masked({str(k): _scalar_str(f"{key}.{k}", v) for k, v in value.items()})
+        remember(settings)
+        return settings
     if isinstance(hint, types.UnionType):
         return value
     raise TypeError(f"unsupported config type {hint!r} for {key}")
@@ -319,6 +348,15 @@ def _validated(config: Config) -> Config:
         )
     if k.source not in ("auto", "builtin", "python"):
         raise ConfigError("kafka.source", f"unknown connector {k.source!r}", "use auto, builtin or python")
+    if k.end_offsets_from not in ("listOffsets", "fetch"):
+        raise ConfigError("kafka.end_offsets_from", f"unknown method {k.end_offsets_from!r}", "use listOffsets or fetch")
+    if k.end_offsets_from == "fetch" and k.source == "builtin":
+        raise ConfigError(
+            "kafka.end_offsets_from",
+            "fetch needs streamhydro's source; Spark's JVM connector always trusts ListOffsets",
+            'set source = "python" (or end_offsets_from = "listOffsets" on a broker that answers it right)',
+        )
+    k.librdkafka()
     if k.max_offsets_per_trigger < 0:
         raise ConfigError("kafka.max_offsets_per_trigger", f"must be >= 0, got {k.max_offsets_per_trigger}", "use 0 for no limit")
     if k.output_topic == k.dead_letter_topic:
@@ -334,6 +372,8 @@ def _validated(config: Config) -> Config:
         raise ConfigError("model.version", f"{m.version!r} is not a version", "use latest, promoted or a version number")
     if m.refresh_seconds <= 0:
         raise ConfigError("model.refresh_seconds", f"must be > 0, got {m.refresh_seconds}", "e.g. 10")
+    if m.max_value_bytes < 1:
+        raise ConfigError("model.max_value_bytes", f"must be >= 1, got {m.max_value_bytes}", "e.g. 1048576 (1 MiB)")
     if i.batch_size < 1:
         raise ConfigError("inference.batch_size", f"must be >= 1, got {i.batch_size}", "e.g. 4096")
     if i.pipeline_depth < 0:
@@ -343,7 +383,10 @@ def _validated(config: Config) -> Config:
     check_gpu_amounts(s.executor_gpus, s.task_gpus)
     if s.task_gpus and not s.executor_gpus:
         raise ConfigError("spark.executor_gpus", "is 0 while spark.task_gpus asks for GPUs", "set spark.executor_gpus to the GPUs per executor")
-    if s.executor_gpus and not s.gpu_discovery_script and not s.master.startswith(("local[", "local-cluster")):
+    master = Master.parse(s.master) if s.master else None
+    if master is not None:
+        check_gpu_master(master, s.executor_gpus)
+    if s.executor_gpus and not s.gpu_discovery_script and (master is None or master.kind == CLUSTER):
         raise ConfigError("spark.gpu_discovery_script", "is empty while GPUs are requested", "point it at deploy/gpu/get_gpus_resources.sh")
     if bool(config.metrics.certfile) != bool(config.metrics.keyfile):
         raise ConfigError("metrics.keyfile", "TLS needs both metrics.certfile and metrics.keyfile", "set both, or neither")

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from streamhydro.config import load
 from streamhydro.errors import ConfigError, DeliveryError
+from streamhydro.kafka.options import ClientConfig
 from streamhydro.registry import Manifest, Registry
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 JSON_BAD_KINDS = ("truncated_json", "wrong_type", "missing_feature", "empty_value", "not_json")
 TENSOR_BAD_KINDS = ("wrong_tensor_length", "empty_value")
 CHUNK = 2000
+# The load generator's producer: idempotent, batching like a busy producer; the user's settings win.
+PRODUCER_DEFAULTS = {"enable.idempotence": "true", "acks": "all", "linger.ms": "5", "batch.num.messages": "10000"}
 
 
 def add_parser(subparsers: Any) -> None:
@@ -34,7 +38,8 @@ def add_parser(subparsers: Any) -> None:
         help="send synthetic events to Kafka (load generator)",
         description="Send events shaped by a model's manifest to a Kafka topic; prints a JSON summary of what was sent.",
     )
-    parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092", help="Kafka bootstrap servers (default %(default)s)")
+    parser.add_argument("--config", metavar="FILE", help="serve's TOML configuration: its [kafka] bootstrap_servers and client settings are used")
+    parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (default: the config's, else 127.0.0.1:9092)")
     parser.add_argument("--topic", default="events", help="topic to send to (default %(default)s)")
     parser.add_argument("--count", type=int, default=10_000, help="events to send; 0 = until interrupted (default %(default)s)")
     parser.add_argument("--rate", type=float, default=0.0, help="events per second; 0 = as fast as possible (default)")
@@ -64,7 +69,10 @@ def _fraction(text: str) -> float:
 
 def _run(args: argparse.Namespace) -> int:
     manifest = Registry(args.registry).get(args.model, args.version).manifest
-    generator = LoadGenerator(args.bootstrap_servers, args.topic, manifest, args.payload, args.bad_fraction, seed=args.seed)
+    kafka = load(args.config).kafka
+    if args.bootstrap_servers:
+        kafka = dataclasses.replace(kafka, bootstrap_servers=args.bootstrap_servers)
+    generator = LoadGenerator(kafka.librdkafka(), args.topic, manifest, args.payload, args.bad_fraction, seed=args.seed)
     stop = threading.Event()
     try:
         summary = generator.run(args.count or None, args.rate or None, stop)
@@ -144,27 +152,19 @@ def corrupt(value: bytes, kind: str, manifest: Manifest) -> bytes:
 class LoadGenerator:
     """Sends events with confluent-kafka; keys are ``k-<n>``, a header names the generator."""
 
-    bootstrap_servers: str
+    client: ClientConfig
     topic: str
     manifest: Manifest
     payload: str = "json"
     bad_fraction: float = 0.0
-    client_conf: dict[str, str] = dataclasses.field(default_factory=dict)
     seed: int = 0
 
     def __post_init__(self) -> None:
         from confluent_kafka import Producer
 
-        self._producer = Producer(
-            {
-                "bootstrap.servers": self.bootstrap_servers,
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "batch.num.messages": 10_000,
-                **self.client_conf,
-            }
-        )
+        from streamhydro.kafka.clients import build_client
+
+        self._producer = build_client(Producer, self.client.with_defaults(PRODUCER_DEFAULTS))
         self._rng = np.random.default_rng(self.seed)
         self._bad_kinds = TENSOR_BAD_KINDS if self.payload == "tensor" else JSON_BAD_KINDS
         self.sent = 0
@@ -176,8 +176,10 @@ class LoadGenerator:
     def run(self, count: int | None, rate: float | None, stop: threading.Event) -> dict[str, Any]:
         """Send ``count`` events (None: until ``stop``), at most ``rate`` per second (None: unthrottled)."""
         self._started = time.monotonic()
+        # With a rate, sends go out every ~10 ms, a steady stream as live producers make, not bursts.
+        chunk = max(1, min(CHUNK, int(rate / 100))) if rate else CHUNK
         while not stop.is_set() and (count is None or self.sent < count):
-            n = CHUNK if count is None else min(CHUNK, count - self.sent)
+            n = chunk if count is None else min(chunk, count - self.sent)
             if rate:
                 due = self._started + (self.sent + n) / rate
                 if stop.wait(max(0.0, due - time.monotonic())):

@@ -10,11 +10,17 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+if TYPE_CHECKING:
+    from streamhydro.brokers import ApacheKafkaBroker
+
 BOOTSTRAP_ENV = "STREAMHYDRO_TEST_BOOTSTRAP"
+SCRAM_USER = "scorer"
+SCRAM_PASSWORD = "scram-Secret-4711"
 
 
 def _docker_reachable() -> bool:
@@ -29,10 +35,11 @@ def _docker_reachable() -> bool:
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
-    """A Kafka-protocol broker for the session.
+    """An Apache Kafka broker for the whole test session (tests keep apart by topic name).
 
-    Prefers an external Kafka named by $STREAMHYDRO_TEST_BOOTSTRAP, then an Apache Kafka container
-    (testcontainers) when a Docker engine answers, then the embedded Tansu broker.
+    In order of preference: an external cluster named by $STREAMHYDRO_TEST_BOOTSTRAP, an Apache Kafka
+    container (testcontainers) where a Docker engine answers, else Apache Kafka from the jar cache
+    (:class:`~streamhydro.brokers.ApacheKafkaBroker`, resolved from Maven Central on first use).
     """
     from streamhydro.kafka import clients
 
@@ -48,11 +55,40 @@ def kafka_bootstrap() -> Iterator[str]:
             yield container.get_bootstrap_server()
             clients.close_all()
         return
-    from streamhydro.broker import EmbeddedBroker
+    from streamhydro.brokers import ApacheKafkaBroker
 
-    with EmbeddedBroker() as broker:
+    with ApacheKafkaBroker() as broker:
         yield broker.bootstrap_servers
         clients.close_all()
+
+
+@pytest.fixture(scope="session")
+def tansu_bootstrap() -> Iterator[str]:
+    """The Tansu broker, for the tests about Tansu and the workarounds for its defects."""
+    from streamhydro.brokers import TansuBroker
+    from streamhydro.kafka import clients
+
+    with TansuBroker() as broker:
+        yield broker.bootstrap_servers
+        clients.close_all()
+
+
+@pytest.fixture(scope="module")
+def scram_kafka() -> Iterator[ApacheKafkaBroker]:
+    """An Apache Kafka broker whose client listener requires SASL/SCRAM (user ``scorer``)."""
+    from streamhydro.brokers import ApacheKafkaBroker
+    from streamhydro.kafka import clients
+
+    with ApacheKafkaBroker(scram_users={SCRAM_USER: SCRAM_PASSWORD}) as broker:
+        yield broker
+        clients.close_all()
+
+
+def client(bootstrap: str, settings: dict[str, str] | None = None):
+    """librdkafka settings for streamhydro's own clients of ``bootstrap`` (the project's one path)."""
+    from streamhydro.kafka.options import client_for
+
+    return client_for(bootstrap, settings)
 
 
 @pytest.fixture
@@ -63,11 +99,14 @@ def topic_name() -> str:
 
 @pytest.fixture(scope="session")
 def spark():
-    """One local[2] SparkSession for the whole test session, with streamhydro's data source registered."""
+    """One local[2] SparkSession for the whole test session, with streamhydro's data source registered
+    and Spark's own Kafka connector on the classpath (from the jar cache), as users run it."""
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    from streamhydro.driver.session import build_session
+    from streamhydro.driver.serve import connector_conf
+    from streamhydro.spark import Master, streaming_session
 
-    session = build_session(master="local[2]", app_name="streamhydro-tests", conf={"spark.ui.enabled": "false"})
+    conf = {"spark.ui.enabled": "false", **connector_conf("builtin", {})}
+    session = streaming_session(Master.parse("local[2]"), "streamhydro-tests", conf)
     yield session
     session.stop()
 
@@ -133,11 +172,13 @@ def samples(text: str) -> list:
     return [s for f in text_string_to_metric_families(text) for s in f.samples]
 
 
-def send(bootstrap: str, topic: str, values: list[bytes], first_key: int = 0) -> list[bytes]:
-    """Produce with kafka-python, the users' own client: keys ``user-<n>``, a ``trace`` header. Returns the keys."""
+def send(bootstrap: str, topic: str, values: list[bytes], first_key: int = 0, **client) -> list[bytes]:
+    """Produce with kafka-python, the users' own client: keys ``user-<n>``, a ``trace`` header. Returns the keys.
+
+    ``client``: more kafka-python settings (security...)."""
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all", **client)
     keys = []
     for i, value in enumerate(values, start=first_key):
         key = f"user-{i}".encode()
@@ -148,14 +189,15 @@ def send(bootstrap: str, topic: str, values: list[bytes], first_key: int = 0) ->
     return keys
 
 
-def read_all(bootstrap: str, topic: str, expected: int, seconds: float = 240) -> list:
+def read_all(bootstrap: str, topic: str, expected: int, seconds: float = 240, **client) -> list:
     """Read ``topic`` from the beginning with kafka-python until ``expected`` records or time runs out.
 
     One more short poll after ``expected`` arrived returns any surplus, so callers can assert exact counts.
+    ``client``: more kafka-python settings (security...).
     """
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000, **client)
     partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)

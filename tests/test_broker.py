@@ -1,4 +1,4 @@
-"""The embedded broker: starts on a free port, answers Kafka clients, stops, and leaves no process."""
+"""The local brokers: start on free ports, answer Kafka clients, stop, restart with their data, leave no process."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from kafka import KafkaConsumer, KafkaProducer
 
-from streamhydro.broker import BrokerConfig, EmbeddedBroker
+from conftest import client
+from streamhydro.brokers import ApacheKafkaBroker, BrokerConfig, TansuBroker
 from streamhydro.errors import BrokerError
 from streamhydro.kafka.admin import ensure_topics
 
@@ -29,7 +30,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_starts_answers_and_stops(tmp_path):
-    with EmbeddedBroker(BrokerConfig(log_dir=str(tmp_path))) as broker:
+    with TansuBroker(BrokerConfig(log_dir=str(tmp_path))) as broker:
         host, port = broker.bootstrap_servers.split(":")
         assert host == "127.0.0.1" and int(port) > 0
         pid = broker.pid
@@ -51,7 +52,7 @@ def test_starts_answers_and_stops(tmp_path):
 
 
 def test_two_brokers_get_different_ports():
-    with EmbeddedBroker() as first, EmbeddedBroker() as second:
+    with TansuBroker() as first, TansuBroker() as second:
         assert first.bootstrap_servers != second.bootstrap_servers
 
 
@@ -60,8 +61,8 @@ def test_broker_dies_with_its_parent(tmp_path):
     script = textwrap.dedent(
         """
         import sys, time
-        from streamhydro.broker import EmbeddedBroker
-        broker = EmbeddedBroker().start()
+        from streamhydro.brokers import TansuBroker
+        broker = TansuBroker().start()
         print(broker.pid, flush=True)
         time.sleep(60)
         """
@@ -80,7 +81,7 @@ def test_broker_dies_with_its_parent(tmp_path):
 
 
 def test_broker_stopped_at_interpreter_exit():
-    script = "from streamhydro.broker import EmbeddedBroker; print(EmbeddedBroker().start().pid)"
+    script = "from streamhydro.brokers import TansuBroker; print(TansuBroker().start().pid)"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert not _alive(int(done.stdout.strip()))
 
@@ -91,12 +92,48 @@ def test_start_failure_is_a_broker_error_with_the_log(tmp_path, monkeypatch):
     fake.chmod(0o755)
     monkeypatch.setenv("CALF_TANSU_BIN", str(fake))
     with pytest.raises(BrokerError, match="simulated failure"):
-        EmbeddedBroker(BrokerConfig(start_timeout_s=2, port_attempts=1, log_dir=str(tmp_path))).start()
+        TansuBroker(BrokerConfig(start_timeout_s=2, port_attempts=1, log_dir=str(tmp_path))).start()
 
 
 def test_ensure_topics_creates_missing_topics_idempotently(kafka_bootstrap, topic_name):
-    ensure_topics(kafka_bootstrap, {topic_name: 3})
-    ensure_topics(kafka_bootstrap, {topic_name: 3, f"{topic_name}-other": 1})
+    ensure_topics(client(kafka_bootstrap), {topic_name: 3})
+    ensure_topics(client(kafka_bootstrap), {topic_name: 3, f"{topic_name}-other": 1})
     topics = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics
     assert len(topics[topic_name].partitions) == 3
     assert len(topics[f"{topic_name}-other"].partitions) == 1
+
+
+def test_apache_kafka_keeps_what_it_acknowledged_across_a_crash(tmp_path):
+    """SIGKILL, then start again on the same ports and data: every acknowledged record is still there."""
+    with ApacheKafkaBroker(data_dir=tmp_path / "kafka") as broker:
+        bootstrap = broker.bootstrap_servers
+        ensure_topics(client(bootstrap), {"kept": 1})
+        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        for i in range(100):
+            producer.send("kept", f"r{i}".encode())
+        producer.flush(30)
+        producer.close()
+        pid = broker.pid
+        broker.kill()
+        assert not _alive(pid)
+        broker.start()
+        assert broker.bootstrap_servers == bootstrap
+        consumer = KafkaConsumer(
+            "kept", bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=10000
+        )
+        assert [r.value for r in consumer][:100] == [f"r{i}".encode() for i in range(100)]
+        consumer.close()
+        pid = broker.pid
+    assert not _alive(pid)
+    assert (tmp_path / "kafka").exists(), "a data_dir the caller gave is kept"
+
+
+def test_scram_broker_refuses_a_wrong_password_and_admits_the_right_one(scram_kafka):
+    from confluent_kafka import KafkaException
+
+    good = client(scram_kafka.bootstrap_servers, scram_kafka.client_settings)
+    ensure_topics(good, {"scram-topic": 1})
+    wrong = client(scram_kafka.bootstrap_servers, {**scram_kafka.client_settings, "sasl.password": "wrong"})
+    admin = AdminClient(wrong.as_dict())
+    with pytest.raises(KafkaException):
+        admin.list_topics(timeout=5)

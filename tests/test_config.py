@@ -62,6 +62,7 @@ def test_unknown_section(tmp_path):
         ("[kafka]\nstarting_offsets = 'yesterday'", "kafka.starting_offsets"),
         ("[model]\npayload = 'csv'", "model.payload"),
         ("[model]\nversion = 'newest'", "model.version"),
+        ("[model]\nmax_value_bytes = 0", "model.max_value_bytes"),
         ("[spark]\ntask_gpus = 0.5", "spark.executor_gpus"),
         ("[spark]\nexecutor_gpus = 2\ntask_gpus = 1.5", "spark.task_gpus"),
         ("[metrics]\ncertfile = 'cert.pem'", "metrics.keyfile"),
@@ -114,6 +115,12 @@ def test_source_options_use_sparks_kafka_option_names():
     assert options["kafka.security.protocol"] == "SSL"
     assert options["startingOffsets"] == "earliest"
     assert "subscribePattern" not in options
+
+
+def test_max_value_bytes_defaults_to_the_decoders_limit():
+    from streamhydro.payload.decoding import MAX_VALUE_BYTES
+
+    assert config.load(None, {}).model.max_value_bytes == MAX_VALUE_BYTES == 1 << 20
 
 
 def test_reference_documents_every_key():

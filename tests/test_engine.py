@@ -189,7 +189,8 @@ def test_validate_model_rejects_what_does_not_fit(model):
         sessions.validate_model(dataclasses.replace(manifest, sha256=sessions.hashlib.sha256(garbage).hexdigest()), garbage, "json")
 
 
-def test_no_gpu_assignment_never_takes_device_zero():
+def test_no_gpu_assignment_never_takes_device_zero(monkeypatch):
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     settings_ = EngineSettings(providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
     placement = sessions.place(settings_, sessions.TaskResources(gpu_addresses=(), cpus=2))
     assert placement.device == "cpu" and placement.providers == ("CPUExecutionProvider",)
@@ -203,9 +204,10 @@ def test_threads_bounded_by_task_cpus():
     assert sessions.place(EngineSettings(), sessions.TaskResources(cpus=3)).intra_op_threads == 3
 
 
-def test_cuda_request_on_a_cpu_build_falls_back_visibly(model, caplog):
+def test_cuda_request_on_a_cpu_build_falls_back_visibly(model, caplog, monkeypatch):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime build has CUDA: the fallback cannot be seen here (test_gpu covers the real path)")
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     data, manifest = model
     settings_ = EngineSettings(providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
     placement = sessions.place(settings_, sessions.TaskResources(gpu_addresses=("1",), cpus=1))

@@ -28,6 +28,12 @@ def gpu_count() -> int:
     return len(listed.stdout.split())
 
 
+@pytest.fixture(autouse=True)
+def pci_order(monkeypatch):
+    """Spark executors get CUDA_DEVICE_ORDER=PCI_BUS_ID from streamhydro's GPU conf; this process needs it too."""
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+
+
 def _score(providers, addresses, depth):
     from streamhydro.executor.engine import EngineSettings
     from streamhydro.executor.scoring import ScoringPlan, score_partition

@@ -8,7 +8,7 @@ from pyspark.errors import StreamingQueryException
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, BinaryType, IntegerType, StringType, StructField, StructType
 
-from conftest import read_all
+from conftest import client, read_all
 from streamhydro.errors import ConfigError
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.records import HEADER_TYPE
@@ -36,7 +36,7 @@ def _writer(frame, bootstrap: str, **options):
 
 def test_batch_write_routes_rows_with_keys_headers_and_partitions(spark, kafka_bootstrap, topic_name):
     first, second = f"{topic_name}-a", f"{topic_name}-b"
-    ensure_topics(kafka_bootstrap, {first: 3, second: 1})
+    ensure_topics(client(kafka_bootstrap), {first: 3, second: 1})
     rows = [
         (f"k{i}", f"v{i}".encode(), first if i % 2 else second, 2 if i % 2 else None, [(f"h{i}", b"x"), ("n", None)])
         for i in range(200)
@@ -61,7 +61,7 @@ def test_batch_write_routes_rows_with_keys_headers_and_partitions(spark, kafka_b
 
 def test_stream_write_copies_a_topic(spark, kafka_bootstrap, topic_name, tmp_path):
     source, target = f"{topic_name}-in", f"{topic_name}-out"
-    ensure_topics(kafka_bootstrap, {source: 2, target: 2})
+    ensure_topics(client(kafka_bootstrap), {source: 2, target: 2})
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
     for i in range(500):
         producer.send(source, key=f"k{i}".encode(), value=f"v{i}".encode(), headers=[("i", str(i).encode())])
@@ -94,7 +94,7 @@ def test_stream_write_copies_a_topic(spark, kafka_bootstrap, topic_name, tmp_pat
 
 
 def test_record_too_large_fails_the_write_with_delivery_error(spark, kafka_bootstrap, topic_name):
-    ensure_topics(kafka_bootstrap, {topic_name: 1})
+    ensure_topics(client(kafka_bootstrap), {topic_name: 1})
     frame = spark.createDataFrame([(b"small",), (b"x" * 5000,)], "value binary").coalesce(1)
 
     with pytest.raises(Exception, match="DeliveryError") as info:

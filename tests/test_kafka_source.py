@@ -8,15 +8,14 @@ import time
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient
 from kafka import KafkaProducer
 from pyspark.errors import StreamingQueryException
 
+from conftest import client
 from streamhydro.errors import DataLossError
 from streamhydro.kafka import clients
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.offsets import EndOffsetProbe
-from streamhydro.kafka.options import client_config
 from streamhydro.kafka.planning import OffsetRange
 from streamhydro.kafka.reading import read_range, reader_config
 from streamhydro.kafka.source import FORMAT
@@ -78,13 +77,9 @@ def _available_now(spark, frame, name: str, checkpoint) -> tuple[list, object]:
     return spark.sql(f"select * from {name}").collect(), query
 
 
-def _is_tansu(bootstrap: str) -> bool:
-    return AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).cluster_id == "tansu_cluster"
-
-
 @with_spark
 def test_stream_reads_every_record_once_with_all_columns(spark, kafka_bootstrap, topic_name, tmp_path):
-    ensure_topics(kafka_bootstrap, {topic_name: 3})
+    ensure_topics(client(kafka_bootstrap), {topic_name: 3})
     _produce(kafka_bootstrap, topic_name, 3000, partitions=3)
 
     rows, _ = _available_now(spark, _stream(spark, kafka_bootstrap, topic_name), "read_all", tmp_path / "cp")
@@ -119,7 +114,7 @@ def _local(epoch_ms: int) -> dt.datetime:
 
 @with_spark
 def test_max_offsets_per_trigger_splits_into_batches(spark, kafka_bootstrap, topic_name, tmp_path):
-    ensure_topics(kafka_bootstrap, {topic_name: 3})
+    ensure_topics(client(kafka_bootstrap), {topic_name: 3})
     _produce(kafka_bootstrap, topic_name, 600, partitions=3)
 
     frame = _stream(spark, kafka_bootstrap, topic_name, maxOffsetsPerTrigger=250)
@@ -141,29 +136,35 @@ def json_progress(progress) -> dict:
 
 
 @with_spark
-def test_wrong_list_offsets_of_the_embedded_broker_does_not_stall(spark, kafka_bootstrap, topic_name, tmp_path):
-    """Tansu answers ListOffsets(latest) with the last batch's base offset + 1; the source must not trust it."""
-    ensure_topics(kafka_bootstrap, {topic_name: 2})
+@pytest.mark.parametrize("broker", ["tansu", "kafka"])
+def test_end_offsets_from_fetch_do_not_stall_where_list_offsets_is_wrong(spark, request, broker, topic_name, tmp_path):
+    """Tansu answers ListOffsets(latest) with the last batch's base offset + 1; Apache Kafka with the log end.
+
+    ``endOffsetsFrom=fetch`` reads everything on both; trusting ListOffsets (the default, as Spark's own
+    connector does) is right on Apache Kafka and stalls short of the end on Tansu.
+    """
+    kafka_bootstrap = request.getfixturevalue(f"{broker}_bootstrap")
+    ensure_topics(client(kafka_bootstrap), {topic_name: 2})
     _produce(kafka_bootstrap, topic_name, 1000, partitions=2, one_batch=True)
 
-    probe = EndOffsetProbe(client_config({"kafka.bootstrap.servers": kafka_bootstrap}))
+    probe = EndOffsetProbe(client(kafka_bootstrap), use_fetch=True)
     partitions = [(topic_name, 0), (topic_name, 1)]
     listed = {tp: hi for tp, (_, hi) in probe.list_offsets(partitions).items()}
     true_ends = {tp: hi for tp, (_, hi) in probe.offset_ranges(partitions).items()}
     assert true_ends == {(topic_name, 0): 500, (topic_name, 1): 500}
     assert {tp: hi for tp, (_, hi) in probe.offset_ranges(partitions).items()} == true_ends, "cached, unchanged"
 
-    trusting, _ = _available_now(
-        spark, _stream(spark, kafka_bootstrap, topic_name, endOffsetsFrom="listOffsets"), "trusting", tmp_path / "a"
+    trusting, _ = _available_now(spark, _stream(spark, kafka_bootstrap, topic_name), f"trusting_{broker}", tmp_path / "a")
+    probing, _ = _available_now(
+        spark, _stream(spark, kafka_bootstrap, topic_name, endOffsetsFrom="fetch"), f"probing_{broker}", tmp_path / "b"
     )
-    probing, _ = _available_now(spark, _stream(spark, kafka_bootstrap, topic_name), "probing", tmp_path / "b")
 
     assert len(probing) == 1000
     _produce(kafka_bootstrap, topic_name, 10, partitions=2, start=1000)
     moved = {tp: hi for tp, (_, hi) in probe.offset_ranges(partitions).items()}
     probe.close()
     assert moved == {(topic_name, 0): 505, (topic_name, 1): 505}
-    if _is_tansu(kafka_bootstrap):
+    if broker == "tansu":
         assert all(listed[tp] < 500 for tp in partitions), f"Tansu's ListOffsets is no longer wrong: {listed}"
         assert len(trusting) == sum(listed.values()) < 1000
     else:
@@ -173,7 +174,7 @@ def test_wrong_list_offsets_of_the_embedded_broker_does_not_stall(spark, kafka_b
 
 @with_spark
 def test_restart_from_checkpoint_reads_everything_once(spark, kafka_bootstrap, topic_name, tmp_path):
-    ensure_topics(kafka_bootstrap, {topic_name: 2})
+    ensure_topics(client(kafka_bootstrap), {topic_name: 2})
     _produce(kafka_bootstrap, topic_name, 600, partitions=2)
     checkpoint, output = tmp_path / "cp", tmp_path / "out"
 
@@ -213,7 +214,7 @@ def test_restart_from_checkpoint_reads_everything_once(spark, kafka_bootstrap, t
 @with_spark
 def test_data_loss_fails_the_query_unless_allowed(spark, kafka_bootstrap, topic_name, tmp_path):
     """Starting past the end of a partition looks like truncated records: DataLossError by default."""
-    ensure_topics(kafka_bootstrap, {topic_name: 1})
+    ensure_topics(client(kafka_bootstrap), {topic_name: 1})
     _produce(kafka_bootstrap, topic_name, 10, partitions=1)
     beyond = f'{{"{topic_name}": {{"0": 50}}}}'
 
@@ -232,7 +233,7 @@ def test_data_loss_fails_the_query_unless_allowed(spark, kafka_bootstrap, topic_
 def test_pattern_picks_up_new_topics_and_mirrors_offsets_to_group(spark, kafka_bootstrap, topic_name, tmp_path):
     first, second = f"{topic_name}-a", f"{topic_name}-b"
     group = f"{topic_name}-group"
-    ensure_topics(kafka_bootstrap, {first: 1})
+    ensure_topics(client(kafka_bootstrap), {first: 1})
     _produce(kafka_bootstrap, first, 10, partitions=1)
     frame = (
         spark.readStream.format(FORMAT)
@@ -251,7 +252,7 @@ def test_pattern_picks_up_new_topics_and_mirrors_offsets_to_group(spark, kafka_b
     )
     try:
         _wait_for(lambda: query.lastProgress is not None, "the first micro-batch")
-        ensure_topics(kafka_bootstrap, {second: 2})
+        ensure_topics(client(kafka_bootstrap), {second: 2})
         _produce(kafka_bootstrap, second, 20, partitions=2)
         _wait_for(lambda: spark.sql("select count(*) from pattern").first()[0] >= 20, "records of the new topic")
         _wait_for(lambda: _committed(kafka_bootstrap, group, second) == [10, 10], "offsets committed to the group")
@@ -282,9 +283,9 @@ def _wait_for(condition, what: str, timeout_s: float = 120) -> None:
 @pytest.mark.broker
 def test_read_range_reads_exactly_and_reports_truncation(kafka_bootstrap, topic_name):
     """The executor read loop alone: exact ranges in bounded chunks; a range past the end is data loss."""
-    ensure_topics(kafka_bootstrap, {topic_name: 1})
+    ensure_topics(client(kafka_bootstrap), {topic_name: 1})
     _produce(kafka_bootstrap, topic_name, 250, partitions=1)
-    consumer = clients.consumer(reader_config(client_config({"kafka.bootstrap.servers": kafka_bootstrap})))
+    consumer = clients.consumer(reader_config(client(kafka_bootstrap)))
 
     batches = list(read_range(consumer, OffsetRange(topic_name, 0, 17, 230), True, 10_000, batch_rows=100))
     offsets = [o for b in batches for o in b.column("offset").to_pylist()]

@@ -14,6 +14,7 @@ from pyspark.sql.types import ArrayType, BinaryType, IntegerType, LongType, Stri
 from streamhydro.errors import ConfigError
 from streamhydro.kafka.options import (
     ClientConfig,
+    check_jvm_options,
     client_config,
     offsets_from_json,
     offsets_to_json,
@@ -21,6 +22,7 @@ from streamhydro.kafka.options import (
     parse_source_options,
     parse_starting_offsets,
     parse_subscription,
+    spark_options,
     translate_jaas,
 )
 from streamhydro.kafka.planning import OffsetRange, admit, cap, ranges, regressions, split_limit
@@ -68,7 +70,7 @@ def test_jaas_plain_and_scram_become_username_password():
         }
     )
     assert config.get("sasl.username") == "alice"
-    assert config.get("sasl.mechanism") == "SCRAM-SHA-512"
+    assert config.get("sasl.mechanisms") == "SCRAM-SHA-512"
     assert "secret" not in repr(config)
 
 
@@ -77,10 +79,81 @@ def test_jaas_with_unsupported_module_names_librdkafka_settings():
         client_config({**BOOT, "kafka.sasl.jaas.config": "org.apache.kafka.OAuthBearerLoginModule required ;"})
 
 
-def test_jvm_truststore_is_refused_with_ssl_ca_location():
+def test_jks_truststore_is_refused_with_ssl_ca_location():
     with pytest.raises(ConfigError, match="ssl.ca.location") as info:
-        client_config({**BOOT, "kafka.ssl.truststore.location": "/x.jks"})
+        client_config({**BOOT, "kafka.ssl.truststore.location": "/x.jks", "kafka.ssl.truststore.type": "JKS"})
     assert info.value.key == "kafka.ssl.truststore.location"
+    with pytest.raises(ConfigError, match="ssl.ca.location") as info:
+        spark_options("h:9092", {"ssl.truststore.location": "/x.jks", "ssl.truststore.type": "JKS"})
+    assert info.value.key == "kafka.client.ssl.truststore.location"
+
+
+def test_settings_written_once_in_librdkafka_spelling_reach_both_clients():
+    """sasl.username/password -> a JAAS entry for the JVM connector, and back to the same librdkafka settings."""
+    settings = {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-256",
+        "sasl.username": 'us"er',
+        "sasl.password": "p\\a\"ss",
+        "ssl.ca.location": "/etc/ca.pem",
+        "fetch.wait.max.ms": "20",
+        "queue.buffering.max.kbytes": "2048",
+    }
+    java = spark_options("h:9092", settings)
+    assert java["kafka.sasl.jaas.config"] == (
+        'org.apache.kafka.common.security.scram.ScramLoginModule required username="us\\"er" password="p\\\\a\\"ss";'
+    )
+    assert java["kafka.ssl.truststore.type"] == "PEM" and java["kafka.ssl.truststore.location"] == "/etc/ca.pem"
+    assert java["kafka.fetch.max.wait.ms"] == "20" and java["kafka.buffer.memory"] == str(2048 * 1024)
+    assert "kafka.sasl.username" not in java and "kafka.sasl.password" not in java
+    back = client_config(java).as_dict()
+    assert back == {
+        "bootstrap.servers": "h:9092",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanisms": "SCRAM-SHA-256",
+        "sasl.username": 'us"er',
+        "sasl.password": "p\\a\"ss",
+        "ssl.ca.location": "/etc/ca.pem",
+        "fetch.wait.max.ms": "20",
+        "queue.buffering.max.kbytes": "2048",
+    }
+
+
+def test_settings_written_in_java_spelling_reach_both_clients():
+    jaas = 'org.apache.kafka.common.security.plain.PlainLoginModule required username="u" password="pw";'
+    java = spark_options("h:9092", {"sasl.mechanism": "PLAIN", "sasl.jaas.config": jaas, "max.request.size": "5"})
+    assert java["kafka.sasl.jaas.config"] == jaas and java["kafka.max.request.size"] == "5"
+    assert client_config(java).as_dict() == {
+        "bootstrap.servers": "h:9092", "sasl.mechanisms": "PLAIN", "sasl.username": "u", "sasl.password": "pw",
+        "message.max.bytes": "5",
+    }
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"sasl.username": "u"}, "kafka.client.sasl.password"),
+        ({"sasl.username": "u", "sasl.password": "p", "sasl.mechanism": "GSSAPI"}, "kafka.client.sasl.username"),
+        ({"sasl.username": "u", "sasl.password": "p", "sasl.jaas.config": "x"}, "kafka.client.sasl.jaas.config"),
+        ({"queue.buffering.max.kbytes": "lots"}, "kafka.client.queue.buffering.max.kbytes"),
+    ],
+)
+def test_settings_that_cannot_be_translated_are_refused_naming_the_key(settings, key):
+    with pytest.raises(ConfigError) as info:
+        spark_options("h:9092", settings)
+    assert info.value.key == key
+
+
+def test_jvm_connector_refuses_settings_the_java_client_does_not_know():
+    java_names = {"bootstrap.servers", "security.protocol", "sasl.jaas.config", "sasl.mechanism", "ssl.keystore.location"}
+    ok = spark_options("h:9092", {"security.protocol": "SASL_SSL", "sasl.username": "u", "sasl.password": "p"})
+    check_jvm_options({**ok, "subscribe": "t"}, java_names)
+    with pytest.raises(ConfigError, match="PKCS#12") as info:
+        check_jvm_options(spark_options("h:9092", {"ssl.key.location": "/k.pem"}), java_names)
+    assert info.value.key == "kafka.client.ssl.key.location"
+    with pytest.raises(ConfigError, match="source") as info:
+        check_jvm_options(spark_options("h:9092", {"statistics.interval.ms": "1000"}), java_names)
+    assert info.value.key == "kafka.client.statistics.interval.ms"
 
 
 def test_java_spellings_are_translated():

@@ -24,7 +24,7 @@ import pytest
 
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.producer import JSON_BAD_KINDS, corrupt, make_values
-from conftest import free_port, get, send
+from conftest import client, free_port, get, send
 
 pytestmark = [pytest.mark.spark, pytest.mark.broker, pytest.mark.slow]
 
@@ -141,7 +141,7 @@ class Serve:
 @pytest.fixture
 def topics(kafka_bootstrap: str, topic_name: str) -> dict[str, str]:
     names = {"input": f"{topic_name}-in", "output": f"{topic_name}-out", "dlq": f"{topic_name}-dlq"}
-    ensure_topics(kafka_bootstrap, {names["input"]: 2, names["output"]: 1, names["dlq"]: 1})
+    ensure_topics(client(kafka_bootstrap), {names["input"]: 2, names["output"]: 1, names["dlq"]: 1})
     return names
 
 

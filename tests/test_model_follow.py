@@ -10,6 +10,7 @@ import time
 import pytest
 
 from _inference_models import softmax_model
+from conftest import client
 from streamhydro.config import Config
 from streamhydro.driver.models import ModelFollower
 from streamhydro.driver.serve import Service
@@ -102,7 +103,7 @@ def test_a_model_that_does_not_fit_the_payload_is_refused_at_start(spark, regist
 @pytest.mark.slow
 def test_serve_switches_versions_mid_stream_without_losing_events(spark, registry, kafka_bootstrap, topic_name, tmp_path):
     topics = {"in": f"{topic_name}-in", "out": f"{topic_name}-out", "dlq": f"{topic_name}-dlq"}
-    ensure_topics(kafka_bootstrap, {topics["in"]: 2, topics["out"]: 2, topics["dlq"]: 1})
+    ensure_topics(client(kafka_bootstrap), {topics["in"]: 2, topics["out"]: 2, topics["dlq"]: 1})
     config = Config().replace(
         spark={"checkpoint_location": str(tmp_path / "checkpoint")},
         kafka={"bootstrap_servers": kafka_bootstrap, "subscribe": topics["in"], "output_topic": topics["out"],
@@ -124,7 +125,7 @@ def test_serve_switches_versions_mid_stream_without_losing_events(spark, registr
 
     manifest = registry.get("iris_like").manifest
     stop = threading.Event()
-    generator = LoadGenerator(kafka_bootstrap, topics["in"], manifest)
+    generator = LoadGenerator(client(kafka_bootstrap), topics["in"], manifest)
     total = 6000
     service = Service(config)
     service.start()

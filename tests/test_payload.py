@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from _inference_models import LABELS, feature_spec, json_values, kafka_batch, softmax_model
 from streamhydro import payload as p
+from streamhydro.payload.decoding import Decoder
+from streamhydro.payload.encoding import Encoder
 from streamhydro.errors import ModelError
 from streamhydro.registry import TensorSpec
 
@@ -25,7 +27,7 @@ def model():
 
 
 def decode(manifest, values, kind="json"):
-    return p.Decoder(manifest, kind).decode(pa.array(values, pa.binary()))
+    return Decoder(manifest, kind).decode(pa.array(values, pa.binary()))
 
 
 def test_good_json_decodes_in_order_ignoring_extra_fields(model):
@@ -34,7 +36,7 @@ def test_good_json_decodes_in_order_ignoring_extra_fields(model):
     decoded = decode(manifest, values)
     np.testing.assert_array_equal(decoded.inputs["x"], np.array([[1, 2.5, -3], [4, 5, 6]], np.float32))
     assert decoded.inputs["x"].dtype == np.float32
-    assert decoded.good.tolist() == [0, 1] and decoded.bad.size == 0
+    assert decoded.good.tolist() == [0, 1] and decoded.rejected.rows.size == 0
 
 
 def test_newline_inside_a_value_does_not_split_it(model):
@@ -60,6 +62,16 @@ BAD_JSON = [
     (b'{"x_f0":NaN,"x_f1":2,"x_f2":3}', p.NON_FINITE),
     (b'{"x_f0":1e999,"x_f1":2,"x_f2":3}', p.NON_FINITE),
     (b"\xff\xfe{}", p.INVALID_JSON),
+    (b"null", p.NOT_AN_OBJECT),
+    (b" null", p.NOT_AN_OBJECT),
+    (b"null {}", p.MULTIPLE_OBJECTS),
+    (b"[" * 100_000 + b"]" * 100_000, p.INVALID_JSON),
+    (b'{"x_f0":' + b"[" * 100_000 + b"]" * 100_000 + b"}", p.INVALID_JSON),
+    (b'{"x_f0":"a","x_f1":2,"x_f2":3,"n":' + b"1" * 5000 + b"}", p.WRONG_TYPE),
+    (b'{"x_f0":1e300,"x_f1":2,"x_f2":3}', p.NON_FINITE),
+    (b'{"x_f0":1,"x_f1":2,"x_f2":3,"x_f0":4}', p.INVALID_JSON),
+    (b'{"x_f0":1,"x_f1":2,"x_f2":3}\x00', p.INVALID_JSON),
+    (b'{"x_f0":1,"x_f1":2,"x_f2":3,"s":"\\ud800"}', p.INVALID_JSON),
 ]
 
 
@@ -69,10 +81,39 @@ def test_each_bad_json_record_is_isolated_and_classified(model, value, error_cla
     good = b'{"x_f0":1,"x_f1":2,"x_f2":3}'
     decoded = decode(manifest, [good, value, good, good])
     assert decoded.good.tolist() == [0, 2, 3]
-    assert decoded.bad.tolist() == [1]
-    assert decoded.error_classes == (error_class,)
-    assert decoded.error_messages[0]
+    assert decoded.rejected.rows.tolist() == [1]
+    assert decoded.rejected.error_classes == (error_class,)
+    assert decoded.rejected.messages[0]
     assert decoded.inputs["x"].shape == (3, 3)
+
+
+def test_a_bom_and_whitespace_around_an_object_are_allowed(model):
+    _, manifest = model
+    values = [b'\xef\xbb\xbf{"x_f0":1,"x_f1":2,"x_f2":3}', b'\r\n {"x_f0":4,"x_f1":5,"x_f2":6}\t', b'{"x_f0":7,"x_f1":8,"x_f2":9}']
+    decoded = decode(manifest, values)
+    assert decoded.good.tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(decoded.inputs["x"], [[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+
+
+def test_values_over_the_limit_are_dead_lettered_without_their_value(model):
+    _, manifest = model
+    small, large = b'{"x_f0":1,"x_f1":2,"x_f2":3}', b'{"x_f0":1,"x_f1":2,"x_f2":3,"pad":"' + b"a" * 40 + b'"}'
+    batch = kafka_batch([small, large, b"[" + b" " * 60 + b"]"])
+    decoded = Decoder(manifest, "json", max_value_bytes=len(small)).decode(batch.column("value"))
+    assert decoded.good.tolist() == [0]
+    assert decoded.rejected.error_classes == (p.VALUE_TOO_LARGE, p.VALUE_TOO_LARGE)
+    assert "model.max_value_bytes" in decoded.rejected.messages[0]
+    dead = Encoder(manifest, "o", "dead").dead_letters(batch, decoded.rejected)
+    assert dead.column("value").to_pylist() == [None, None]
+    assert dead.column("key").to_pylist() == [b"k1", b"k2"]
+    assert dead.column("headers").to_pylist()[0][0] == {"key": "trace", "value": b"t1"}
+
+
+def test_the_limit_leaves_tensor_values_alone(model):
+    _, manifest = model
+    row = np.arange(3, dtype="<f4").tobytes()
+    decoded = Decoder(manifest, "tensor", max_value_bytes=4).decode(pa.array([row], pa.binary()))
+    assert decoded.good.tolist() == [0]
 
 
 def test_list_input_checks_length_type_and_nulls():
@@ -81,7 +122,7 @@ def test_list_input_checks_length_type_and_nulls():
     decoded = decode(manifest, values)
     assert decoded.good.tolist() == [0]
     np.testing.assert_array_equal(decoded.inputs["v"], np.array([[[1, 2], [3, 4]]], np.float32))
-    assert dict(zip(decoded.bad.tolist(), decoded.error_classes)) == {
+    assert dict(zip(decoded.rejected.rows.tolist(), decoded.rejected.error_classes)) == {
         1: p.WRONG_LENGTH,
         2: p.WRONG_TYPE,
         3: p.WRONG_TYPE,
@@ -93,7 +134,7 @@ def test_list_input_checks_length_type_and_nulls():
 def test_two_inputs_decode_together():
     manifest = softmax_model([feature_spec("a", 2), TensorSpec("b", "float32", (-1, 3))])[1]
     decoded = decode(manifest, [b'{"a_f0":1,"a_f1":2,"b":[3,4,5]}', b'{"a_f0":1,"b":[3,4,5]}'])
-    assert decoded.good.tolist() == [0] and decoded.error_classes == (p.MISSING_FEATURE,)
+    assert decoded.good.tolist() == [0] and decoded.rejected.error_classes == (p.MISSING_FEATURE,)
     np.testing.assert_array_equal(decoded.inputs["a"], [[1, 2]])
     np.testing.assert_array_equal(decoded.inputs["b"], [[3, 4, 5]])
 
@@ -105,16 +146,16 @@ def test_tensor_payload(model):
     decoded = decode(manifest, values, "tensor")
     assert decoded.good.tolist() == [0, 3]
     np.testing.assert_array_equal(decoded.inputs["x"], rows[[0, 2]])
-    assert decoded.error_classes == (p.WRONG_TENSOR_LENGTH, p.EMPTY_VALUE, p.NON_FINITE)
+    assert decoded.rejected.error_classes == (p.WRONG_TENSOR_LENGTH, p.EMPTY_VALUE, p.NON_FINITE)
 
 
 def test_payload_must_fit_the_model():
     _, two_inputs = softmax_model([feature_spec("a", 2), feature_spec("b", 2)])
     with pytest.raises(ModelError, match="exactly one input"):
-        p.Decoder(two_inputs, "tensor")
+        Decoder(two_inputs, "tensor")
     _, one = softmax_model([feature_spec("a", 2)])
     with pytest.raises(ModelError, match="not one of"):
-        p.Decoder(one, "protobuf")
+        Decoder(one, "protobuf")
 
 
 record = st.one_of(
@@ -134,7 +175,7 @@ def test_random_mixes_keep_every_good_row_in_order(model, records):
     decoded = decode(manifest, values)
     expected_good = [i for i, (kind, _) in enumerate(records) if kind == "good"]
     assert decoded.good.tolist() == expected_good
-    assert sorted(decoded.good.tolist() + decoded.bad.tolist()) == list(range(len(records)))
+    assert sorted(decoded.good.tolist() + decoded.rejected.rows.tolist()) == list(range(len(records)))
     expected = np.array([records[i][1] for i in expected_good], np.float32).reshape(-1, 3)
     np.testing.assert_array_equal(decoded.inputs["x"], expected)
 
@@ -144,7 +185,8 @@ def test_predictions_match_onnx_runtime_and_carry_source(model):
     rows = np.random.default_rng(3).normal(size=(5, 3)).astype(np.float32)
     batch = kafka_batch(json_values(manifest, rows), first_offset=40)
     scores = ort.InferenceSession(data).run(None, {"x": rows})[0]
-    out = p.Encoder(manifest, "preds", "dlq").predictions(batch, scores)
+    out, rejected = Encoder(manifest, "preds", "dlq").predictions(batch, scores)
+    assert rejected.rows.size == 0
     assert out.schema == p.OUTPUT_ARROW_SCHEMA
     assert out.column("key").to_pylist() == batch.column("key").to_pylist()
     assert out.column("headers").to_pylist() == batch.column("headers").to_pylist()
@@ -164,7 +206,8 @@ def test_awkward_keys_and_scores_stay_valid_json(model):
     keys = [b'quote"back\\slash', b"tab\tnewline\n\x01", None, b"\xff\xfe not utf8", "ünïcode".encode()]
     batch = kafka_batch([b"{}"] * 5, keys=keys)
     scores = np.array([[0.1, 0.2, 0.7], [np.nan, 0.5, 0.5], [np.inf, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32)
-    docs = [json.loads(v) for v in p.Encoder(manifest, "o", "d").predictions(batch, scores).column("value").to_pylist()]
+    out, _ = Encoder(manifest, "o", "d").predictions(batch, scores)
+    docs = [json.loads(v) for v in out.column("value").to_pylist()]
     assert docs[0]["key"] == 'quote"back\\slash'
     assert docs[1]["key"] == "tab\tnewline\n\x01"
     assert docs[2]["key"] is None and "key_base64" not in docs[2]
@@ -179,8 +222,8 @@ def test_dead_letters_keep_value_and_name_origin_and_error(model):
     _, manifest = model
     values = [b'{"x_f0":1,"x_f1":2,"x_f2":3}', b'{"x_f0":1', b""]
     batch = kafka_batch(values, first_offset=7)
-    decoded = p.Decoder(manifest, "json").decode(batch.column("value"))
-    dead = p.Encoder(manifest, "o", "dead").dead_letters(batch, decoded)
+    decoded = Decoder(manifest, "json").decode(batch.column("value"))
+    dead = Encoder(manifest, "o", "dead").dead_letters(batch, decoded.rejected)
     assert dead.schema == p.OUTPUT_ARROW_SCHEMA
     assert dead.column("value").to_pylist() == values[1:]
     assert dead.column("key").to_pylist() == [b"k8", b"k9"]
@@ -203,4 +246,4 @@ def test_records_cannot_merge_into_one_row(model):
     decoded = decode(manifest, values)
     assert decoded.good.tolist() == [0, 4, 5]
     np.testing.assert_array_equal(decoded.inputs["x"], [[1, 2, 3], [4, 5, 6], [1, 2, 3]])
-    assert decoded.error_classes == (p.INVALID_JSON, p.INVALID_JSON, p.MULTIPLE_OBJECTS)
+    assert decoded.rejected.error_classes == (p.INVALID_JSON, p.INVALID_JSON, p.MULTIPLE_OBJECTS)

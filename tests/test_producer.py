@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import read_all
+from conftest import client, read_all
 from streamhydro.cli import main
 from streamhydro.kafka.admin import ensure_topics
-from streamhydro.payload import Decoder
+from streamhydro.payload.decoding import Decoder
 from streamhydro.producer import JSON_BAD_KINDS, TENSOR_BAD_KINDS, corrupt, feature_stats, make_values
 
 
@@ -20,7 +20,7 @@ def test_json_events_carry_every_named_feature(model_registry):
     values = make_values(manifest, "json", 50, np.random.default_rng(0))
     assert {tuple(json.loads(v)) for v in values} == {manifest.inputs[0].features}
     decoded = Decoder(manifest, "json").decode(pa.array(values, pa.binary()))
-    assert len(decoded.bad) == 0
+    assert len(decoded.rejected.rows) == 0
 
 
 def test_tensor_events_are_little_endian_float32_rows(model_registry):
@@ -35,7 +35,7 @@ def test_every_bad_kind_is_rejected_by_the_decoder(model_registry, payload, kind
     good = make_values(manifest, payload, len(kinds), np.random.default_rng(1))
     bad = [corrupt(value, kind, manifest) for value, kind in zip(good, kinds)]
     decoded = Decoder(manifest, payload).decode(pa.array(bad, pa.binary()))
-    assert len(decoded.bad) == len(kinds)
+    assert len(decoded.rejected.rows) == len(kinds)
 
 
 def test_feature_stats_come_from_the_trainers_manifest():
@@ -49,7 +49,7 @@ def test_feature_stats_come_from_the_trainers_manifest():
 
 @pytest.mark.broker
 def test_produce_command_sends_what_it_prints(kafka_bootstrap, topic_name, model_registry, capsys):
-    ensure_topics(kafka_bootstrap, {topic_name: 1})
+    ensure_topics(client(kafka_bootstrap), {topic_name: 1})
     code = main([
         "produce", "--bootstrap-servers", kafka_bootstrap, "--topic", topic_name, "--count", "500",
         "--bad-fraction", "0.2", "--registry", str(model_registry.root), "--model", "iris_like",
@@ -64,4 +64,4 @@ def test_produce_command_sends_what_it_prints(kafka_bootstrap, topic_name, model
     assert records[0].key == b"k-0"
     manifest = model_registry.get("iris_like").manifest
     decoded = Decoder(manifest, "json").decode(pa.array([r.value for r in records], pa.binary()))
-    assert len(decoded.bad) == sum(summary["bad"].values())
+    assert len(decoded.rejected.rows) == sum(summary["bad"].values())

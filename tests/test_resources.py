@@ -1,67 +1,90 @@
-"""GPU scheduling: application conf, the stage-level profile, and a local-cluster with fake GPUs."""
+"""Spark plumbing (streamhydro.spark): what each master can do, GPU conf, task profiles. Pure: no Spark started."""
 
 from __future__ import annotations
 
-import json
-import logging
-import subprocess
-import sys
-from pathlib import Path
-
-import onnxruntime as ort
 import pytest
 
-from streamhydro.driver import resources
+from streamhydro import spark as plumbing
+from streamhydro.config import Config, check_gpu_amounts
 from streamhydro.errors import ConfigError
+from streamhydro.spark import CLUSTER, LOCAL, LOCAL_CLUSTER, Master
 
-CLUSTER_CHECK = Path(__file__).parent / "_gpu_cluster_check.py"
+
+@pytest.mark.parametrize(
+    ("url", "kind", "here", "resources"),
+    [
+        ("local", LOCAL, True, False),
+        ("local[2]", LOCAL, True, False),
+        ("local[*,3]", LOCAL, True, False),
+        ("local-cluster[2,1,1024]", LOCAL_CLUSTER, True, True),
+        ("spark://head:7077", CLUSTER, False, True),
+        ("yarn", CLUSTER, False, True),
+        ("k8s://https://api:6443", CLUSTER, False, True),
+    ],
+)
+def test_master_kinds(url, kind, here, resources):
+    master = Master.parse(url)
+    assert (master.kind, master.workers_here, master.schedules_resources) == (kind, here, resources)
 
 
-def test_gpu_conf_leaves_task_amount_to_the_profile_on_clusters():
-    conf = resources.gpu_conf(2, 0.25, "/opt/gpus.sh", "spark://host:7077")
-    assert conf[resources.EXECUTOR_GPU_AMOUNT] == "2"
-    assert conf[resources.EXECUTOR_GPU_DISCOVERY] == "/opt/gpus.sh"
-    assert resources.TASK_GPU_AMOUNT not in conf
-    local = resources.gpu_conf(1, 0.5, "/opt/gpus.sh", "local[2]")
-    assert local[resources.TASK_GPU_AMOUNT] == "0.5"
-    assert resources.gpu_conf(0, 0, "", "local[2]") == {}
+@pytest.mark.parametrize("url", ["localhost:7077", "local-cluster[2,1]", ""])
+def test_bad_masters_name_the_key(url):
+    with pytest.raises(ConfigError) as caught:
+        Master.parse(url)
+    assert caught.value.key == "spark.master" and caught.value.fix
+
+
+@pytest.mark.parametrize(
+    ("url", "expected", "retried_before"),
+    [("local[2]", "local[2,3]", False), ("local[*]", "local[*,3]", False), ("local", "local[1,3]", False),
+     ("local[4,5]", "local[4,5]", True), ("spark://h:7077", "spark://h:7077", True),
+     ("local-cluster[2,1,512]", "local-cluster[2,1,512]", True)],
+)
+def test_local_master_gets_task_retries(url, expected, retried_before):
+    master = Master.parse(url)
+    assert master.retries_tasks is retried_before
+    assert master.with_task_retries(3).url == expected
+    assert master.with_task_retries(3).retries_tasks
+
+
+def test_gpu_conf_announces_gpus_and_pci_order_but_no_task_amount():
+    conf = plumbing.gpu_conf(Master.parse("spark://host:7077"), 2, "/opt/gpus.sh")
+    assert conf[plumbing.EXECUTOR_GPU_AMOUNT] == "2" and conf[plumbing.WORKER_GPU_AMOUNT] == "2"
+    assert conf[plumbing.EXECUTOR_GPU_DISCOVERY] == "/opt/gpus.sh"
+    assert conf["spark.executorEnv.CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert plumbing.TASK_GPU_AMOUNT not in conf
+    assert plumbing.gpu_conf(Master.parse("local[2]"), 0, "") == {}
+
+
+def test_local_mode_refuses_gpus_in_config_and_conf():
+    """Under local[N] Spark never starts a task that asks for a GPU: the job hangs at 0 running tasks."""
+    with pytest.raises(ConfigError) as caught:
+        Config().replace(spark={"master": "local[2]", "executor_gpus": 1, "task_gpus": 0.5})
+    assert caught.value.key == "spark.master" and "deploy/standalone" in caught.value.fix
+    with pytest.raises(ConfigError):
+        plumbing.gpu_conf(Master.parse("local[4]"), 1, "/opt/gpus.sh")
+    cluster = Config().replace(spark={"master": "local-cluster[1,2,1024]", "executor_gpus": 1, "task_gpus": 0.5})
+    assert cluster.spark.task_gpus == 0.5
+
+
+def test_task_profiles_only_where_gpus_are_scheduled():
+    pytest.importorskip("pyspark")
+    assert plumbing.task_profile(Master.parse("local[2]"), 1, 0.5) is None
+    assert plumbing.task_profile(Master.parse("spark://h:7077"), 1, 0) is None
+    with pytest.raises(ConfigError):
+        plumbing.task_profile(Master.parse("spark://h:7077"), 0, 1)
 
 
 @pytest.mark.parametrize("task_gpus", [-1, 0.3, 1.5])
 def test_bad_gpu_amounts_name_the_key_and_fix(task_gpus):
     with pytest.raises(ConfigError) as caught:
-        resources.gpu_conf(1, task_gpus, "/opt/gpus.sh")
+        check_gpu_amounts(1, task_gpus)
     assert caught.value.key == "spark.task_gpus" and caught.value.fix
 
 
-@pytest.mark.spark
-def test_local_master_falls_back_with_a_log_line(spark, caplog):
-    with caplog.at_level(logging.INFO, logger="streamhydro.driver.resources"):
-        assert resources.inference_profile(spark, 0.5, 1) is None
-        assert resources.inference_profile(spark, 0, 1) is None
-    assert "cannot schedule stage-level task resource profiles" in caplog.text
-    assert "no GPU requested" in caplog.text
-
-
-def _max_concurrent(tasks: list[dict], address: str) -> int:
-    on = [t for t in tasks if t["addresses"] == address]
-    return max(sum(1 for o in on if o["start"] < t["stop"] and t["start"] < o["stop"]) for t in on)
-
-
-@pytest.mark.spark
-def test_local_cluster_with_fake_gpus_pins_and_shares():
-    """Runs tests/_gpu_cluster_check.py in its own process: one SparkContext per process, and ours is local[2]."""
-    done = subprocess.run([sys.executable, str(CLUSTER_CHECK)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    cuda_here = "CUDAExecutionProvider" in ort.get_available_providers()
-    for amount, per_gpu in (("1.0", 1), ("0.5", 2)):
-        tasks = results[amount]
-        assert sum(t["rows"] for t in tasks) == 40
-        assert {t["addresses"] for t in tasks} == {"0", "1"}
-        for task in tasks:
-            assert task["requested"] == f"cuda:{task['addresses']}"
-            assert task["device"] == (task["requested"] if cuda_here else "cpu")
-        assert [_max_concurrent(tasks, a) for a in ("0", "1")] == [per_gpu, per_gpu]
-    for task in results["no_profile"]:
-        assert task["addresses"] == "" and task["requested"] == "cpu"
+def test_empty_master_outside_spark_submit_names_the_fix(monkeypatch):
+    """An empty master is spark-submit's; in a plain process resolving it must say how to fix that."""
+    monkeypatch.delenv(plumbing.SUBMIT_GATEWAY, raising=False)
+    with pytest.raises(ConfigError) as caught:
+        plumbing.resolve_master("")
+    assert "spark-submit" in caught.value.problem and "submit.sh" in caught.value.fix

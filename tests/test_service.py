@@ -1,4 +1,7 @@
-"""The service end to end: real local Spark, a real Kafka-protocol broker, kafka-python as the users' client."""
+"""The service end to end: real local Spark, Apache Kafka, kafka-python as the users' client.
+
+Every test runs with both connectors: streamhydro's Python data source and Spark's own JVM connector.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import read_all, send
+from conftest import client, read_all, send
 from streamhydro.config import Config
 from streamhydro.driver.serve import Service
 from streamhydro.kafka.admin import ensure_topics
@@ -20,14 +23,19 @@ pytestmark = [pytest.mark.spark, pytest.mark.broker, pytest.mark.slow]
 OUTPUT_WAIT_SECONDS = 240
 
 
+@pytest.fixture(params=["python", "builtin"])
+def connector(request) -> str:
+    return request.param
+
+
 @pytest.fixture
 def topics(kafka_bootstrap, topic_name):
     names = {"input": f"{topic_name}-in", "output": f"{topic_name}-out", "dlq": f"{topic_name}-dlq"}
-    ensure_topics(kafka_bootstrap, {names["input"]: 2, names["output"]: 2, names["dlq"]: 1})
+    ensure_topics(client(kafka_bootstrap), {names["input"]: 2, names["output"]: 2, names["dlq"]: 1})
     return names
 
 
-def service_config(kafka_bootstrap, topics, model_registry, tmp_path, **kafka):
+def service_config(kafka_bootstrap, topics, model_registry, tmp_path, connector, **kafka):
     return Config().replace(
         spark={"master": "local[2]", "checkpoint_location": str(tmp_path / "checkpoint")},
         kafka={
@@ -35,7 +43,7 @@ def service_config(kafka_bootstrap, topics, model_registry, tmp_path, **kafka):
             "subscribe": topics["input"],
             "output_topic": topics["output"],
             "dead_letter_topic": topics["dlq"],
-            "source": "python",
+            "source": connector,
             **kafka,
         },
         model={"registry": str(model_registry.root), "name": "iris_like", "version": "latest"},
@@ -49,12 +57,13 @@ def features_of(value: bytes, names) -> list[float]:
     return [document[name] for name in names]
 
 
-def test_every_event_is_predicted_exactly_like_onnx_runtime(kafka_bootstrap, topics, model_registry, tmp_path, spark):
+def test_every_event_is_predicted_exactly_like_onnx_runtime(kafka_bootstrap, topics, model_registry, tmp_path, spark, connector):
     model = model_registry.get("iris_like")
     values = make_values(model.manifest, "json", 20_000, np.random.default_rng(1))
     keys = send(kafka_bootstrap, topics["input"], values)
-    service = Service(service_config(kafka_bootstrap, topics, model_registry, tmp_path, max_offsets_per_trigger=8000))
+    service = Service(service_config(kafka_bootstrap, topics, model_registry, tmp_path, connector, max_offsets_per_trigger=8000))
     service.start()
+    assert service.connector == connector
     try:
         records = read_all(kafka_bootstrap, topics["output"], len(values))
     finally:
@@ -82,11 +91,11 @@ def test_every_event_is_predicted_exactly_like_onnx_runtime(kafka_bootstrap, top
         assert ("trace", sent_trace(record.key)) in record.headers
 
 
-def test_restart_from_checkpoint_predicts_every_event(kafka_bootstrap, topics, model_registry, tmp_path, spark):
+def test_restart_from_checkpoint_predicts_every_event(kafka_bootstrap, topics, model_registry, tmp_path, spark, connector):
     model = model_registry.get("iris_like")
     first = make_values(model.manifest, "json", 6000, np.random.default_rng(2))
     send(kafka_bootstrap, topics["input"], first)
-    config = service_config(kafka_bootstrap, topics, model_registry, tmp_path, max_offsets_per_trigger=500)
+    config = service_config(kafka_bootstrap, topics, model_registry, tmp_path, connector, max_offsets_per_trigger=500)
     service = Service(config)
     service.start()
     try:
@@ -123,7 +132,7 @@ def _read_until_distinct(kafka_bootstrap, topic, distinct):
             return records
 
 
-def test_malformed_records_go_to_the_dead_letter_topic(kafka_bootstrap, topics, model_registry, tmp_path, spark):
+def test_malformed_records_go_to_the_dead_letter_topic(kafka_bootstrap, topics, model_registry, tmp_path, spark, connector):
     model = model_registry.get("iris_like")
     good = make_values(model.manifest, "json", 3000, np.random.default_rng(4))
     values = list(good)
@@ -133,7 +142,7 @@ def test_malformed_records_go_to_the_dead_letter_topic(kafka_bootstrap, topics, 
         values[position] = corrupt(good[position], kind, model.manifest)
         bad_positions[f"user-{position}".encode()] = kind
     keys = send(kafka_bootstrap, topics["input"], values)
-    service = Service(service_config(kafka_bootstrap, topics, model_registry, tmp_path))
+    service = Service(service_config(kafka_bootstrap, topics, model_registry, tmp_path, connector))
     service.start()
     try:
         dead = read_all(kafka_bootstrap, topics["dlq"], len(bad_positions))
@@ -164,14 +173,14 @@ def sent_trace(key: bytes) -> bytes:
     return b"t" + key.removeprefix(b"user-")
 
 
-def test_wrong_tensor_lengths_go_to_the_dead_letter_topic(kafka_bootstrap, topics, model_registry, tmp_path, spark):
+def test_wrong_tensor_lengths_go_to_the_dead_letter_topic(kafka_bootstrap, topics, model_registry, tmp_path, spark, connector):
     model = model_registry.get("iris_like")
     values = make_values(model.manifest, "tensor", 500, np.random.default_rng(5))
     for i, kind in enumerate(TENSOR_BAD_KINDS):
         values[i * 100] = corrupt(values[i * 100], kind, model.manifest)
     values[450] = values[450] + b"\x00\x00\x80\x3f"
     send(kafka_bootstrap, topics["input"], values)
-    config = service_config(kafka_bootstrap, topics, model_registry, tmp_path)
+    config = service_config(kafka_bootstrap, topics, model_registry, tmp_path, connector)
     service = Service(config.replace(model={"payload": "tensor"}))
     service.start()
     try:
@@ -181,3 +190,25 @@ def test_wrong_tensor_lengths_go_to_the_dead_letter_topic(kafka_bootstrap, topic
         service.stop()
     assert sorted(r.key for r in dead) == [b"user-0", b"user-100", b"user-450"]
     assert len(predictions) == 497
+
+
+def test_a_broker_that_requires_scram_serves_with_the_settings_written_once(scram_kafka, topic_name, model_registry, tmp_path, spark, connector):
+    """SASL/SCRAM settings written once in librdkafka's spelling reach both connectors and every client."""
+    from conftest import SCRAM_PASSWORD, SCRAM_USER
+
+    bootstrap = scram_kafka.bootstrap_servers
+    settings = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": SCRAM_USER, "sasl.password": SCRAM_PASSWORD}
+    users_client = {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": SCRAM_USER, "sasl_plain_password": SCRAM_PASSWORD}
+    names = {"input": f"{topic_name}-in", "output": f"{topic_name}-out", "dlq": f"{topic_name}-dlq"}
+    ensure_topics(client(bootstrap, settings), {names["input"]: 2})
+    model = model_registry.get("iris_like")
+    values = make_values(model.manifest, "json", 2000, np.random.default_rng(6))
+    send(bootstrap, names["input"], values, **users_client)
+    config = service_config(bootstrap, names, model_registry, tmp_path, connector, client=settings)
+    service = Service(config)
+    service.start()
+    try:
+        records = read_all(bootstrap, names["output"], len(values), **users_client)
+    finally:
+        service.stop()
+    assert len({json.loads(r.value)["idempotency_key"] for r in records}) == len(values)

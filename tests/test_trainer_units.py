@@ -12,7 +12,7 @@ import torch
 from streamhydro.errors import ConfigError
 from streamhydro.trainer.config import from_mapping, load
 from streamhydro.trainer.errors import ExportError
-from streamhydro.trainer.launch import _retrying_master, session_settings
+from streamhydro.trainer.launch import session_settings
 from streamhydro.trainer.model import mlp
 from streamhydro.trainer.rank.arrays import partition_arrays
 from streamhydro.trainer.rank.checkpoint import RunDirectory
@@ -79,16 +79,7 @@ def test_jdbc_session_gets_debians_driver_jar():
     master, conf = session_settings(pg)
     assert conf["spark.jars"] == "/usr/share/java/postgresql.jar"
     assert conf["spark.barrier.sync.timeout"] == "300"
-    assert master == "local[2,3]"
-
-
-@pytest.mark.parametrize(
-    ("master", "expected"),
-    [("local[2]", "local[2,3]"), ("local[*]", "local[*,3]"), ("local", "local[1,3]"), ("local[4,5]", "local[4,5]"),
-     ("spark://h:7077", "spark://h:7077"), ("", "")],
-)
-def test_local_master_gets_task_retries(master, expected):
-    assert _retrying_master(master, 3) == expected
+    assert master.url == "local[2,3]"
 
 
 def test_partition_arrays_splits_holdout_rows():

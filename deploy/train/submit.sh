@@ -5,10 +5,10 @@
 #
 # e.g. deploy/train/submit.sh train.toml --master spark://head:7077 --executor-cores 4 --num-executors 2
 #
-# The master comes from spark-submit (--master), not from the config's spark.master. Every
-# executor needs Python with streamhydro[train] installed (or a packed environment shipped with
-# --archives; see README.md here). Settings the trainer sets itself (barrier timeout, stage
-# attempts) come from the config's [training] section.
+# The master comes from spark-submit (--master), not from the config's spark.master (train_job.py
+# empties it in the driver process). Every executor needs Python with streamhydro[train] installed
+# (or a packed environment shipped with --archives; see README.md here). Settings the trainer sets
+# itself (barrier timeout, stage attempts) come from the config's [training] section.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -18,9 +18,6 @@ fi
 config=$1
 shift
 here=$(cd "$(dirname "$0")" && pwd)
-
-# Empty: leave the master to spark-submit's --master.
-export STREAMHYDRO_SPARK_MASTER=""
 
 exec "${SPARK_HOME:+$SPARK_HOME/bin/}spark-submit" \
     --name streamhydro-train \

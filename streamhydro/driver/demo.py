@@ -1,7 +1,8 @@
 """``streamhydro demo``: the whole service on an embedded default. Runs on the driver.
 
-An embedded Kafka-protocol broker, local Spark, the model shipped in ``models/``, the load
-generator in a thread, and a reader of the output topics that counts what comes out. A progress
+A local broker (Apache Kafka from the jar cache by default, or Tansu), local Spark, the model shipped
+in ``models/``, the load generator in a thread, and a reader of the output topics that counts what
+comes out. A progress
 line shows events in, predictions out, rate and lag; Ctrl-C stops every part. With
 ``--events N`` it exits once N events have come out (as predictions or dead letters) and prints,
 as its last line, a JSON summary.
@@ -16,10 +17,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from streamhydro.config import Config
+from streamhydro.errors import ConfigError
+from streamhydro.outputs import OutputReader
 from streamhydro.producer import add_event_arguments
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--events", type=int, default=0, help="exit after N events were scored and print a JSON summary (default: run until Ctrl-C)")
     parser.add_argument("--rate", type=float, default=None, help="events per second (default: 2000 interactive, unthrottled with --events)")
     add_event_arguments(parser)
+    parser.add_argument("--broker", choices=("kafka", "tansu"), default="kafka", help="local broker: Apache Kafka (Java, the jar cache) or Tansu (no Java, in memory, not for live streams of small batches) (default %(default)s)")
+    parser.add_argument("--source", choices=("auto", "builtin", "python"), default="auto", help="Kafka connector, as kafka.source in serve's config (default %(default)s)")
     parser.add_argument("--master", default="local[2]", help="Spark master (default %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=9108, help="port of the metrics endpoint; 0 = any free port (default %(default)s)")
     parser.set_defaults(run=_run)
@@ -54,6 +60,8 @@ def _run(args: argparse.Namespace) -> int:
         model=args.model,
         master=args.master,
         metrics_port=args.metrics_port,
+        broker=args.broker,
+        source=args.source,
     )
     print(json.dumps(summary))
     return 0
@@ -68,32 +76,40 @@ def run_demo(
     model: str,
     master: str,
     metrics_port: int = 9108,
+    broker: str = "kafka",
+    source: str = "auto",
 ) -> dict[str, Any]:
     """Run the demo; returns the summary. ``events=None`` runs until SIGINT/SIGTERM."""
-    from streamhydro.broker import EmbeddedBroker
+    from streamhydro.brokers import BROKERS
     from streamhydro.driver.serve import Service
     from streamhydro.kafka.admin import ensure_topics
     from streamhydro.producer import LoadGenerator
 
+    kafka_settings = {"subscribe": INPUT_TOPIC, "source": source}
+    if broker == "tansu":
+        if source == "builtin":
+            raise ConfigError("--source", "builtin cannot read from Tansu: its ListOffsets answer is wrong", "use --source python, or --broker kafka")
+        kafka_settings.update(source="python", end_offsets_from="fetch")
     stop = threading.Event()
-    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="streamhydro-demo-") as work:
+    with tempfile.TemporaryDirectory(prefix="streamhydro-demo-") as work, BROKERS[broker]() as running:
         config = Config().replace(
             spark={"master": master, "app_name": "streamhydro-demo", "checkpoint_location": f"{work}/checkpoint"},
-            kafka={"bootstrap_servers": broker.bootstrap_servers, "subscribe": INPUT_TOPIC},
+            kafka={"bootstrap_servers": running.bootstrap_servers, **kafka_settings},
             model={"registry": registry, "name": model, "version": "promoted", "payload": payload},
             # local Spark assigns no GPUs, so scoring runs on the CPU, where pipelining does not pay.
             inference={"pipeline_depth": 0},
             metrics={"port": metrics_port, "multiprocess_dir": f"{work}/metrics"},
         )
         k = config.kafka
-        ensure_topics(k.bootstrap_servers, {INPUT_TOPIC: INPUT_PARTITIONS, k.output_topic: INPUT_PARTITIONS, k.dead_letter_topic: 1})
-        _say(f"embedded broker at {broker.bootstrap_servers} (log: {broker.log_path}); starting Spark ({master})...")
+        client = k.librdkafka()
+        ensure_topics(client, {INPUT_TOPIC: INPUT_PARTITIONS, k.output_topic: INPUT_PARTITIONS, k.dead_letter_topic: 1})
+        _say(f"{broker} broker at {running.bootstrap_servers} (log: {running.log_path}); starting Spark ({master})...")
         service = Service(config)
         service.start(on_signal=stop.set)
         manifest = service.follower.plan.manifest
         _say(f"serving {manifest.name}:{manifest.version}; {INPUT_TOPIC} -> {k.output_topic} (dead letters -> {k.dead_letter_topic})")
-        reader = OutputReader(k.bootstrap_servers, (k.output_topic, k.dead_letter_topic))
-        generator = LoadGenerator(k.bootstrap_servers, INPUT_TOPIC, manifest, payload, bad_fraction)
+        reader = OutputReader(client, (k.output_topic, k.dead_letter_topic), track=True, group="streamhydro-demo-reader")
+        generator = LoadGenerator(client, INPUT_TOPIC, manifest, payload, bad_fraction)
         reader.start()
         started = time.monotonic()
         producing = threading.Thread(target=generator.run, args=(events, rate, stop), name="load-generator", daemon=True)
@@ -118,14 +134,17 @@ def run_demo(
             "seconds": round(seconds, 3),
             "events_per_s": round(generator.sent / seconds, 1) if seconds > 0 else 0.0,
             "model": f"{manifest.name}:{manifest.version}",
+            "broker": broker,
+            "connector": service.connector,
             "micro_batches": service.batches,
+            **latency_summary(reader.latency_ms()),
         }
 
 
-def _watch(events: int | None, generator: Any, reader: "OutputReader", service: Any, stop: threading.Event, started: float) -> None:
+def _watch(events: int | None, generator: Any, reader: OutputReader, service: Any, stop: threading.Event, started: float) -> None:
     interactive = sys.stderr.isatty()
     shown_sample = False
-    previous, previous_at = 0, started
+    previous, previous_at, latencies_seen = 0, started, 0
     while not stop.wait(PROGRESS_SECONDS):
         if not service.query.isActive:
             raise RuntimeError(f"the streaming query stopped: {service.query.exception()}")
@@ -134,9 +153,13 @@ def _watch(events: int | None, generator: Any, reader: "OutputReader", service: 
         rate = (done - previous) / (now - previous_at)
         previous, previous_at = done, now
         counts = reader.counts
+        recent = reader.latency_ms(since=latencies_seen)
+        latencies_seen += len(recent)
+        latency = f"{np.percentile(recent, 50):>7,.0f} ms" if len(recent) else "      - ms"
         line = (
             f"events in {generator.sent:>9,} | predictions {counts[service.config.kafka.output_topic]:>9,} | "
-            f"dead letters {counts[service.config.kafka.dead_letter_topic]:>6,} | {rate:>9,.0f}/s | lag {generator.sent - done:>8,}"
+            f"dead letters {counts[service.config.kafka.dead_letter_topic]:>6,} | {rate:>9,.0f}/s | lag {generator.sent - done:>8,} | "
+            f"latency p50 {latency}"
         )
         print(f"\r{line}" if interactive else line, end="" if interactive else "\n", file=sys.stderr, flush=True)
         if not shown_sample and reader.sample is not None:
@@ -148,51 +171,13 @@ def _watch(events: int | None, generator: Any, reader: "OutputReader", service: 
         print(file=sys.stderr)
 
 
+def latency_summary(latency_ms: np.ndarray) -> dict[str, float | None]:
+    """p50 and p99 of produce->prediction latencies, in ms (None without predictions)."""
+    if not len(latency_ms):
+        return {"latency_p50_ms": None, "latency_p99_ms": None}
+    p50, p99 = np.percentile(latency_ms, [50, 99])
+    return {"latency_p50_ms": round(float(p50), 1), "latency_p99_ms": round(float(p99), 1)}
+
+
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-class OutputReader:
-    """Counts records arriving on the output topics (a thread with its own confluent-kafka consumer)."""
-
-    def __init__(self, bootstrap_servers: str, topics: Sequence[str]) -> None:
-        from confluent_kafka import Consumer
-
-        self._consumer = Consumer(
-            {"bootstrap.servers": bootstrap_servers, "group.id": "streamhydro-demo-reader", "enable.auto.commit": False}
-        )
-        self._topics = tuple(topics)
-        self.counts = {topic: 0 for topic in topics}
-        self.sample: str | None = None
-        self.last_at: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="output-reader", daemon=True)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def start(self) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-
-        metadata = self._consumer.list_topics(timeout=10)
-        self._consumer.assign(
-            [TopicPartition(t, p, OFFSET_BEGINNING) for t in self._topics for p in metadata.topics[t].partitions]
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._consumer.close()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            messages = self._consumer.consume(10_000, timeout=0.2)
-            for message in messages:
-                if message.error() is None:
-                    self.counts[message.topic()] += 1
-                    if self.sample is None and message.topic() == self._topics[0]:
-                        self.sample = message.value().decode()
-            if messages:
-                self.last_at = time.monotonic()

@@ -35,6 +35,7 @@ def engine_settings(config: Config) -> EngineSettings:
         pipeline_depth=i.pipeline_depth,
         intra_op_threads=i.intra_op_threads or None,
         gpu_mem_limit_bytes=i.gpu_mem_limit_mb * 1024 * 1024 or None,
+        gpu_share=config.spark.task_gpus or 1.0,
     )
 
 
@@ -119,6 +120,7 @@ class ModelFollower:
             output_topic=k.output_topic,
             dead_letter_topic=k.dead_letter_topic,
             engine=self._engine,
+            max_value_bytes=self._config.model.max_value_bytes,
         )
         if previous is not None:
             previous.unpersist(blocking=False)

@@ -20,7 +20,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from streamhydro.config import Config, load, reference
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 BUILTIN_FORMAT = "kafka"
 BUILTIN_PROVIDER = "org.apache.spark.sql.kafka010.KafkaSourceProvider"
 KAFKA_PACKAGE = "org.apache.spark:spark-sql-kafka-0-10_2.13:<your Spark version>"
+# Spark settings that put jars on the classpath: the connector may already be there through them.
+JARS = "spark.jars"
+PACKAGES = "spark.jars.packages"
 STOP_POLL_SECONDS = 0.2
 
 
@@ -71,6 +74,7 @@ class Service:
         self.follower = None
         self.metrics = None
         self._profile = None
+        self.connector: str | None = None
         self.batches = 0
 
     def start(self, on_signal: Callable[[], None] | None = None) -> Any:
@@ -81,25 +85,30 @@ class Service:
         set before that would be replaced).
         """
         from streamhydro.driver.models import ModelFollower
-        from streamhydro.driver.resources import gpu_conf, inference_profile
-        from streamhydro.driver.session import build_session
         from streamhydro.kafka.admin import ensure_topics
         from streamhydro.metrics.driver import start_driver_metrics
         from streamhydro.metrics.multiprocess import executor_conf
+        from streamhydro.spark import gpu_conf, resolve_master, streaming_session, task_cpus, task_profile
 
         c = self.config
         s = c.spark
+        master = resolve_master(s.master)
         conf = {
-            **gpu_conf(s.executor_gpus, s.task_gpus, s.gpu_discovery_script, s.master),
+            **gpu_conf(master, s.executor_gpus, s.gpu_discovery_script),
             **s.conf,
-            **executor_conf(c.metrics, s.master),
+            **connector_conf(c.kafka.source, s.conf),
+            **executor_conf(c.metrics, master.url),
         }
-        self.spark = build_session(s.master, s.app_name, conf)
+        self.spark = streaming_session(master, s.app_name, conf)
         if on_signal is not None:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda signum, frame: on_signal())
-        task_cpus = int(self.spark.sparkContext.getConf().get("spark.task.cpus", "1"))
-        self._profile = inference_profile(self.spark, s.task_gpus, task_cpus)
+        self._profile = task_profile(master, task_cpus(self.spark), s.task_gpus)
+        log.info(
+            "scoring stage (Kafka read, score, Kafka write): %s",
+            f"task profile {self._profile.id}, {s.task_gpus} GPU and {task_cpus(self.spark)} CPU per task"
+            if self._profile else "no GPU requested, the application's task resources",
+        )
         self.metrics = start_driver_metrics(self.spark, c.metrics)
         if self.metrics.url:
             print(f"metrics at {self.metrics.url}", flush=True)
@@ -109,8 +118,9 @@ class Service:
             on_switch=lambda version: self.metrics.set_model(version.manifest.name, version.manifest.version),
             on_refuse=self.metrics.model_refused,
         )
-        self._format = kafka_format(self.spark, c.kafka.source)
-        ensure_topics(c.kafka.bootstrap_servers, {c.kafka.output_topic: 1, c.kafka.dead_letter_topic: 1}, c.kafka.client)
+        self._format = kafka_format(self.spark, c.kafka.source, c.kafka.client_options())
+        self.connector = "builtin" if self._format == BUILTIN_FORMAT else "python"
+        ensure_topics(c.kafka.librdkafka(), {c.kafka.output_topic: 1, c.kafka.dead_letter_topic: 1})
         self._warm_up()
         stream = self.spark.readStream.format(self._format).options(**c.kafka.source_options()).load()
         self.query = (
@@ -123,7 +133,7 @@ class Service:
         log.info(
             "query started: %s via %s connector -> %s (dead letters -> %s), checkpoint %s",
             c.kafka.subscribe or c.kafka.subscribe_pattern or c.kafka.assign,
-            "Spark's built-in" if self._format == BUILTIN_FORMAT else "streamhydro's Python",
+            "Spark's built-in" if self.connector == "builtin" else "streamhydro's Python",
             c.kafka.output_topic, c.kafka.dead_letter_topic, c.spark.checkpoint_location,
         )
         return self.query
@@ -216,8 +226,28 @@ class Service:
         log.info("warm-up: %d Python workers ready in %.1f s", parallelism, time.monotonic() - started)
 
 
-def kafka_format(spark: Any, source: str) -> str:
-    """The connector to use: Spark's JVM connector when asked for (or available, with auto), else ours."""
+def connector_conf(source: str, conf: Mapping[str, str]) -> dict[str, str]:
+    """``spark.jars`` with Spark's Kafka connector, for ``source = builtin`` (resolved from Maven when
+    missing) and ``auto`` (when the jar cache has it); nothing when ``conf`` already brings the connector."""
+    from streamhydro import jars
+
+    if source == "python" or "spark-sql-kafka" in conf.get(JARS, "") + conf.get(PACKAGES, ""):
+        return {}
+    bundle = jars.spark_kafka_connector()
+    found = jars.resolve(bundle) if source == "builtin" else jars.cached(bundle)
+    if found is None:
+        log.info("Spark's Kafka connector is not in the jar cache (`streamhydro jars` puts it there)")
+        return {}
+    return {JARS: ",".join(filter(None, [conf.get(JARS, ""), *map(str, found)]))}
+
+
+def kafka_format(spark: Any, source: str, options: Mapping[str, str]) -> str:
+    """The connector to use: Spark's JVM connector when asked for (or available, with auto), else ours.
+
+    For the JVM connector, ``options`` (the ``kafka.*`` client settings) are checked against the Java
+    client's own list of settings, which the connector would otherwise ignore without a word.
+    """
+    from streamhydro.kafka.options import check_jvm_options
     from streamhydro.kafka.source import FORMAT
 
     if source == "python":
@@ -227,16 +257,27 @@ def kafka_format(spark: Any, source: str) -> str:
         raise ConfigError(
             "kafka.source",
             "Spark's built-in Kafka connector is not on the classpath",
-            f"start Spark with --packages {KAFKA_PACKAGE}, or set source = \"python\"",
+            f"run `streamhydro jars`, start Spark with --packages {KAFKA_PACKAGE}, or set source = \"python\"",
         )
-    chosen = BUILTIN_FORMAT if available else FORMAT
+    if available:
+        check_jvm_options(options, _java_client_settings(spark))
     log.info("Kafka connector: %s", "Spark's built-in (JVM)" if available else f"streamhydro's Python data source ({FORMAT})")
-    return chosen
+    return BUILTIN_FORMAT if available else FORMAT
+
+
+def _java_client_settings(spark: Any) -> set[str]:
+    """Every setting name the Java Kafka consumer, producer and admin client know."""
+    clients = spark.sparkContext._jvm.org.apache.kafka.clients
+    names: set[str] = set()
+    for config in (clients.consumer.ConsumerConfig, clients.producer.ProducerConfig, clients.admin.AdminClientConfig):
+        names.update(config.configNames())
+    return names
 
 
 def _builtin_available(spark: Any) -> bool:
+    """Whether the connector's class loads, through the loader that holds ``spark.jars`` (as Spark's own)."""
     try:
-        spark.sparkContext._jvm.java.lang.Class.forName(BUILTIN_PROVIDER)
+        spark.sparkContext._jvm.java.lang.Thread.currentThread().getContextClassLoader().loadClass(BUILTIN_PROVIDER)
     except Exception:  # noqa: BLE001 -- py4j wraps ClassNotFoundException; any failure means "not there"
         return False
     return True

@@ -2,7 +2,7 @@
 
 Runs on every executor host (in local mode, beside the driver): Spark starts it once per kind of
 Python worker when ``spark.python.daemon.module`` names this module, which
-:func:`streamhydro.driver.session.build_session` sets. Every Python worker is forked from the
+:data:`streamhydro.spark.STREAMING_CONF` sets. Every Python worker is forked from the
 daemon, so a module imported here is already loaded in each new worker. Without it, every fresh
 worker imports ONNX Runtime, confluent-kafka, pyarrow's JSON reader and streamhydro itself, which
 is paid again in the first micro-batch of each query and whenever Spark starts more workers.

@@ -61,7 +61,8 @@ class EngineSettings:
     ``batch_size``: rows per model run, independent of Arrow's ``maxRecordsPerBatch``.
     ``pipeline_depth``: bounded queue depth between stage groups; 0 runs stages sequentially.
     ``intra_op_threads``: ORT threads per session; None = the task's CPUs (``spark.task.cpus``).
-    ``gpu_mem_limit_bytes``: ORT CUDA arena limit per session; None = ORT's default (no limit).
+    ``gpu_mem_limit_bytes``: ORT CUDA arena limit per session; None = the task's share of the GPU.
+    ``gpu_share``: the fraction of a GPU each task gets (``spark.task_gpus``), which sizes that share.
     """
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
@@ -69,6 +70,7 @@ class EngineSettings:
     pipeline_depth: int = 2
     intra_op_threads: int | None = None
     gpu_mem_limit_bytes: int | None = None
+    gpu_share: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

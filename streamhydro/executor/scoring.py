@@ -8,8 +8,13 @@ pipeline in :mod:`streamhydro.executor.engine`.
 
 Per task partition it yields, in the sink's schema ``OUTPUT_SCHEMA``: one prediction per good
 record (in input order, to ``plan.output_topic``) and one dead letter per bad record (to
-``plan.dead_letter_topic``). A record never fails the task. At the end it hands one
-:class:`BatchStats` to the metrics module.
+``plan.dead_letter_topic``). A record never fails the task: decoding and encoding reject what they
+cannot code, down to an exception nobody foresaw (``UnexpectedError``). What fails the task is what
+no single record causes: the model cannot load, the worker runs out of memory, or ONNX Runtime
+fails a run. A run only gets finite numbers of the model's dtype and shape, so its failure is the
+model's or the device's (CUDA out of memory, a lost GPU) and Spark's task retry is the right answer;
+dead-lettering the batch would divert good records for an infrastructure fault. At the end it hands
+one :class:`BatchStats` to the metrics module.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import pyarrow as pa
 
 from streamhydro.executor.engine import BatchStats, EngineSettings, Rebatcher, StageClock, Tracer, run_pipeline
 from streamhydro.executor.sessions import ModelSession, TaskResources, get_session, place, task_resources
-from streamhydro.payload import Decoded, Decoder, Encoder
+from streamhydro.payload import Rejected
+from streamhydro.payload.decoding import MAX_VALUE_BYTES, Decoder
+from streamhydro.payload.encoding import Encoder
 from streamhydro.registry import Manifest
 
 log = logging.getLogger(__name__)
@@ -31,8 +38,8 @@ log = logging.getLogger(__name__)
 __all__ = ["OUTPUT_SCHEMA", "EngineSettings", "ScoringPlan", "BatchStats", "score_batches", "score_partition"]
 
 OUTPUT_SCHEMA = "key binary, value binary, topic string, headers array<struct<key:string,value:binary>>"
-# Kafka source columns the encoder needs for each scored row.
-META_COLUMNS = ("key", "topic", "partition", "offset", "timestamp", "headers")
+# Kafka source columns the encoder needs for each scored row (the value for a dead letter, should encoding fail).
+META_COLUMNS = ("key", "value", "topic", "partition", "offset", "timestamp", "headers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +48,7 @@ class ScoringPlan:
 
     ``model_bytes`` is any object whose ``.value`` is the ONNX bytes: a pyspark Broadcast on the
     driver (read by an executor only when its worker has no session for the model yet).
+    ``max_value_bytes``: larger JSON values are rejected unparsed (``model.max_value_bytes``).
     """
 
     manifest: Manifest
@@ -49,6 +57,7 @@ class ScoringPlan:
     output_topic: str
     dead_letter_topic: str
     engine: EngineSettings = EngineSettings()
+    max_value_bytes: int = MAX_VALUE_BYTES
 
 
 def score_batches(
@@ -79,7 +88,7 @@ def score_partition(
     resources = resources if resources is not None else task_resources()
     placement = place(plan.engine, resources)
     model = get_session(plan.manifest, plan.model_bytes, plan.payload, placement, plan.engine)
-    decoder = Decoder(plan.manifest, plan.payload)
+    decoder = Decoder(plan.manifest, plan.payload, plan.max_value_bytes)
     encoder = Encoder(plan.manifest, plan.output_topic, plan.dead_letter_topic)
     clock = StageClock(trace)
     stages = _Stages(model, decoder, encoder, clock, plan.engine.batch_size)
@@ -136,10 +145,12 @@ class _Stages:
         for seq, batch in enumerate(batches):
             with self.clock.stage("decode", seq):
                 decoded = self.decoder.decode(batch.column("value"))
-                meta = batch.select(list(META_COLUMNS)).take(pa.array(decoded.good))
+                meta = batch.select(list(META_COLUMNS))
+                if len(decoded.good) < batch.num_rows:
+                    meta = meta.take(pa.array(decoded.good))
             self.clock.rows_in += batch.num_rows
-            if len(decoded.bad):
-                yield self._dead_letters(seq, batch, decoded)
+            if len(decoded.rejected.rows):
+                yield self._dead_letters(seq, batch, decoded.rejected)
             for meta_chunk, inputs in rebatcher.add(meta, decoded.inputs):
                 yield self._stage(chunks, meta_chunk, inputs)
                 chunks += 1
@@ -160,9 +171,11 @@ class _Stages:
         with self.clock.stage("d2h", item.seq):
             scores = self.model.to_host(item.scores)
         with self.clock.stage("encode", item.seq):
-            out = self.encoder.predictions(item.meta, scores)
+            out, rejected = self.encoder.predictions(item.meta, scores)
         self.clock.rows_scored += out.num_rows
         yield out
+        if len(rejected.rows):
+            yield self._dead_letters(item.seq, item.meta, rejected)
 
     def _stage(self, seq: int, meta: pa.Table, inputs: dict[str, Any]) -> _Staged:
         self.clock.batch_sizes.append(meta.num_rows)
@@ -170,7 +183,7 @@ class _Stages:
             staged = self.model.to_device(inputs)
         return _Staged(seq, meta, staged)
 
-    def _dead_letters(self, seq: int, batch: pa.RecordBatch, decoded: Decoded) -> pa.RecordBatch:
-        self.clock.count_errors(decoded.error_classes)
+    def _dead_letters(self, seq: int, batch: pa.RecordBatch | pa.Table, rejected: Rejected) -> pa.RecordBatch:
+        self.clock.count_errors(rejected.error_classes)
         with self.clock.stage("encode", seq):
-            return self.encoder.dead_letters(batch, decoded)
+            return self.encoder.dead_letters(batch, rejected)

@@ -8,8 +8,9 @@ module also works on GPU hosts without Spark.
 Placement rules:
 
 * A task that Spark assigned a GPU (``TaskContext.resources()["gpu"]``) runs on the first assigned
-  address, passed to ORT as the CUDA provider's ``device_id``; Spark does not set
-  ``CUDA_VISIBLE_DEVICES``, so this is the only pinning there is.
+  address, turned into a CUDA ordinal by :func:`streamhydro.devices.cuda_ordinal` (nvidia-smi
+  index, GPU or MIG UUID) and passed as ``device_id`` to every GPU provider (CUDA and TensorRT);
+  Spark does not set ``CUDA_VISIBLE_DEVICES``, so this is the only pinning there is.
 * A task with no GPU assignment runs on CPU even when the settings list the CUDA provider: it must
   not silently take device 0 from the tasks that were given it.
 * ORT falls back to CPU without raising when the CUDA provider cannot load; the session's actual
@@ -19,16 +20,21 @@ Placement rules:
 Cache caveats: sessions live in module state of the Python worker. With
 ``spark.python.worker.reuse=true`` (streamhydro's default) a worker serves many tasks, so later
 tasks on the same model and device reuse the session; tasks that share a GPU through fractional
-amounts run in different workers and each holds its own session (and CUDA arena: bound it with
-``gpu_mem_limit_bytes``). At most ``MAX_SESSIONS`` sessions are kept; creating a session for a new
-version of a model evicts that model's older versions on the same device. Each session holds the
-model's weights (and, on CUDA, its arena) until evicted or the worker exits.
+amounts run in different workers and each holds its own session and CUDA arena. A worker keeps
+sessions on one GPU at a time: a task on another GPU evicts the sessions (and so the arenas) on
+the old one; the CUDA context ORT opened there stays until the worker exits. Each CUDA arena is
+bounded: by ``gpu_mem_limit_bytes``, or else by the task's share of the GPU's memory
+(``gpu_share`` x total x :data:`ARENA_FRACTION`). At most ``MAX_SESSIONS`` sessions are kept;
+creating a session for a new version of a model evicts that model's older versions on the same
+device. Each session holds the model's weights (and, on CUDA, its arena) until evicted or the
+worker exits.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -37,18 +43,23 @@ from typing import Any
 
 import numpy as np
 
-from streamhydro.errors import ModelError
+from streamhydro.devices import cuda_ordinal, device_memory_bytes
+from streamhydro.errors import ModelError, StreamhydroError
 from streamhydro.executor.engine import EngineSettings
-from streamhydro.payload import check_payload_fits
+from streamhydro.payload.decoding import check_payload_fits
 from streamhydro.registry import Manifest
 
 log = logging.getLogger(__name__)
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
-GPU_PROVIDERS = (CUDA_PROVIDER, "TensorrtExecutionProvider")
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+GPU_PROVIDERS = (CUDA_PROVIDER, TENSORRT_PROVIDER)
 DEVICE_CPU = "cpu"
 MAX_SESSIONS = 4
+# Share of the task's part of the GPU memory that the arena may take: the rest is left for the CUDA
+# context, cuDNN/cuBLAS workspaces and allocations ORT makes outside its arena.
+ARENA_FRACTION = 0.8
 
 _ORT_DTYPES = {
     "tensor(float)": np.dtype("float32"),
@@ -57,6 +68,45 @@ _ORT_DTYPES = {
     "tensor(int64)": np.dtype("int64"),
     "tensor(int32)": np.dtype("int32"),
 }
+
+
+class OnnxRuntimeMissing(StreamhydroError):
+    """Neither ONNX Runtime build is installed in this interpreter."""
+
+
+def onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or :class:`OnnxRuntimeMissing` naming the extra to install.
+
+    ``onnxruntime`` (CPU) and ``onnxruntime-gpu`` install the same package; with both installed the
+    one installed last wins, so that case is logged with the fix.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise OnnxRuntimeMissing(
+            "ONNX Runtime is not installed in this interpreter. Fix: pip install 'streamhydro[cpu]' (onnxruntime), "
+            "or 'streamhydro[gpu]' (onnxruntime-gpu) on NVIDIA hosts -- one of the two, not both"
+        ) from exc
+    _warn_if_both_builds()
+    return ort
+
+
+@functools.cache
+def _warn_if_both_builds() -> None:
+    """Once per process: a warning when both ONNX Runtime distributions are installed."""
+    from importlib import metadata
+
+    installed = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            installed.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    if len(installed) == 2:
+        log.warning(
+            "both %s and %s are installed; they share one package and the last installed wins. "
+            "Fix: pip uninstall -y onnxruntime onnxruntime-gpu, then install the one you want", *installed,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +153,7 @@ def place(settings: EngineSettings, resources: TaskResources) -> Placement:
         threads = min(threads, resources.cpus)
     wants_gpu = any(p in GPU_PROVIDERS for p in settings.providers)
     if wants_gpu and resources.gpu_addresses:
-        device_id = int(resources.gpu_addresses[0])
+        device_id = cuda_ordinal(resources.gpu_addresses[0])
         return Placement(
             device=f"cuda:{device_id}",
             device_id=device_id,
@@ -142,8 +192,7 @@ class ModelSession:
     def to_device(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
         if not self.on_gpu:
             return inputs
-        import onnxruntime as ort
-
+        ort = onnxruntime()
         return {
             name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
             for name, array in inputs.items()
@@ -175,19 +224,32 @@ def get_session(manifest: Manifest, model_bytes: Any, payload: str, placement: P
     ``model_bytes`` is any holder whose ``.value`` is the ONNX bytes (a Broadcast); it is only
     read when the session has to be created.
     """
-    key = (manifest.sha256, placement.device, placement.providers, placement.intra_op_threads, settings.gpu_mem_limit_bytes)
+    key = (manifest.sha256, placement.device, placement.providers, placement.intra_op_threads, settings.gpu_mem_limit_bytes,
+           settings.gpu_share)
     with _lock:
         cached = _sessions.get(key)
         if cached is not None:
             _sessions.move_to_end(key)
             return cached
-        for old in [k for k, s in _sessions.items() if s.manifest.name == manifest.name and k[1] == placement.device]:
+        for old in [k for k in _sessions if _evicted_by(k, manifest, placement)]:
             del _sessions[old]
         created = _create(manifest, model_bytes.value, payload, placement, settings)
         _sessions[key] = created
         while len(_sessions) > MAX_SESSIONS:
             _sessions.popitem(last=False)
         return created
+
+
+def _evicted_by(key: tuple[Any, ...], manifest: Manifest, placement: Placement) -> bool:
+    """Whether creating a session for ``manifest`` at ``placement`` drops the cached session under ``key``.
+
+    Older versions of the same model on the same device go; so does everything on another GPU,
+    so that a worker holds arenas on one GPU only.
+    """
+    device = key[1]
+    if device == placement.device:
+        return _sessions[key].manifest.name == manifest.name
+    return device != DEVICE_CPU and placement.device != DEVICE_CPU
 
 
 def clear_sessions() -> None:
@@ -207,8 +269,7 @@ def validate_model(manifest: Manifest, model_bytes: bytes, payload: str) -> None
 
 
 def _create(manifest: Manifest, model_bytes: bytes, payload: str, placement: Placement, settings: EngineSettings) -> ModelSession:
-    import onnxruntime as ort
-
+    ort = onnxruntime()
     label = f"{manifest.name}:{manifest.version}"
     digest = hashlib.sha256(model_bytes).hexdigest()
     if digest != manifest.sha256:
@@ -220,32 +281,24 @@ def _create(manifest: Manifest, model_bytes: bytes, payload: str, placement: Pla
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = set(ort.get_available_providers())
-    providers: list[Any] = []
-    for name in placement.providers:
-        if name not in available:
-            continue
-        if name == CUDA_PROVIDER:
-            cuda_options: dict[str, Any] = {"device_id": placement.device_id}
-            if settings.gpu_mem_limit_bytes is not None:
-                cuda_options["gpu_mem_limit"] = settings.gpu_mem_limit_bytes
-                cuda_options["arena_extend_strategy"] = "kSameAsRequested"
-            providers.append((name, cuda_options))
-        else:
-            providers.append(name)
+    providers = provider_options(placement, settings, available)
     try:
         session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers or [CPU_PROVIDER])
     except Exception as exc:  # noqa: BLE001 -- ORT raises its own untyped errors for a bad model
         raise ModelError(label, f"ONNX Runtime cannot load the model: {exc}") from exc
     actual = tuple(session.get_providers())
-    device = f"cuda:{placement.device_id}" if CUDA_PROVIDER in actual and placement.device_id is not None else DEVICE_CPU
+    on_gpu = any(p in actual for p in GPU_PROVIDERS) and placement.device_id is not None
+    device = f"cuda:{placement.device_id}" if on_gpu else DEVICE_CPU
     output_name = _check_session(manifest, session, label)
     level = logging.WARNING if device != placement.device else logging.INFO
     log.log(
         level,
-        "ONNX session for %s: requested %s (%s), using %s with providers %s (ORT build offers %s), %d intra-op thread(s)",
+        "ONNX session for %s: requested %s (%s), asked ORT for %s, using %s with providers %s (ORT build offers %s), "
+        "%d intra-op thread(s)",
         label,
         placement.device,
         placement.note,
+        _described(placement, settings),
         device,
         list(actual),
         sorted(available),
@@ -254,6 +307,48 @@ def _create(manifest: Manifest, model_bytes: bytes, payload: str, placement: Pla
     created = ModelSession(session, manifest, placement.device, device, placement.device_id, actual, output_name)
     _smoke_run(created, label)
     return created
+
+
+def gpu_options(placement: Placement, settings: EngineSettings) -> dict[str, Any]:
+    """Provider options of a GPU provider: the task's device and a bounded arena."""
+    options: dict[str, Any] = {"device_id": placement.device_id}
+    limit = arena_limit_bytes(placement, settings)
+    if limit is not None:
+        options["gpu_mem_limit"] = limit
+        options["arena_extend_strategy"] = "kSameAsRequested"
+    return options
+
+
+def provider_options(placement: Placement, settings: EngineSettings, available: set[str]) -> list[Any]:
+    """What ORT is given as ``providers``: the placement's providers this build has, GPU ones with their options."""
+    providers: list[Any] = []
+    for name in placement.providers:
+        if name not in available:
+            continue
+        if name == CUDA_PROVIDER:
+            providers.append((name, gpu_options(placement, settings)))
+        elif name == TENSORRT_PROVIDER:
+            providers.append((name, {"device_id": placement.device_id}))
+        else:
+            providers.append(name)
+    return providers
+
+
+def arena_limit_bytes(placement: Placement, settings: EngineSettings, total: int | None = None) -> int | None:
+    """The CUDA arena limit: the configured one, else the task's share of the device's memory (None when unknown)."""
+    if settings.gpu_mem_limit_bytes is not None:
+        return settings.gpu_mem_limit_bytes
+    total = device_memory_bytes(placement.device_id) if total is None else total
+    if total is None:
+        log.warning("GPU %s: memory size unknown (NVML not available); the ORT arena is not bounded", placement.device_id)
+        return None
+    return int(total * min(settings.gpu_share, 1.0) * ARENA_FRACTION)
+
+
+def _described(placement: Placement, settings: EngineSettings) -> str:
+    if placement.device_id is None:
+        return repr(list(placement.providers))
+    return f"{list(placement.providers)} with device_id {placement.device_id}"
 
 
 def _check_session(manifest: Manifest, session: Any, label: str) -> str:

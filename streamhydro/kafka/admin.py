@@ -16,13 +16,14 @@ from streamhydro.kafka.options import ClientConfig
 _TIMEOUT_S = 30.0
 
 
-def ensure_topics(bootstrap: str, topics: Mapping[str, int], client_conf: Mapping[str, str] | None = None) -> None:
+def ensure_topics(client: ClientConfig, topics: Mapping[str, int]) -> None:
     """Create the missing ``{topic: partitions}`` and wait until all appear in the metadata. Idempotent.
 
-    An existing topic is left as it is, whatever its partition count. ``client_conf`` holds librdkafka
-    settings (security...), without the ``kafka.`` prefix.
+    An existing topic is left as it is, whatever its partition count. ``client`` comes from
+    :func:`~streamhydro.kafka.options.client_config` (or ``client_for``), like every client's settings.
     """
-    admin = build_client(AdminClient, ClientConfig.of({**(client_conf or {}), "bootstrap.servers": bootstrap}))
+    bootstrap = client.get("bootstrap.servers")
+    admin = build_client(AdminClient, client)
     existing = admin.list_topics(timeout=_TIMEOUT_S).topics
     missing = [NewTopic(name, num_partitions=count) for name, count in topics.items() if name not in existing]
     if missing:

@@ -6,7 +6,7 @@ creates it and later tasks reuse it.
 
 Caveats:
 
-- Reuse needs ``spark.python.worker.reuse=true`` (Spark's default, and set by ``build_session``); without
+- Reuse needs ``spark.python.worker.reuse=true`` (Spark's default, and in ``streamhydro.spark.STREAMING_CONF``); without
   it every task pays the creation cost.
 - A worker runs one task at a time, so a cached client is never used by two tasks at once; each read
   assigns its own partition and unassigns it when done, so no state leaks from task to task.

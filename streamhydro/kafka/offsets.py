@@ -1,15 +1,17 @@
-"""End offsets that are right on every broker. Runs on the driver, in the stream reader, once per micro-batch.
+"""Topic metadata and end offsets for the stream reader. Runs on the driver, in the stream reader, once per micro-batch.
 
-Why a probe: a Kafka source asks where each partition ends with ListOffsets(latest). Apache Kafka answers
-with the log end offset; Tansu 0.6 (the embedded broker) answers with the base offset of the partition's
-*last record batch* + 1 (1000 records produced in one batch over two partitions: ListOffsets says 1, the
-truth is 500). A source that trusts that answer stalls short of the end of every partition, with no error.
+A Kafka source asks where each partition ends with ListOffsets(latest). Apache Kafka answers with the
+log end offset, and with ``endOffsetsFrom=listOffsets`` (the default, what Spark's own connector does)
+that answer is used as it is: one request per micro-batch.
 
-The high watermark a broker puts in every Fetch response is right on both. So for each non-empty
-partition :class:`EndOffsetProbe` assigns a consumer at ``max(ListOffsets - 1, log start)``, which lies
-inside the last batch, consumes until one record (or the end-of-partition event) of each such partition
-arrived, and takes librdkafka's cached high watermark from that fetch. The result is never below the
-ListOffsets answer, so on Apache Kafka it is exactly that answer, one small fetch later.
+Tansu 0.6 answers with the base offset of the partition's *last record batch* + 1 (1000 records
+produced in one batch over two partitions: ListOffsets says 1, the truth is 500). A source that trusts
+that answer stalls short of the end of every partition, with no error. The high watermark a broker puts
+in every Fetch response is right on both, so with ``endOffsetsFrom=fetch`` :class:`EndOffsetProbe`
+assigns a consumer, for each non-empty partition whose ListOffsets answer changed, at
+``max(ListOffsets - 1, log start)``, which lies inside the last batch, consumes until one record (or the
+end-of-partition event) of each such partition arrived, and takes librdkafka's cached high watermark from
+that fetch. The result is never below the ListOffsets answer.
 
 The probe's consumer is created lazily (no network in ``__init__``), kept for the reader's life, fetches
 small amounts, and is unassigned between probes. It carries ``kafka.group.id`` when the user set one, so
@@ -53,11 +55,11 @@ PROBE_CONSUMER_SETTINGS = {
 class EndOffsetProbe:
     """Topic metadata, log start and true end offsets, and group commits, for one stream reader.
 
-    ``use_fetch=False`` trusts ListOffsets (cheaper; right only on brokers that answer it correctly).
+    ``use_fetch=False`` trusts ListOffsets (right on Apache Kafka); ``True`` reads ends from fetches (Tansu).
     ``timeout_s`` bounds each broker request and each probe.
     """
 
-    def __init__(self, client: ClientConfig, use_fetch: bool = True, timeout_s: float = 10.0) -> None:
+    def __init__(self, client: ClientConfig, use_fetch: bool = False, timeout_s: float = 10.0) -> None:
         settings = client.with_defaults({GROUP_ID: f"streamhydro-probe-{uuid.uuid4().hex[:8]}"}).as_dict()
         settings.update(PROBE_CONSUMER_SETTINGS)
         self._config = ClientConfig.of(settings)

@@ -1,23 +1,33 @@
-"""The connector's options: parsing, validation, and the one translation point to librdkafka settings.
+"""The connector's options: parsing, validation, and the one translation point between Kafka clients.
 
-Runs on the driver when a query is planned (``DataSource.streamReader`` / ``writer``); the frozen results
-are pickled to executor Python workers, where :class:`ClientConfig` keys the per-worker client cache.
+Runs on the driver when a query is planned (``DataSource.streamReader`` / ``writer``) and when the
+service starts; the frozen results are pickled to executor Python workers, where :class:`ClientConfig`
+keys the per-worker client cache.
 
 Option names follow Spark's built-in Kafka source and sink (``kafka.bootstrap.servers``, ``subscribe``,
-``startingOffsets``...), so a deployment that has the JVM connector switches by changing the format only.
-Every ``kafka.*`` option goes to the confluent-kafka (librdkafka) client with the prefix stripped; the
-few Java-client settings librdkafka spells differently are translated or refused with the equivalent.
+``startingOffsets``...), so a deployment switches connectors by changing the format only. Client
+settings travel as ``kafka.``-prefixed options in **Kafka's Java spelling**, which is what Spark's JVM
+connector reads. Users write them once, in either client's spelling (``[kafka].client``):
+
+- :func:`spark_options` turns them into Java-spelled ``kafka.*`` options: librdkafka's ``sasl.username`` /
+  ``sasl.password`` become a ``sasl.jaas.config`` entry, ``ssl.ca.location`` a PEM truststore, and the few
+  settings spelled differently are renamed; settings only librdkafka has are kept as they are (they
+  serve streamhydro's own clients, and :func:`check_jvm_options` refuses them for the JVM connector).
+- :func:`client_config` turns ``kafka.*`` options into librdkafka settings for every client streamhydro
+  builds (source, sink, admin, load generator, probes): the reverse translation, refusing with the
+  equivalent what librdkafka cannot do (JKS truststores, Java class names).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from streamhydro.errors import ConfigError
+from streamhydro.secrets import masked
 
 KAFKA_PREFIX = "kafka."
 BOOTSTRAP = "kafka.bootstrap.servers"
@@ -40,20 +50,30 @@ _UNSUPPORTED_SOURCE_OPTIONS = {
     "groupidprefix": "set kafka.group.id to mirror committed offsets to a consumer group",
 }
 
-# Java-client settings librdkafka spells differently: Java name -> (librdkafka name, value conversion).
+
+def _kbytes(value: str) -> str:
+    return str(max(1, int(value) // 1024))
+
+
+def _bytes(value: str) -> str:
+    return str(int(value) * 1024)
+
+
+# Settings the two clients spell differently: Java name -> (librdkafka name, Java->librdkafka value,
+# librdkafka->Java value).
 _RENAMED_KEYS = {
-    "max.request.size": ("message.max.bytes", str),
-    "fetch.max.wait.ms": ("fetch.wait.max.ms", str),
-    "buffer.memory": ("queue.buffering.max.kbytes", lambda v: str(max(1, int(v) // 1024))),
+    "max.request.size": ("message.max.bytes", str, str),
+    "fetch.max.wait.ms": ("fetch.wait.max.ms", str, str),
+    "buffer.memory": ("queue.buffering.max.kbytes", _kbytes, _bytes),
+    "sasl.mechanism": ("sasl.mechanisms", str, str),
 }
+_FROM_LIBRDKAFKA = {librdkafka: (java, to_java) for java, (librdkafka, _, to_java) in _RENAMED_KEYS.items()}
 
 # Java-client settings librdkafka does not have, with what to use instead.
 _JVM_ONLY_KEYS = {
-    "ssl.truststore.location": "put the CA certificates in a PEM file and set kafka.ssl.ca.location",
-    "ssl.truststore.password": "put the CA certificates in a PEM file and set kafka.ssl.ca.location",
-    "ssl.truststore.type": "put the CA certificates in a PEM file and set kafka.ssl.ca.location",
-    "ssl.keystore.type": "librdkafka reads PKCS#12 keystores (kafka.ssl.keystore.location) or PEM "
-    "(kafka.ssl.certificate.location + kafka.ssl.key.location)",
+    "ssl.truststore.password": "put the CA certificates in a PEM file and set ssl.ca.location",
+    "ssl.keystore.type": "librdkafka reads PKCS#12 keystores (ssl.keystore.location) or PEM "
+    "(ssl.certificate.location + ssl.key.location)",
     "key.deserializer": "remove it: the source returns key and value as binary, cast them in Spark",
     "value.deserializer": "remove it: the source returns key and value as binary, cast them in Spark",
     "key.serializer": "remove it: the sink writes binary or string columns as they are",
@@ -66,15 +86,24 @@ _JVM_ONLY_KEYS = {
     "sasl.client.callback.handler.class": "use librdkafka's sasl.oauthbearer.* settings",
 }
 
-_SECRET_MARKERS = ("password", "secret", "sasl.oauthbearer.config", "ssl.key.pem", "ssl_key")
+# librdkafka settings the JVM connector cannot be given, with what to use instead. Others without a
+# Java equivalent are found by :func:`check_jvm_options` against the Java client's own list.
+_LIBRDKAFKA_ONLY_FIXES = {
+    "ssl.certificate.location": "use ssl.keystore.location with a PKCS#12 keystore (both clients read it)",
+    "ssl.key.location": "use ssl.keystore.location with a PKCS#12 keystore (both clients read it)",
+    "ssl.key.pem": "use ssl.keystore.location with a PKCS#12 keystore (both clients read it)",
+    "ssl.certificate.pem": "use ssl.keystore.location with a PKCS#12 keystore (both clients read it)",
+    "ssl.ca.pem": "put the CA certificates in a file and set ssl.ca.location",
+}
 
 _JAAS = re.compile(r"^\s*(?P<module>[\w.$]+)\s+(required|requisite|sufficient|optional)\s*(?P<opts>.*?);?\s*$", re.S)
 _JAAS_OPTION = re.compile(r'(\w+)\s*=\s*"((?:[^"\\]|\\.)*)"')
 _USER_PASSWORD_MODULES = ("PlainLoginModule", "ScramLoginModule")
-
-
-def _is_secret(key: str) -> bool:
-    return any(marker in key for marker in _SECRET_MARKERS)
+_LOGIN_MODULES = {
+    "PLAIN": "org.apache.kafka.common.security.plain.PlainLoginModule",
+    "SCRAM-SHA-256": "org.apache.kafka.common.security.scram.ScramLoginModule",
+    "SCRAM-SHA-512": "org.apache.kafka.common.security.scram.ScramLoginModule",
+}
 
 
 @dataclass(frozen=True)
@@ -104,13 +133,17 @@ class ClientConfig:
         return ClientConfig(tuple((k, v) for k, v in self.items if k not in keys))
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{k}={'***' if _is_secret(k) else v}" for k, v in self.items)
+        shown = ", ".join(f"{k}={v}" for k, v in masked(self.as_dict()).items())
         return f"ClientConfig({shown})"
 
 
 def _lower(options: Mapping[str, str]) -> dict[str, str]:
     """Spark hands options case-insensitively (lower-cased keys); plain dicts get the same treatment."""
     return {str(k).lower(): str(v) for k, v in options.items()}
+
+
+def _escape_jaas(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def translate_jaas(jaas: str) -> dict[str, str]:
@@ -120,25 +153,77 @@ def translate_jaas(jaas: str) -> dict[str, str]:
         raise ConfigError(
             "kafka.sasl.jaas.config",
             "is not a JAAS entry of the form '<LoginModule> required key=\"value\" ...;'",
-            "set kafka.sasl.username and kafka.sasl.password instead",
+            "set sasl.username and sasl.password instead",
         )
     module = match.group("module")
     if not module.endswith(_USER_PASSWORD_MODULES):
         raise ConfigError(
             "kafka.sasl.jaas.config",
             f"login module {module} has no librdkafka equivalent",
-            "for OAUTHBEARER set kafka.sasl.oauthbearer.method and kafka.sasl.oauthbearer.* ; "
-            "for GSSAPI set kafka.sasl.kerberos.* ",
+            "for OAUTHBEARER set sasl.oauthbearer.method and sasl.oauthbearer.* ; for GSSAPI set sasl.kerberos.* ",
         )
-    fields = {key: value.replace('\\"', '"') for key, value in _JAAS_OPTION.findall(match.group("opts"))}
+    fields = {key: value.replace('\\"', '"').replace("\\\\", "\\") for key, value in _JAAS_OPTION.findall(match.group("opts"))}
     missing = [name for name in ("username", "password") if name not in fields]
     if missing:
         raise ConfigError(
             "kafka.sasl.jaas.config",
             f"{module} entry has no {' and no '.join(missing)}",
-            'add username="..." password="..." or set kafka.sasl.username / kafka.sasl.password',
+            'add username="..." password="..." or set sasl.username / sasl.password',
         )
     return {"sasl.username": fields["username"], "sasl.password": fields["password"]}
+
+
+def jaas_entry(mechanism: str, username: str, password: str) -> str:
+    """librdkafka ``sasl.username`` / ``sasl.password`` -> a Java ``sasl.jaas.config`` entry for ``mechanism``."""
+    module = _LOGIN_MODULES.get(mechanism.upper())
+    if module is None:
+        raise ConfigError(
+            "kafka.client.sasl.username",
+            f"user and password need sasl.mechanism PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512, got {mechanism!r}",
+            "set sasl.mechanism, or for OAUTHBEARER / GSSAPI use their own settings",
+        )
+    return f'{module} required username="{_escape_jaas(username)}" password="{_escape_jaas(password)}";'
+
+
+def spark_options(bootstrap_servers: str, settings: Mapping[str, str]) -> dict[str, str]:
+    """Client ``settings`` written in either client's spelling -> Spark ``kafka.*`` options, Java-spelled.
+
+    The options every Kafka reader and writer gets, with either connector, and what :func:`client_config`
+    reads back for streamhydro's own clients.
+    """
+    given = {str(k).lower().removeprefix(KAFKA_PREFIX): str(v) for k, v in settings.items()}
+    java: dict[str, str] = {}
+    user, password = given.pop("sasl.username", None), given.pop("sasl.password", None)
+    if (user is None) != (password is None):
+        missing = "sasl.password" if password is None else "sasl.username"
+        raise ConfigError(f"kafka.client.{missing}", "is missing while the other half of the login is set", f"set {missing} too")
+    if given.pop("ssl.truststore.type", "PEM").upper() != "PEM" and "ssl.truststore.location" in given:
+        raise ConfigError(
+            "kafka.client.ssl.truststore.location",
+            "is a JKS/PKCS#12 truststore, which streamhydro's clients (librdkafka) cannot read",
+            "put the CA certificates in a PEM file and set ssl.ca.location (both connectors read it)",
+        )
+    for key, value in given.items():
+        if key == "ssl.ca.location" or key == "ssl.truststore.location":
+            java["ssl.truststore.type"] = "PEM"
+            java["ssl.truststore.location"] = value
+        elif key in _FROM_LIBRDKAFKA:
+            target, convert = _FROM_LIBRDKAFKA[key]
+            java[target] = _converted(f"kafka.client.{key}", convert, value)
+        else:
+            java[key] = value
+    if user is not None:
+        if "sasl.jaas.config" in java:
+            raise ConfigError("kafka.client.sasl.jaas.config", "is set together with sasl.username / sasl.password", "keep one of the two")
+        java["sasl.jaas.config"] = jaas_entry(java.get("sasl.mechanism", "PLAIN"), user, password)
+    return {BOOTSTRAP: bootstrap_servers, **{KAFKA_PREFIX + key: value for key, value in java.items()}}
+
+
+def _converted(key: str, convert, value: str) -> str:
+    try:
+        return convert(value)
+    except ValueError as exc:
+        raise ConfigError(key, f"{value!r} is not a number", f"set {key} to a whole number") from exc
 
 
 def client_config(options: Mapping[str, str]) -> ClientConfig:
@@ -147,6 +232,7 @@ def client_config(options: Mapping[str, str]) -> ClientConfig:
     if not lowered.get(BOOTSTRAP, "").strip():
         raise ConfigError(BOOTSTRAP, "is missing", "set option kafka.bootstrap.servers to host:port[,host:port]")
     settings: dict[str, str] = {}
+    pem_truststore = lowered.get("kafka.ssl.truststore.type", "PEM").upper() == "PEM"
     for key, value in lowered.items():
         if not key.startswith(KAFKA_PREFIX):
             continue
@@ -155,15 +241,40 @@ def client_config(options: Mapping[str, str]) -> ClientConfig:
             raise ConfigError(key, "is a Java-client setting librdkafka does not have", _JVM_ONLY_KEYS[name])
         if name == "sasl.jaas.config":
             settings.update(translate_jaas(value))
+        elif name == "ssl.truststore.location":
+            if not pem_truststore:
+                raise ConfigError(key, "is a JKS/PKCS#12 truststore, which librdkafka cannot read", "put the CA certificates in a PEM file and set ssl.ca.location")
+            settings["ssl.ca.location"] = value
+        elif name == "ssl.truststore.type":
+            continue
         elif name in _RENAMED_KEYS:
-            target, convert = _RENAMED_KEYS[name]
-            try:
-                settings[target] = convert(value)
-            except ValueError as exc:
-                raise ConfigError(key, f"{value!r} is not a number", f"set {key} to a whole number") from exc
+            target, convert, _ = _RENAMED_KEYS[name]
+            settings[target] = _converted(key, convert, value)
         else:
             settings[name] = value
     return ClientConfig.of(settings)
+
+
+def client_for(bootstrap_servers: str, settings: Mapping[str, str] | None = None) -> ClientConfig:
+    """librdkafka settings for a client of ``bootstrap_servers`` with ``settings`` in either spelling."""
+    return client_config(spark_options(bootstrap_servers, settings or {}))
+
+
+def check_jvm_options(options: Mapping[str, str], java_names: Collection[str]) -> None:
+    """Refuse ``kafka.*`` options the Java Kafka client does not know (``java_names``: its config names).
+
+    The Java client only warns about unknown settings, so without this a librdkafka-only setting given
+    to the JVM connector would be dropped silently.
+    """
+    known = {name.lower() for name in java_names}
+    for key in options:
+        name = str(key).lower().removeprefix(KAFKA_PREFIX)
+        if not str(key).lower().startswith(KAFKA_PREFIX) or name in known:
+            continue
+        fix = _LIBRDKAFKA_ONLY_FIXES.get(
+            name, "use the Java client's name for it (see Kafka's client configs), or source = \"python\" to keep it"
+        )
+        raise ConfigError(f"kafka.client.{name}", "has no equivalent in the Java Kafka client that Spark's JVM connector uses", fix)
 
 
 @dataclass(frozen=True)
@@ -296,10 +407,10 @@ END_OFFSETS_LIST = "listOffsets"
 class SourceOptions:
     """Everything the streaming reader needs, parsed once on the driver.
 
-    ``end_offsets``: ``fetch`` (default) takes each partition's end from a Fetch response's high watermark,
-    right on every broker; ``listOffsets`` trusts ListOffsets(latest), one request cheaper, and right only
-    on brokers that answer it correctly (Apache Kafka; not Tansu, where it stalls the stream short of the
-    end).
+    ``end_offsets``: ``listOffsets`` (default) trusts ListOffsets(latest), as Spark's connector does, right
+    on Apache Kafka; ``fetch`` takes each partition's end from a Fetch response's high watermark, one fetch
+    per micro-batch dearer, for brokers whose ListOffsets answer is wrong (Tansu, where trusting it stalls
+    the stream short of the end).
     """
 
     client: ClientConfig
@@ -320,9 +431,9 @@ def parse_source_options(options: Mapping[str, str]) -> SourceOptions:
     for key, fix in _UNSUPPORTED_SOURCE_OPTIONS.items():
         if key in lowered:
             raise ConfigError(key, "is not supported by streamhydro's Kafka source", fix)
-    end_offsets = lowered.get("endoffsetsfrom", END_OFFSETS_FETCH)
+    end_offsets = lowered.get("endoffsetsfrom", END_OFFSETS_LIST)
     if end_offsets.lower() not in (END_OFFSETS_FETCH.lower(), END_OFFSETS_LIST.lower()):
-        raise ConfigError("endOffsetsFrom", f"{end_offsets!r} is unknown", "use fetch (default) or listOffsets")
+        raise ConfigError("endOffsetsFrom", f"{end_offsets!r} is unknown", "use listOffsets (default) or fetch")
     return SourceOptions(
         client=client_config(options),
         subscription=parse_subscription(options),

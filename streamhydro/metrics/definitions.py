@@ -163,7 +163,8 @@ class TrainerMetricSet:
 
 
 # GPU metrics are read from NVML at scrape time by :class:`streamhydro.metrics.gpu.GpuCollector`;
-# their names and help texts live here with the rest. Labels: gpu (NVML index), name (model).
+# their names and help texts live here with the rest. Labels: gpu (the address Spark gives tasks,
+# see streamhydro.devices.spark_addresses), name (model).
 GPU_LABELS = ("gpu", "name")
 GPU_UTILIZATION = ("streamhydro_gpu_utilization_ratio", "Fraction of the last sample period the GPU was busy (0-1).")
 GPU_MEMORY_USED = ("streamhydro_gpu_memory_used_bytes", "GPU memory in use.")

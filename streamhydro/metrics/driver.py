@@ -2,8 +2,8 @@
 
 Order of use (the Python workers must find a clean directory and the variable that points to it)::
 
-    conf = {**user_conf, **executor_conf(config.metrics, config.spark.master)}
-    spark = build_session(master, app_name, conf)               # workers inherit the variable
+    conf = {**user_conf, **executor_conf(config.metrics, master.url)}
+    spark = streaming_session(master, app_name, conf)           # workers inherit the variable
     metrics = start_driver_metrics(spark, config.metrics)       # before the first Spark job
     print(metrics.url)
     ...                                                         # query runs; metrics.set_model(...)
@@ -30,6 +30,7 @@ from streamhydro.metrics.definitions import DriverMetricSet
 from streamhydro.metrics.endpoint import Endpoint
 from streamhydro.metrics.gpu import GpuCollector
 from streamhydro.metrics.listener import MetricsListener, ProgressRecorder
+from streamhydro.spark import Master
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class DriverMetrics:
                 "executor metrics will be missing: the session was built without %s=%s (merge executor_conf() into its conf)",
                 multiprocess.EXECUTOR_ENV_KEY, directory,
             )
-        if multiprocess.is_local(master) or master.startswith("local-cluster"):
+        if Master.parse(master).workers_here:
             MultiProcessCollector(self.registry, path=str(multiprocess.clean(directory)))
         self._gpu = GpuCollector()
         self.registry.register(self._gpu)

@@ -69,6 +69,8 @@ def _create() -> ExecutorMetricSet | None:
     if not os.environ.get(ENV_VAR):
         log.debug("%s is not set: executor metrics are not recorded in this process", ENV_VAR)
         return None
+    # On a cluster node nobody may have made it yet (the per-node exporter does, when it runs first).
+    os.makedirs(os.environ[ENV_VAR], exist_ok=True)
     from prometheus_client import values
 
     from streamhydro.metrics.definitions import ExecutorMetricSet

@@ -15,14 +15,10 @@ from pathlib import Path
 
 from streamhydro.config import MetricsSettings
 from streamhydro.errors import ConfigError
+from streamhydro.spark import Master
 
 ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
 EXECUTOR_ENV_KEY = f"spark.executorEnv.{ENV_VAR}"
-
-
-def is_local(master: str) -> bool:
-    """True where the Python workers run on the driver's machine (local[...], not local-cluster)."""
-    return master == "local" or master.startswith("local[")
 
 
 def multiprocess_dir(settings: MetricsSettings, master: str) -> Path:
@@ -31,7 +27,7 @@ def multiprocess_dir(settings: MetricsSettings, master: str) -> Path:
     On a cluster the workers are elsewhere, so the path must be absolute (and the same on every node).
     """
     path = Path(settings.multiprocess_dir)
-    if not path.is_absolute() and not (is_local(master) or master.startswith("local-cluster")):
+    if not path.is_absolute() and not Master.parse(master).workers_here:
         raise ConfigError(
             "metrics.multiprocess_dir",
             f"{settings.multiprocess_dir!r} is relative, but executors on {master} do not share the driver's directory",

@@ -86,7 +86,9 @@ class SparkSettings:
     )
     app_name: str = doc("Spark application name.", default="streamhydro-train")
     gpus_per_rank: int = doc(
-        "GPUs each rank asks for through a ResourceProfile (stage-level scheduling); 0 = train on CPU.", default=0
+        "GPUs each rank asks for through a ResourceProfile (stage-level scheduling): 1 = one GPU per rank, 0 = train "
+        "on CPU. DDP trains one GPU per process; for more GPUs raise training.ranks.",
+        default=0,
     )
     conf: Mapping[str, str] = doc("Extra Spark configuration passed as is.", default_factory=dict)
 
@@ -170,8 +172,11 @@ def _validated(config: TrainConfig) -> TrainConfig:
         raise ConfigError("training.inject_failure", f"{t.inject_failure!r} is not RANK:EPOCH", 'e.g. "1:2", or "" for none')
     if config.injected_failure and config.injected_failure[0] >= t.ranks:
         raise ConfigError("training.inject_failure", f"rank {config.injected_failure[0]} does not exist with {t.ranks} ranks", "name a rank below training.ranks")
-    if s.gpus_per_rank < 0:
-        raise ConfigError("spark.gpus_per_rank", f"must be >= 0, got {s.gpus_per_rank}", "use 0 to train on CPU")
+    if s.gpus_per_rank not in (0, 1):
+        raise ConfigError(
+            "spark.gpus_per_rank", f"must be 0 or 1, got {s.gpus_per_rank}: each rank is one DDP process on one GPU",
+            f"set it to 1 and training.ranks to {t.ranks * max(s.gpus_per_rank, 1)} to use that many GPUs, or 0 for CPU",
+        )
     _check_metrics(config.metrics, t.ranks)
     return config
 

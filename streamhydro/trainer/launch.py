@@ -17,21 +17,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from pyspark.resource import (
-    ResourceProfile,
-    ResourceProfileBuilder,
-    TaskResourceRequests,
-)
+from pyspark.resource import ResourceProfile
 from pyspark.sql import DataFrame, SparkSession
 
-from streamhydro.driver.session import use_this_python_for_local_workers
 from streamhydro.registry import ModelVersion
+from streamhydro.devices import PCI_ORDER
+from streamhydro.spark import DYNAMIC_ALLOCATION, EXECUTOR_DEVICE_ORDER, Master, resolve_master, task_cpus, task_profile
 from streamhydro.trainer import data
 from streamhydro.trainer.config import TrainConfig
 from streamhydro.trainer.errors import ClusterError, TrainingError
@@ -50,10 +46,6 @@ TASK_MAX_FAILURES = "spark.task.maxFailures"
 # Spark's own "enough slots?" re-check; ours runs first, so Spark's need not wait minutes.
 SLOTS_CHECK_INTERVAL = "spark.scheduler.barrier.maxConcurrentTasksCheck.interval"
 SLOTS_CHECK_FAILURES = "spark.scheduler.barrier.maxConcurrentTasksCheck.maxFailures"
-# Barrier stages cannot run with dynamic allocation: executors may go away under a rank.
-DYNAMIC_ALLOCATION = "spark.dynamicAllocation.enabled"
-
-_LOCAL = re.compile(r"^local(?:\[(\*|\d+)(?:,(\d+))?\])?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +57,11 @@ class TrainResult:
     run_dir: Path
 
 
-def session_settings(config: TrainConfig) -> tuple[str, dict[str, str]]:
+def session_settings(config: TrainConfig) -> tuple[Master, dict[str, str]]:
     """The master and Spark conf a trainer session is built with; the user's spark.conf wins.
 
-    An empty ``spark.master`` leaves the master to spark-submit.
+    An empty ``spark.master`` is spark-submit's master. local[N] becomes local[N,F], so that a
+    failed rank can be retried.
     """
     t = config.training
     conf = {
@@ -81,44 +74,33 @@ def session_settings(config: TrainConfig) -> tuple[str, dict[str, str]]:
     jars = data.jdbc_jars(config.data)
     if jars:
         conf["spark.jars"] = ",".join(jars)
-    return _retrying_master(config.spark.master, t.max_attempts), {**conf, **config.spark.conf}
+    if config.spark.gpus_per_rank:
+        conf[EXECUTOR_DEVICE_ORDER] = PCI_ORDER
+    master = resolve_master(config.spark.master)
+    retrying = master.with_task_retries(t.max_attempts)
+    if retrying != master:
+        log.info("spark.master %s allows no retry of a failed rank; using %s", master.url, retrying.url)
+    return retrying, {**conf, **config.spark.conf}
 
 
 def build_session(config: TrainConfig) -> SparkSession:
     """The trainer's own session (no Kafka data source; master from config or spark-submit)."""
+    from streamhydro.spark import build_session as build
+
     master, conf = session_settings(config)
-    use_this_python_for_local_workers(master)
-    builder = SparkSession.builder.appName(config.spark.app_name)
-    if master:
-        builder = builder.master(master)
-    for key, value in conf.items():
-        builder = builder.config(key, value)
-    return builder.getOrCreate()
-
-
-def _retrying_master(master: str, attempts: int) -> str:
-    """local[N] allows no task retry; local[N,F] does. Other masters are left as they are."""
-    match = _LOCAL.match(master)
-    if not match or match.group(2):
-        return master
-    retrying = f"local[{match.group(1) or 1},{max(2, attempts)}]"
-    log.info("spark.master %s allows no retry of a failed rank; using %s", master, retrying)
-    return retrying
+    return build(master, config.spark.app_name, conf)
 
 
 def resource_profile(spark: SparkSession, config: TrainConfig) -> ResourceProfile | None:
     """A profile asking ``spark.gpus_per_rank`` GPUs per rank, or None (CPU, or local mode)."""
     gpus = config.spark.gpus_per_rank
-    if not gpus:
-        return None
-    if _LOCAL.match(spark.sparkContext.master):
+    master = Master.parse(spark.sparkContext.master)
+    if gpus and not master.schedules_resources:
         log.warning(
-            "spark.gpus_per_rank = %d, but %s cannot schedule by ResourceProfile; ranks get no GPU assignment and train on CPU",
-            gpus, spark.sparkContext.master,
+            "spark.gpus_per_rank = %d, but %s does not schedule GPUs; ranks get no GPU assignment and train on CPU",
+            gpus, master.url,
         )
-        return None
-    cpus = int(spark.conf.get("spark.task.cpus", "1"))
-    return ResourceProfileBuilder().require(TaskResourceRequests().cpus(cpus).resource("gpu", gpus)).build
+    return task_profile(master, task_cpus(spark), gpus)
 
 
 def check_cluster(spark: SparkSession, config: TrainConfig, profile: ResourceProfile | None) -> int:
@@ -130,8 +112,7 @@ def check_cluster(spark: SparkSession, config: TrainConfig, profile: ResourcePro
             DYNAMIC_ALLOCATION, "is true; Spark does not run barrier stages with dynamic allocation",
             f"set spark.conf.\"{DYNAMIC_ALLOCATION}\" = \"false\" in the trainer config (or --conf {DYNAMIC_ALLOCATION}=false)",
         )
-    local = _LOCAL.match(sc.master)
-    if local and not local.group(2) or sc.getConf().get(TASK_MAX_FAILURES, "4") == "1":
+    if not Master.parse(sc.master).retries_tasks or sc.getConf().get(TASK_MAX_FAILURES, "4") == "1":
         log.warning("master %s allows no task retry: a failed rank fails the run instead of resuming from its checkpoint", sc.master)
     deadline = time.monotonic() + config.training.slots_wait_seconds
     while True:

@@ -2,8 +2,9 @@
 
 Rank 0 starts a ``TCPStore`` on a port the OS picks (no race for a "free" port), records the stage
 attempt in the run directory, and ``allGather`` spreads both to every rank; then every rank joins
-``torch.distributed`` over that store: nccl pinned to the GPU Spark assigned the task (Spark does
-not set CUDA_VISIBLE_DEVICES), gloo on CPU otherwise. ``timeout_seconds`` bounds the store, the
+``torch.distributed`` over that store: nccl pinned to the one GPU Spark assigned the task (Spark does
+not set CUDA_VISIBLE_DEVICES; :func:`streamhydro.devices.cuda_ordinal` maps its address), gloo on CPU
+otherwise. ``timeout_seconds`` bounds the store, the
 group's collectives, and so how long a rank waits for a lost peer.
 """
 
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from streamhydro.devices import cuda_ordinal
+from streamhydro.trainer.errors import ClusterError
 from streamhydro.trainer.rank.checkpoint import RunDirectory
 
 if TYPE_CHECKING:
@@ -50,11 +53,17 @@ class Group:
 def task_device(context: BarrierTaskContext) -> tuple[torch.device, str]:
     """The GPU Spark assigned this task, with nccl; else the CPU, with gloo."""
     gpus = context.resources().get("gpu")
-    if gpus is not None and gpus.addresses:
-        index = int(gpus.addresses[0])
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index), "nccl"
-    return torch.device("cpu"), "gloo"
+    addresses = list(gpus.addresses) if gpus is not None else []
+    if not addresses:
+        return torch.device("cpu"), "gloo"
+    if len(addresses) > 1:
+        raise ClusterError(
+            "spark.gpus_per_rank", f"rank {context.partitionId()} was given GPUs {addresses}, but a rank trains on one",
+            "ask for 1 GPU per rank (spark.gpus_per_rank = 1) and more ranks",
+        )
+    index = cuda_ordinal(addresses[0])
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index), "nccl"
 
 
 @contextlib.contextmanager

@@ -1,0 +1,17 @@
+"""Local Kafka-protocol brokers for the demo, the tests and the benchmarks.
+
+- :class:`ApacheKafkaBroker`: Apache Kafka itself (KRaft, one node) from Maven Central's jars; what users
+  run, and the default everywhere.
+- :class:`TansuBroker`: Tansu from PyPI; no Java, up in milliseconds, in-memory, with the defects listed in
+  :mod:`streamhydro.brokers.tansu`.
+"""
+
+from __future__ import annotations
+
+from streamhydro.brokers.apache import ApacheKafkaBroker
+from streamhydro.brokers.process import BrokerConfig, BrokerProcess
+from streamhydro.brokers.tansu import TansuBroker
+
+BROKERS: dict[str, type[BrokerProcess]] = {"kafka": ApacheKafkaBroker, "tansu": TansuBroker}
+
+__all__ = ["BROKERS", "ApacheKafkaBroker", "BrokerConfig", "BrokerProcess", "TansuBroker"]

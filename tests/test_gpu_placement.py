@@ -1,0 +1,175 @@
+"""GPU placement defects, each shown without a GPU: fake NVML, monkeypatched ONNX Runtime providers, fake nvidia-smi.
+
+No pyspark: these run where the engine runs (executors, GPU hosts without Spark).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _inference_models import Holder, feature_spec, softmax_model
+from streamhydro import devices
+from streamhydro.devices import DeviceError, cuda_ordinal
+from streamhydro.executor import sessions
+from streamhydro.executor.engine import EngineSettings
+from streamhydro.executor.sessions import Placement, TaskResources
+
+DISCOVERY = Path(__file__).parent.parent / "deploy" / "gpu" / "get_gpus_resources.sh"
+PCI = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+HOST_UUIDS = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]
+GPU_SETTINGS = EngineSettings(providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"))
+
+
+def test_ordinals_need_pci_order():
+    with pytest.raises(DeviceError) as caught:
+        cuda_ordinal("1", environ={})
+    assert "CUDA_DEVICE_ORDER" in caught.value.problem and "PCI_BUS_ID" in caught.value.fix
+    with pytest.raises(DeviceError):
+        cuda_ordinal("1", environ={"CUDA_DEVICE_ORDER": "FASTEST_FIRST"})
+    assert cuda_ordinal("1", environ=PCI) == 1
+
+
+def test_uuid_and_mig_addresses_map_to_ordinals():
+    assert cuda_ordinal("GPU-cccc", environ=PCI, uuids=lambda: HOST_UUIDS) == 2
+    hidden = {**PCI, "CUDA_VISIBLE_DEVICES": "2,0"}
+    assert cuda_ordinal("GPU-cccc", environ=hidden, uuids=lambda: HOST_UUIDS) == 0
+    assert cuda_ordinal("GPU-aaaa", environ=hidden, uuids=lambda: HOST_UUIDS) == 1
+    with pytest.raises(DeviceError, match="hides it"):
+        cuda_ordinal("GPU-bbbb", environ=hidden, uuids=lambda: HOST_UUIDS)
+    with pytest.raises(DeviceError, match="no GPU of this host"):
+        cuda_ordinal("GPU-ffff", environ=PCI, uuids=lambda: HOST_UUIDS)
+    mig = {**PCI, "CUDA_VISIBLE_DEVICES": "MIG-1111,MIG-2222"}
+    assert cuda_ordinal("MIG-2222", environ=mig) == 1
+    with pytest.raises(DeviceError) as caught:
+        cuda_ordinal("MIG-3333", environ=PCI)
+    assert "CUDA_VISIBLE_DEVICES" in caught.value.fix
+    with pytest.raises(DeviceError, match="neither"):
+        cuda_ordinal("gpu0", environ=PCI)
+
+
+def test_placement_of_a_uuid_address_is_an_ordinal_not_a_value_error(monkeypatch):
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(devices, "nvml_uuids", lambda: HOST_UUIDS)
+    placement = sessions.place(GPU_SETTINGS, TaskResources(gpu_addresses=("GPU-bbbb",), cpus=1))
+    assert (placement.device, placement.device_id) == ("cuda:1", 1)
+
+
+@pytest.mark.parametrize(("visible", "expected"), [("", "[]"), ("3,1", '["0","1"]'), ("GPU-a", '["0"]')])
+def test_discovery_script_reads_cuda_visible_devices(tmp_path, visible, expected):
+    """Set but empty CUDA_VISIBLE_DEVICES means no GPU, not every GPU nvidia-smi lists."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '0\\n1\\n2\\n3\\n'\n")
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": visible}
+    done = subprocess.run(["bash", str(DISCOVERY)], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == '{"name":"gpu","addresses":' + expected + "}"
+    unset = subprocess.run(["bash", str(DISCOVERY)], capture_output=True, text=True, env={"PATH": env["PATH"]}, check=True)
+    assert unset.stdout.strip() == '{"name":"gpu","addresses":["0","1","2","3"]}'
+
+
+class RecordingOrt:
+    """Stands in for ``onnxruntime.InferenceSession``: records the providers asked for, runs on the real CPU build."""
+
+    def __init__(self, real):
+        self.real = real
+        self.asked = []
+
+    def __call__(self, model, sess_options=None, providers=None):
+        self.asked.append(providers)
+        return self.real(model, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture
+def gpu_build(monkeypatch):
+    """ONNX Runtime that claims the TensorRT and CUDA providers; sessions actually run on its CPU provider."""
+    ort = pytest.importorskip("onnxruntime")
+    recorder = RecordingOrt(ort.InferenceSession)
+    monkeypatch.setattr(ort, "InferenceSession", recorder)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(GPU_SETTINGS.providers))
+    monkeypatch.setattr(sessions, "device_memory_bytes", lambda ordinal: 80 << 30)
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    sessions.clear_sessions()
+    yield recorder
+    sessions.clear_sessions()
+
+
+def _by_name(providers: list) -> dict:
+    """ORT's ``providers`` argument as {name: options or None}."""
+    return {entry[0]: entry[1] for entry in providers if isinstance(entry, tuple)} | {
+        entry: None for entry in providers if isinstance(entry, str)
+    }
+
+
+def _placement(address: str, settings: EngineSettings = GPU_SETTINGS) -> Placement:
+    return sessions.place(settings, TaskResources(gpu_addresses=(address,), cpus=1))
+
+
+def test_every_gpu_provider_gets_the_tasks_device(gpu_build):
+    data, manifest = softmax_model([feature_spec("x", 4)])
+    sessions.validate_model(manifest, data, "json")
+    gpu_build.asked.clear()
+    sessions._create(manifest, data, "json", _placement("1"), GPU_SETTINGS)
+    (asked,) = gpu_build.asked
+    options = _by_name(asked)
+    assert options["TensorrtExecutionProvider"] == {"device_id": 1}
+    assert options["CUDAExecutionProvider"]["device_id"] == 1
+    assert "CPUExecutionProvider" in options
+
+
+def test_arena_defaults_to_the_tasks_share_of_the_gpu(gpu_build):
+    data, manifest = softmax_model([feature_spec("x", 4)])
+    quarter = dataclasses.replace(GPU_SETTINGS, gpu_share=0.25)
+    sessions._create(manifest, data, "json", _placement("0", quarter), quarter)
+    cuda = _by_name(gpu_build.asked[-1])["CUDAExecutionProvider"]
+    assert cuda["gpu_mem_limit"] == int((80 << 30) * 0.25 * sessions.ARENA_FRACTION)
+    fixed = dataclasses.replace(GPU_SETTINGS, gpu_mem_limit_bytes=1 << 30)
+    sessions._create(manifest, data, "json", _placement("0", fixed), fixed)
+    assert _by_name(gpu_build.asked[-1])["CUDAExecutionProvider"]["gpu_mem_limit"] == 1 << 30
+
+
+def test_a_worker_keeps_sessions_on_one_gpu_only(gpu_build):
+    data, manifest = softmax_model([feature_spec("x", 4)])
+    on_zero = sessions.get_session(manifest, Holder(data), "json", _placement("0"), GPU_SETTINGS)
+    cpu = sessions.place(EngineSettings(), TaskResources(cpus=1))
+    sessions.get_session(manifest, Holder(data), "json", cpu, EngineSettings())
+    sessions.get_session(manifest, Holder(data), "json", _placement("1"), GPU_SETTINGS)
+    assert sorted(key[1] for key in sessions._sessions) == ["cpu", "cuda:1"]
+    assert on_zero not in sessions._sessions.values()
+
+
+def test_missing_onnx_runtime_names_both_extras(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    data, manifest = softmax_model([feature_spec("x", 4)])
+    with pytest.raises(sessions.OnnxRuntimeMissing) as caught:
+        sessions.validate_model(manifest, data, "json")
+    assert "streamhydro[cpu]" in str(caught.value) and "streamhydro[gpu]" in str(caught.value)
+
+
+def test_trainer_refuses_more_than_one_gpu_per_rank():
+    from streamhydro.errors import ConfigError
+    from streamhydro.trainer.config import from_mapping
+
+    raw = {"data": {"format": "csv", "path": "x.csv", "features": ["a", "b"], "label": "y", "labels": ["n", "p"]},
+           "training": {"ranks": 2}, "spark": {"gpus_per_rank": 2}}
+    with pytest.raises(ConfigError) as caught:
+        from_mapping(raw, {})
+    assert caught.value.key == "spark.gpus_per_rank" and "training.ranks to 4" in caught.value.fix
+    raw["spark"]["gpus_per_rank"] = 1
+    assert from_mapping(raw, {}).spark.gpus_per_rank == 1
+
+
+def test_gpu_extra_does_not_bring_the_cpu_build():
+    """Both builds write the package ``onnxruntime``: the base dependencies must not name either."""
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("onnxruntime")]
+    extras = project["optional-dependencies"]
+    assert [d.split(">")[0] for d in extras["cpu"]] == ["onnxruntime"]
+    assert [d.split(">")[0] for d in extras["gpu"]] == ["onnxruntime-gpu"]
