@@ -10,7 +10,7 @@ are out, a producer sends events live at ``--rate`` with
 ``linger.ms=1`` (every few milliseconds a small batch, as low-rate producers send), and a reader takes
 the time as each prediction arrives. Every ``--sample-seconds`` a progress line goes to stderr: events,
 distinct predictions, lag (events without a prediction yet), latency p50/p99 of that interval, and the
-RSS of serve's whole process group (driver, JVM, Python workers).
+RSS of serve's whole process tree (driver, JVM, Python worker daemons and workers).
 
 After ``--minutes`` the producer stops, the reader waits for the predictions to catch up, serve gets
 SIGTERM, and the last line on stdout is JSON: events, predictions (distinct events predicted),
@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,50 +38,12 @@ from streamhydro.kafka.options import client_for
 from streamhydro.outputs import OutputReader, topic_ends
 from streamhydro.producer import LoadGenerator
 from streamhydro.registry import Registry
+from streamhydro.supervisor import ServeProcess, write_serve_config
 
 PARTITIONS = 2
 CATCH_UP_SECONDS = 180
 WARM_UP_EVENTS = 100
 START_DEADLINE_S = 300
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def group_rss_mb(pgid: int) -> float:
-    """The resident memory of every process in process group ``pgid``, in MB."""
-    total_kb = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if int(fields[2]) == pgid:
-            total_kb += int(fields[21]) * PAGE_KB
-    return round(total_kb / 1024, 1)
-
-
-def write_config(path: Path, work: Path, bootstrap: str, broker: str, source: str) -> None:
-    path.write_text(
-        f"""
-[spark]
-master = "local[2]"
-checkpoint_location = "{work / 'checkpoint'}"
-
-[kafka]
-bootstrap_servers = "{bootstrap}"
-subscribe = "events"
-source = "{source}"
-end_offsets_from = "{'fetch' if broker == 'tansu' else 'listOffsets'}"
-
-[inference]
-pipeline_depth = 0
-
-[metrics]
-port = 0
-multiprocess_dir = "{work / 'metrics'}"
-"""
-    )
 
 
 def main() -> None:
@@ -102,21 +61,20 @@ def main() -> None:
     with BROKERS[args.broker]() as broker:
         bootstrap = broker.bootstrap_servers
         ensure_topics(client_for(bootstrap), {"events": PARTITIONS, "predictions": PARTITIONS, "predictions-dlq": 1})
-        config = work / "serve.toml"
-        write_config(config, work, bootstrap, args.broker, args.source)
-        log_path = work / "serve.log"
-        with open(log_path, "wb") as log_file:
-            serve = subprocess.Popen(
-                [sys.executable, "-m", "streamhydro", "serve", "--config", str(config)],
-                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        print(f"serve pid {serve.pid}, log {log_path}", file=sys.stderr, flush=True)
-        result = soak(args, bootstrap, serve)
-        result.update(broker=args.broker, source=args.source, log=str(log_path))
+        end_offsets_from = "fetch" if args.broker == "tansu" else "listOffsets"
+        config = write_serve_config(work / "serve.toml", work, bootstrap, kafka={"source": args.source, "end_offsets_from": end_offsets_from})
+        serve = ServeProcess(config, work / "serve.log")
+        serve.start()
+        print(f"serve pid {serve.pid}, log {serve.log_path}", file=sys.stderr, flush=True)
+        try:
+            result = soak(args, bootstrap, serve)
+        finally:
+            serve.kill()
+        result.update(broker=args.broker, source=args.source, log=str(serve.log_path))
     print(json.dumps(result))
 
 
-def soak(args: argparse.Namespace, bootstrap: str, serve: subprocess.Popen) -> dict:
+def soak(args: argparse.Namespace, bootstrap: str, serve: ServeProcess) -> dict:
     manifest = Registry("models").get("breast_cancer").manifest
     reader = OutputReader(client_for(bootstrap), ("predictions", "predictions-dlq"), track=True, group="soak-reader")
     reader.start()
@@ -143,13 +101,13 @@ def soak(args: argparse.Namespace, bootstrap: str, serve: subprocess.Popen) -> d
             lag = WARM_UP_EVENTS + generator.sent - reader.distinct
             lags.append((time.monotonic() - started, lag))
             if rss_start is None and reader.distinct:
-                rss_start = group_rss_mb(serve.pid)
+                rss_start = serve.rss_mb()
             recent = reader.latency_ms(since=seen_latencies)
             seen_latencies += len(recent)
             print(
                 json.dumps({
                     "t_s": round(time.monotonic() - started), "events": generator.sent, "predictions": reader.distinct - WARM_UP_EVENTS,
-                    "lag": lag, **latency_summary(recent), "rss_mb": group_rss_mb(serve.pid),
+                    "lag": lag, **latency_summary(recent), "rss_mb": serve.rss_mb(),
                 }),
                 file=sys.stderr, flush=True,
             )
@@ -160,14 +118,10 @@ def soak(args: argparse.Namespace, bootstrap: str, serve: subprocess.Popen) -> d
     deadline = time.monotonic() + CATCH_UP_SECONDS
     while reader.distinct < WARM_UP_EVENTS + generator.sent and time.monotonic() < deadline and serve.poll() is None:
         time.sleep(1)
-    rss_end = group_rss_mb(serve.pid)
+    rss_end = serve.rss_mb()
     failed = serve.poll() is not None
-    if not failed:
-        # SIGTERM to serve itself, as Kubernetes and systemd's KillMode=mixed send it: a SIGTERM to the
-        # whole group would also reach Spark's JVM, whose shutdown hook stops the SparkContext under the
-        # query (see README, "Supervision").
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(timeout=120)
+    # SIGTERM to serve alone (see README, "Supervision"); the exit code stays None if it did not exit in time.
+    exit_code = serve.poll() if failed else serve.terminate(120)
     reader.stop()
     lost = reader.missing(topic_ends(client_for(bootstrap), "events"))
     half = len(lags) // 2
@@ -190,7 +144,7 @@ def soak(args: argparse.Namespace, bootstrap: str, serve: subprocess.Popen) -> d
         "rss_start_mb": rss_start,
         "rss_end_mb": rss_end,
         "query_failures": int(failed),
-        "serve_exit_code": serve.returncode,
+        "serve_exit_code": exit_code,
     }
 
 

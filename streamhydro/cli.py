@@ -14,6 +14,7 @@ import sys
 
 from streamhydro import __version__
 from streamhydro.errors import StreamhydroError
+from streamhydro.secrets import install_log_filter, redact
 
 COMMANDS = (
     "streamhydro.driver.serve",
@@ -44,12 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr)
+    install_log_filter()
     # py4j logs every gateway call at INFO; it drowns ours.
     logging.getLogger("py4j").setLevel(logging.WARNING)
     try:
         return args.run(args)
     except StreamhydroError as exc:
-        print(f"streamhydro: error: {exc}", file=sys.stderr)
+        print(f"streamhydro: error: {redact(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -81,6 +81,13 @@ class KafkaSettings:
         "classpath), or auto (builtin when available, else python).",
         default="auto",
     )
+    delivery: str = doc(
+        "Delivery guarantee of predictions and dead letters: at_least_once (a micro-batch replayed after a crash "
+        "is written again, with the same idempotency_key) or exactly_once (one Kafka transaction per micro-batch "
+        "and input partition; needs source = python, a broker with transactions such as Apache Kafka 3 or later, "
+        "and consumers reading with isolation.level = read_committed). See docs/delivery.md.",
+        default="at_least_once",
+    )
     end_offsets_from: str = doc(
         "How streamhydro's source learns where partitions end: listOffsets (what Apache Kafka and Spark's "
         "connector use) or fetch (a Fetch response's high watermark, for brokers whose ListOffsets is wrong, "
@@ -348,6 +355,14 @@ def _validated(config: Config) -> Config:
         )
     if k.source not in ("auto", "builtin", "python"):
         raise ConfigError("kafka.source", f"unknown connector {k.source!r}", "use auto, builtin or python")
+    if k.delivery not in ("at_least_once", "exactly_once"):
+        raise ConfigError("kafka.delivery", f"unknown guarantee {k.delivery!r}", "use at_least_once or exactly_once")
+    if k.delivery == "exactly_once" and k.source == "builtin":
+        raise ConfigError(
+            "kafka.delivery",
+            "exactly_once needs streamhydro's connector: Spark's built-in Kafka sink has no transactions",
+            'set source = "python" (or delivery = "at_least_once" to keep the built-in connector)',
+        )
     if k.end_offsets_from not in ("listOffsets", "fetch"):
         raise ConfigError("kafka.end_offsets_from", f"unknown method {k.end_offsets_from!r}", "use listOffsets or fetch")
     if k.end_offsets_from == "fetch" and k.source == "builtin":

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 JSON_BAD_KINDS = ("truncated_json", "wrong_type", "missing_feature", "empty_value", "not_json")
 TENSOR_BAD_KINDS = ("wrong_tensor_length", "empty_value")
 CHUNK = 2000
+# How long the last sends may wait for their acknowledgements (a broker may be restarting or stalled).
+FLUSH_TIMEOUT_S = 120
 # The load generator's producer: idempotent, batching like a busy producer; the user's settings win.
 PRODUCER_DEFAULTS = {"enable.idempotence": "true", "acks": "all", "linger.ms": "5", "batch.num.messages": "10000"}
 
@@ -185,8 +187,10 @@ class LoadGenerator:
                 if stop.wait(max(0.0, due - time.monotonic())):
                     break
             self._send_chunk(n)
-        self._producer.flush(30)
+        unacknowledged = self._producer.flush(FLUSH_TIMEOUT_S)
         self._finished = time.monotonic()
+        if unacknowledged:
+            raise DeliveryError(unacknowledged, self.sent, f"no acknowledgement within {FLUSH_TIMEOUT_S} s of the last send")
         if self._failed:
             raise DeliveryError(len(self._failed), self.sent, self._failed[0])
         return self.summary()

@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,7 @@ def serve_config(path: Path, cluster, kafka_bootstrap: str, topics: dict, regist
     }
     if gpus:
         spark.update(executor_gpus=2, task_gpus=0.5, gpu_discovery_script=str(cluster.workdir / "gpus.sh"))
-    conf = {"spark.executor.memory": "512m", "spark.pyspark.python": sys.executable, "spark.ui.enabled": "false"}
+    conf = {"spark.executor.memory": "512m", "spark.ui.enabled": "false"}
     sections = {
         "spark": spark,
         "kafka": {"bootstrap_servers": kafka_bootstrap, "subscribe": topics["input"], "output_topic": topics["output"],
@@ -91,19 +92,22 @@ def serve_config(path: Path, cluster, kafka_bootstrap: str, topics: dict, regist
 
 @contextlib.contextmanager
 def running(command: list[str], log: Path, env: dict[str, str]):
-    """A driver process for the length of the block; SIGTERM and a bounded wait afterwards."""
+    """A driver process for the length of the block, then SIGTERM to it alone (as Kubernetes or a shell sends it:
+    the driver stops the query while its JVM still runs) and a bounded wait; leftovers of its group are killed."""
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
     try:
         yield process
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
+            process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
             process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def produce(kafka_bootstrap: str, topic: str, registry: Registry) -> None:
@@ -114,6 +118,17 @@ def produce(kafka_bootstrap: str, topic: str, registry: Registry) -> None:
 def assert_scored_once(records: list, context: str) -> None:
     keys = [json.loads(r.value)["idempotency_key"] for r in records]
     assert len(keys) == EVENTS and len(set(keys)) == EVENTS, f"{len(keys)} predictions, {len(set(keys))} distinct\n{context}"
+
+
+def wait_until_idle(cluster, seconds: float = 120) -> None:
+    """Until the master runs no application or driver: a killed driver's executors are freed only when it notices."""
+    deadline = time.monotonic() + seconds
+    while True:
+        state = cluster.state()
+        if not state.get("activeapps") and not state.get("activedrivers"):
+            return
+        assert time.monotonic() < deadline, f"the cluster is still busy after {seconds} s: {state}"
+        time.sleep(1)
 
 
 def app_id(cluster, name: str) -> str:
@@ -128,7 +143,9 @@ def test_serve_pins_each_scoring_task_to_the_gpu_spark_assigned(cluster, kafka_b
     config = serve_config(tmp_path / "serve.toml", cluster, kafka_bootstrap, topics, model_registry, app, gpus=True)
     produce(kafka_bootstrap, topics["input"], model_registry)
     log = tmp_path / "serve.log"
-    with running([sys.executable, "-m", "streamhydro", "serve", "--config", str(config)], log, cluster.env) as process:
+    # A driver started without spark-submit names the executors' Python through PYSPARK_PYTHON.
+    env = {**cluster.env, "PYSPARK_PYTHON": sys.executable}
+    with running([sys.executable, "-m", "streamhydro", "serve", "--config", str(config)], log, env) as process:
         records = read_all(kafka_bootstrap, topics["output"], EVENTS, seconds=WAIT_S)
         alive = process.poll() is None
     context = f"{log.read_text()[-6000:]}\n{cluster.logs()}"
@@ -171,8 +188,8 @@ def test_serve_through_spark_submit_in_client_and_cluster_deploy_mode(cluster, k
         records = read_all(kafka_bootstrap, second["output"], EVENTS, seconds=WAIT_S)
         running_on_a_worker = [d for d in cluster.state().get("activedrivers", []) if d["id"] == driver.group(1)]
     finally:
-        subprocess.run([str(Path(cluster.env["SPARK_HOME"]) / "bin" / "spark-submit"), "--master", cluster.url, "--kill",
-                        driver.group(1)], capture_output=True, env=cluster.env, timeout=120)
+        cluster.kill_driver(driver.group(1))
+        wait_until_idle(cluster)
     context = f"{cluster.logs()}"
     assert running_on_a_worker and running_on_a_worker[0]["state"] == "RUNNING", context
     assert_scored_once(records, context)
@@ -180,10 +197,12 @@ def test_serve_through_spark_submit_in_client_and_cluster_deploy_mode(cluster, k
 
 
 def test_trainer_runs_two_ranks_on_the_cluster(cluster, tmp_path):
+    wait_until_idle(cluster)
     env = {
         **cluster.env,
         "STREAMHYDRO_SPARK_MASTER": cluster.url,
-        "STREAMHYDRO_SPARK_CONF": json.dumps({"spark.executor.memory": "512m", "spark.pyspark.python": sys.executable}),
+        "PYSPARK_PYTHON": sys.executable,
+        "STREAMHYDRO_SPARK_CONF": json.dumps({"spark.executor.memory": "512m"}),
         "STREAMHYDRO_MODEL_REGISTRY": str(tmp_path / "models"),
         "STREAMHYDRO_TRAINING_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
         "STREAMHYDRO_TRAINING_EPOCHS": "5",
@@ -193,5 +212,5 @@ def test_trainer_runs_two_ranks_on_the_cluster(cluster, tmp_path):
     assert done.returncode == 0, f"{done.stderr[-6000:]}\n{cluster.logs()}"
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["model"] == "breast_cancer:1"
-    assert [a for a in cluster.state()["completedapps"] if a["name"] == "streamhydro-train"], cluster.state()
+    assert [a for a in cluster.state()["completedapps"] if a["name"] == "streamhydro-train-breast-cancer"], cluster.state()
     assert Registry(tmp_path / "models").versions("breast_cancer") == [1]

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -98,6 +99,13 @@ class StandaloneCluster:
         """The master's JSON status: workers, running and completed applications and drivers."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.ui_port}/json/", timeout=5) as response:
             return json.loads(response.read())
+
+    def kill_driver(self, driver_id: str) -> None:
+        """Kill a cluster-deploy-mode driver the way the master's web UI does (``spark-submit --kill`` needs
+        the master's REST server, which is off by default)."""
+        body = urllib.parse.urlencode({"id": driver_id, "terminate": "true"}).encode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ui_port}/driver/kill/", data=body, timeout=10):
+            pass
 
     def stop(self) -> None:
         """End every daemon's process group (workers first), waiting for each; idempotent."""

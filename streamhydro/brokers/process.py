@@ -69,8 +69,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: ask the kernel to SIGKILL the broker when the starting thread dies."""
+def die_with_parent() -> None:
+    """preexec_fn: ask the kernel to SIGKILL the child when the thread that started it dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -176,7 +176,7 @@ class BrokerProcess:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=self._environment(),
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 start_new_session=True,
             )
         with _RUNNING_LOCK:

@@ -85,6 +85,7 @@ def run_demo(
     from streamhydro.kafka.admin import ensure_topics
     from streamhydro.producer import LoadGenerator
 
+    launched = time.monotonic()
     kafka_settings = {"subscribe": INPUT_TOPIC, "source": source}
     if broker == "tansu":
         if source == "builtin":
@@ -132,6 +133,7 @@ def run_demo(
             "dead_letters": outputs[k.dead_letter_topic],
             "bad_sent": sum(generator.bad.values()),
             "seconds": round(seconds, 3),
+            "cold_start_s": round(reader.first_at - launched, 1) if reader.first_at else None,
             "events_per_s": round(generator.sent / seconds, 1) if seconds > 0 else 0.0,
             "model": f"{manifest.name}:{manifest.version}",
             "broker": broker,

@@ -5,8 +5,9 @@ One Structured Streaming query: Kafka source -> ``foreachBatch``. Each micro-bat
 :class:`~streamhydro.driver.models.ModelFollower` picked at that batch boundary, and the result is
 written to Kafka: predictions to the output topic, records that could not be scored to the
 dead-letter topic (each row carries its topic). ``foreachBatch`` is what makes the model version a
-per-batch decision without restarting the query; its delivery guarantee is Kafka's usual
-at-least-once, and every prediction carries an idempotency key (topic/partition/offset of its event).
+per-batch decision without restarting the query. Delivery (``kafka.delivery``) is at-least-once by
+default, every prediction carrying an idempotency key (topic/partition/offset of its event); with
+``exactly_once`` each task writes its input range in one Kafka transaction (``docs/delivery.md``).
 
 SIGTERM and SIGINT stop the query between micro-batches: a batch that has started writing is
 finished and committed first; a batch that has not started writing is left to the next run (its
@@ -25,6 +26,7 @@ from typing import Any
 
 from streamhydro.config import Config, load, reference
 from streamhydro.errors import ConfigError, StreamhydroError
+from streamhydro.kafka.options import EXACTLY_ONCE
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +37,23 @@ KAFKA_PACKAGE = "org.apache.spark:spark-sql-kafka-0-10_2.13:<your Spark version>
 JARS = "spark.jars"
 PACKAGES = "spark.jars.packages"
 STOP_POLL_SECONDS = 0.2
+SPECULATION = "spark.speculation"
+# The log line that says the query runs; supervisors and tests wait for it.
+QUERY_STARTED = "query started"
 
 
 class StopRequested(StreamhydroError):
     """Raised inside a micro-batch that started after a stop was asked for; ends the query cleanly."""
+
+
+class QueryFailed(StreamhydroError):
+    """The streaming query failed and cannot go on in this process; ``cause`` is its root cause in one line.
+
+    serve exits non-zero with it, so that its supervisor restarts it from the checkpoint."""
+
+    def __init__(self, cause: str) -> None:
+        self.cause = cause
+        super().__init__(f"streaming query failed: {cause} (full trace in the log above; a restart resumes from the checkpoint)")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -76,6 +91,8 @@ class Service:
         self._profile = None
         self.connector: str | None = None
         self.batches = 0
+        self._query_started = threading.Event()
+        self._batch_error: BaseException | None = None
 
     def start(self, on_signal: Callable[[], None] | None = None) -> Any:
         """Build the session, check the model, start the query. Returns the StreamingQuery.
@@ -121,6 +138,8 @@ class Service:
         self._format = kafka_format(self.spark, c.kafka.source, c.kafka.client_options())
         self.connector = "builtin" if self._format == BUILTIN_FORMAT else "python"
         ensure_topics(c.kafka.librdkafka(), {c.kafka.output_topic: 1, c.kafka.dead_letter_topic: 1})
+        if c.kafka.delivery == EXACTLY_ONCE:
+            check_exactly_once(self.spark, self.connector, c.kafka.librdkafka())
         self._warm_up()
         stream = self.spark.readStream.format(self._format).options(**c.kafka.source_options()).load()
         self.query = (
@@ -130,8 +149,10 @@ class Service:
             .foreachBatch(self._process_batch)
             .start()
         )
+        self._query_started.set()
         log.info(
-            "query started: %s via %s connector -> %s (dead letters -> %s), checkpoint %s",
+            "%s: %s via %s connector -> %s (dead letters -> %s), checkpoint %s",
+            QUERY_STARTED,
             c.kafka.subscribe or c.kafka.subscribe_pattern or c.kafka.assign,
             "Spark's built-in" if self.connector == "builtin" else "streamhydro's Python",
             c.kafka.output_topic, c.kafka.dead_letter_topic, c.spark.checkpoint_location,
@@ -159,7 +180,7 @@ class Service:
             if not self.query.isActive:
                 exception = self.query.exception()
                 if exception is not None and not _is_stop(exception):
-                    raise StreamhydroError(f"streaming query failed: {exception}")
+                    raise self._failure(exception)
                 return 0
 
     def stop(self) -> None:
@@ -187,24 +208,52 @@ class Service:
             self.query.stop()
         exception = self.query.exception()
         if exception is not None and not _is_stop(exception):
-            raise StreamhydroError(f"streaming query failed: {exception}")
+            raise self._failure(exception)
         log.info("query stopped after %d micro-batches", self.batches)
+
+    def _failure(self, exception: Any) -> QueryFailed:
+        """The query's failure as one line; the whole chain goes to the log at DEBUG (Spark's own log has
+        it at ERROR, "terminated with error")."""
+        from streamhydro.driver.failure import root_cause
+
+        log.debug("the streaming query failed:\n%s", exception)
+        java = self.query._jsq.exception()
+        return QueryFailed(root_cause(self._batch_error, java.get() if java.isDefined() else None))
 
     def _process_batch(self, batch_df: Any, batch_id: int) -> None:
         from streamhydro.executor.scoring import OUTPUT_SCHEMA, score_batches
+        from streamhydro.kafka.transactions import ORIGIN_COLUMNS, with_origin
 
         with self._lock:
             if self._stopping:
                 raise StopRequested(f"stop requested before micro-batch {batch_id}; it will run on restart")
             self._in_batch = True
         try:
-            plan = self.follower.plan
-            scored = batch_df.mapInArrow(score_batches(plan), OUTPUT_SCHEMA, profile=self._profile)
-            scored.write.format(self._format).mode("append").options(**self.config.kafka.client_options()).save()
+            score, schema = score_batches(self.follower.plan), OUTPUT_SCHEMA
+            if self.config.kafka.delivery == EXACTLY_ONCE:
+                score, schema = with_origin(score), f"{OUTPUT_SCHEMA}, {ORIGIN_COLUMNS}"
+            scored = batch_df.mapInArrow(score, schema, profile=self._profile)
+            scored.write.format(self._format).mode("append").options(**self._sink_options(batch_id)).save()
             self.batches += 1
+        except Exception as exc:
+            # Kept as the Python object it is here, where its Java cause chain can still be walked.
+            self._batch_error = exc
+            raise
         finally:
             with self._lock:
                 self._in_batch = False
+
+    def _sink_options(self, batch_id: int) -> dict[str, str]:
+        """The write's options: the client settings and, for exactly-once, the query's transactional ids.
+
+        They derive from the query's id, which Spark keeps in the checkpoint: the same across restarts,
+        new for a new checkpoint (whose offsets start afresh).
+        """
+        options = self.config.kafka.client_options()
+        if self.config.kafka.delivery == EXACTLY_ONCE:
+            self._query_started.wait()
+            options.update(delivery=EXACTLY_ONCE, transactionalIdPrefix=f"streamhydro-{self.query.id}", batchId=str(batch_id))
+        return options
 
     def _warm_up(self) -> None:
         """Start the Python workers and load the model before the first micro-batch.
@@ -224,6 +273,26 @@ class Service:
         frame = self.spark.createDataFrame(rows, KAFKA_SCHEMA).repartition(parallelism)
         frame.mapInArrow(score_batches(plan), OUTPUT_SCHEMA, profile=self._profile).count()
         log.info("warm-up: %d Python workers ready in %.1f s", parallelism, time.monotonic() - started)
+
+
+def check_exactly_once(spark: Any, connector: str, client: Any) -> None:
+    """Refuse at start what breaks exactly-once delivery (``docs/delivery.md``): Spark's built-in Kafka sink
+    (no transactions), speculative tasks, and a broker whose transactions are not isolated."""
+    from streamhydro.kafka.transactions import check_transactions
+
+    if connector == "builtin":
+        raise ConfigError(
+            "kafka.delivery",
+            "exactly_once needs streamhydro's connector, and source = \"auto\" chose Spark's built-in one, whose sink has no transactions",
+            'set source = "python"',
+        )
+    if spark.sparkContext.getConf().get(SPECULATION, "false").strip().lower() == "true":
+        raise ConfigError(
+            f"spark.conf.{SPECULATION}",
+            "is true, and a speculative copy of a write task fences the original's transaction, failing it",
+            f'set {SPECULATION} = "false" (in spark.conf or spark-submit --conf), or delivery = "at_least_once"',
+        )
+    check_transactions(client)
 
 
 def connector_conf(source: str, conf: Mapping[str, str]) -> dict[str, str]:

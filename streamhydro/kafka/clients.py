@@ -30,6 +30,7 @@ from confluent_kafka import Consumer, KafkaException, Producer
 
 from streamhydro.errors import ConfigError
 from streamhydro.kafka.options import ClientConfig
+from streamhydro.secrets import redact
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -49,7 +50,7 @@ def build_client(kind: Callable[[dict[str, str]], Consumer | Producer], config: 
     except (KafkaException, ValueError) as exc:
         raise ConfigError(
             "kafka.*",
-            f"the Kafka client refused its configuration {config!r}: {exc}",
+            f"the Kafka client refused its configuration {config!r}: {redact(str(exc))}",
             "fix or remove the kafka.<setting> named above (names are librdkafka's, see its CONFIGURATION.md)",
         ) from exc
 

@@ -445,15 +445,55 @@ def parse_source_options(options: Mapping[str, str]) -> SourceOptions:
     )
 
 
+AT_LEAST_ONCE = "at_least_once"
+EXACTLY_ONCE = "exactly_once"
+
+
 @dataclass(frozen=True)
 class SinkOptions:
-    """The sink's settings: the producer's client config and the default ``topic`` (None: per-row column)."""
+    """The sink's settings: the producer's client config, the default ``topic`` (None: per-row column), and
+    the delivery guarantee (:mod:`streamhydro.kafka.transactions` for ``exactly_once``).
+
+    ``transactional_id_prefix`` names the writing query (exactly_once only): the transactional ids are
+    ``<prefix>-<input topic>-<input partition>`` and ``<prefix>`` is the consumer group whose committed
+    offsets record which input ranges were written. ``batch_id`` only labels logs and those records.
+    """
 
     client: ClientConfig
     topic: str | None
+    delivery: str = AT_LEAST_ONCE
+    transactional_id_prefix: str | None = None
+    batch_id: int | None = None
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.delivery == EXACTLY_ONCE
 
 
 def parse_sink_options(options: Mapping[str, str]) -> SinkOptions:
     lowered = _lower(options)
     topic = lowered.get("topic", "").strip() or None
-    return SinkOptions(client=client_config(options), topic=topic)
+    if KAFKA_PREFIX + "transactional.id" in lowered:
+        raise ConfigError(
+            "kafka.transactional.id",
+            "is chosen by the sink, one per input partition",
+            f'remove it and set option delivery="{EXACTLY_ONCE}" with transactionalIdPrefix',
+        )
+    delivery = lowered.get("delivery", AT_LEAST_ONCE).strip().lower()
+    if delivery not in (AT_LEAST_ONCE, EXACTLY_ONCE):
+        raise ConfigError("delivery", f"{delivery!r} is unknown", f"use {AT_LEAST_ONCE} (default) or {EXACTLY_ONCE}")
+    prefix = lowered.get("transactionalidprefix", "").strip() or None
+    if delivery == EXACTLY_ONCE and prefix is None:
+        raise ConfigError(
+            "transactionalIdPrefix",
+            f"is missing, and delivery={EXACTLY_ONCE} needs it",
+            "set it to a name that identifies the writing query and stays the same across its restarts",
+        )
+    batch = lowered.get("batchid")
+    try:
+        batch_id = int(batch) if batch is not None else None
+    except ValueError as exc:
+        raise ConfigError("batchId", f"{batch!r} is not a whole number", "pass the micro-batch id") from exc
+    return SinkOptions(
+        client=client_config(options), topic=topic, delivery=delivery, transactional_id_prefix=prefix, batch_id=batch_id
+    )

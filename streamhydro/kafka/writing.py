@@ -1,12 +1,14 @@
 """Producing Arrow batches to Kafka with every record's delivery confirmed.
 
-Runs in executor Python workers, once per Spark write task, with the worker's cached producer. Both the
-batch writer and the streaming writer call :func:`produce_batches`.
+Runs in executor Python workers, once per Spark write task. With at-least-once delivery (the default) both
+the batch writer and the streaming writer call :func:`produce_batches`, with the worker's cached producer;
+exactly-once writes (:mod:`streamhydro.kafka.transactions`) use :func:`send_all` inside a transaction.
 
 Nothing is dropped silently: each record gets a delivery callback; after the last record the producer is
 flushed with a bounded timeout; a record refused by ``produce()``, failed in its callback, or still
 unconfirmed at the timeout raises :class:`DeliveryError`, the task fails and Spark retries it. A retried
-task produces its records again (at-least-once; consumers deduplicate on the input's topic/partition/offset).
+task produces its records again (at-least-once; consumers deduplicate on the input's topic/partition/offset),
+unless the write is transactional, where the failed attempt's records are aborted.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ def producer_config(client: ClientConfig) -> ClientConfig:
 
 
 class DeliveryTracker:
-    """Counts what happened to the records of one task: confirmed, failed in a callback, or refused by
-    ``produce()`` itself (too large, unknown partition...)."""
+    """Counts what happened to the records of one task: handed to the producer, confirmed, failed in a
+    callback, or refused by ``produce()`` itself (too large, unknown partition...)."""
 
     def __init__(self) -> None:
+        self.sent = 0
         self.delivered = 0
         self.failed = 0
         self.refused = 0
@@ -75,6 +78,16 @@ class DeliveryTracker:
         self.fatal = self.fatal or fatal
         if self.first_error is None:
             self.first_error = description
+
+    def confirmed(self, waited_s: float) -> int:
+        """The number of records, once every one was confirmed; else raise DeliveryError."""
+        unconfirmed = self.sent - self.delivered - self.failed
+        if self.failed or self.refused or unconfirmed:
+            first = self.first_error or f"{unconfirmed} records unconfirmed after {waited_s:.0f} s"
+            raise DeliveryError(
+                failed=self.failed + self.refused + unconfirmed, total=self.sent + self.refused, first_error=first
+            )
+        return self.sent
 
 
 @dataclass(frozen=True)
@@ -103,25 +116,34 @@ def _produce_all(producer: Producer, batch: pa.RecordBatch, default_topic: str |
     return len(records)
 
 
+def flush_timeout_s(config: ClientConfig) -> float:
+    """How long a flush may wait for the last confirmations: the producer's own delivery timeout and a grace."""
+    return int(config.get("message.timeout.ms") or PRODUCER_DEFAULTS["message.timeout.ms"]) / 1000 + _FLUSH_GRACE_S
+
+
+def send_all(producer: Producer, default_topic: str | None, batches: Iterable[pa.RecordBatch], timeout_s: float) -> DeliveryTracker:
+    """Hand every row of ``batches`` to ``producer`` (stopping at the first failure) and flush.
+
+    The returned tracker says what became of them; :meth:`DeliveryTracker.confirmed` turns it into a count
+    or a DeliveryError.
+    """
+    tracker = DeliveryTracker()
+    for batch in batches:
+        tracker.sent += _produce_all(producer, batch, default_topic, tracker)
+        if tracker.refused or tracker.failed:
+            break
+    producer.flush(timeout_s)
+    return tracker
+
+
 def produce_batches(client: ClientConfig, default_topic: str | None, batches: Iterable[pa.RecordBatch]) -> WriteResult:
     """Produce every row of ``batches``; return once all are confirmed, else raise DeliveryError."""
     config = producer_config(client)
     producer = clients.producer(config)
-    tracker = DeliveryTracker()
-    sent = 0
-    for batch in batches:
-        sent += _produce_all(producer, batch, default_topic, tracker)
-        if tracker.refused or tracker.failed:
-            break
-    timeout_s = int(config.get("message.timeout.ms") or PRODUCER_DEFAULTS["message.timeout.ms"]) / 1000
-    producer.flush(timeout_s + _FLUSH_GRACE_S)
+    timeout_s = flush_timeout_s(config)
+    tracker = send_all(producer, default_topic, batches, timeout_s)
     if tracker.fatal:
         clients.discard_producer(config, producer)
-    unconfirmed = sent - tracker.delivered - tracker.failed
-    if tracker.failed or tracker.refused or unconfirmed:
-        first = tracker.first_error or f"{unconfirmed} records unconfirmed after {timeout_s + _FLUSH_GRACE_S:.0f} s"
-        raise DeliveryError(
-            failed=tracker.failed + tracker.refused + unconfirmed, total=sent + tracker.refused, first_error=first
-        )
+    sent = tracker.confirmed(timeout_s)
     log.info("delivered %d records", sent)
     return WriteResult(rows=sent)

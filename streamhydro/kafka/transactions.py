@@ -1,0 +1,304 @@
+"""Exactly-once writes: one Kafka transaction per (micro-batch, input range), marked done inside itself.
+
+Where things run:
+
+- :func:`with_origin` wraps the ``mapInArrow`` function on the driver; the wrapper runs in executor
+  Python workers and tags every output batch with the task's input topic-partition and the highest input
+  offset it has read so far (:data:`ORIGIN_COLUMNS`).
+- :func:`produce_exactly_once` runs in the sink's write task (executor Python worker), once per task, that
+  is once per input range of a micro-batch (streamhydro's source plans one task per topic-partition range,
+  and ``mapInArrow`` and the write keep that partitioning).
+- :func:`check_transactions` runs on the driver once at start.
+
+A task's transaction (``transactional.id`` = ``<prefix>-<input topic>-<input partition>``, the same for
+every attempt and every restart of the query) holds its predictions, its dead letters and, through
+``send_offsets_to_transaction``, the committed offset of the input partition in the consumer group
+``<prefix>``: one past the range's last record. Before writing, an attempt calls ``init_transactions``,
+which fences every earlier producer of that id and finishes its transaction (commit or abort), then reads
+the group's committed offset (a stable read: librdkafka asks with ``require_stable``). An offset past the
+range's first record means an earlier attempt committed the range: the attempt writes nothing. The races
+this answers, and why each is safe, are in ``docs/delivery.md``.
+
+A transactional producer serves one task: it is created for the task and closed at its end, never cached,
+because ``init_transactions`` is allowed once per producer and must run in every attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError as ClientError
+from pyspark.sql.types import IntegerType, LongType, StringType, StructField, StructType
+
+from streamhydro.errors import ConfigError, KafkaError
+from streamhydro.kafka import clients
+from streamhydro.kafka.options import EXACTLY_ONCE, ClientConfig
+from streamhydro.kafka.writing import PRODUCER_DEFAULTS, send_all
+
+log = logging.getLogger(__name__)
+
+ORIGIN_TOPIC = "source_topic"
+ORIGIN_PARTITION = "source_partition"
+ORIGIN_OFFSET = "source_offset"
+# Columns the exactly-once sink needs besides Spark's Kafka sink columns, and the same as DDL for mapInArrow.
+ORIGIN_FIELDS = StructType(
+    [StructField(ORIGIN_TOPIC, StringType()), StructField(ORIGIN_PARTITION, IntegerType()), StructField(ORIGIN_OFFSET, LongType())]
+)
+ORIGIN_COLUMNS = ", ".join(f"{f.name} {f.dataType.simpleString()}" for f in ORIGIN_FIELDS.fields)
+
+# A transaction stays open while its task reads, scores and writes. The broker aborts one open longer
+# than this (its own cap, transaction.max.timeout.ms, is 15 minutes by default); the task then fails and
+# Spark retries it. Without a restart, a crashed task's open transaction holds read_committed consumers
+# of the output partitions back for up to this long.
+TRANSACTION_DEFAULTS = {**{k: v for k, v in PRODUCER_DEFAULTS.items() if k != "message.timeout.ms"}, "transaction.timeout.ms": "120000"}
+TRANSACTION_TIMEOUT_KEY = "transaction.timeout.ms"
+PROBE_TOPIC = "__streamhydro_transaction_probe"
+_TIMEOUT_S = 30.0
+_GRACE_S = 10.0
+
+
+def with_origin(func: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]):
+    """``func`` for ``mapInArrow``, its output tagged with :data:`ORIGIN_COLUMNS` (declare ``<schema>, ORIGIN_COLUMNS``).
+
+    ``source_offset`` of an output row is the highest input offset read before the row was produced:
+    an offset inside the task's input range, and on the last rows the range's last record.
+    """
+
+    def tagged(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        origin = _Origin()
+        for batch in func(origin.observe(batches)):
+            yield origin.tag(batch)
+
+    return tagged
+
+
+class _Origin:
+    def __init__(self) -> None:
+        self.topic: str | None = None
+        self.partition: int | None = None
+        self.offset: int | None = None
+
+    def observe(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            if batch.num_rows:
+                self.topic = batch.column("topic")[0].as_py()
+                self.partition = batch.column("partition")[0].as_py()
+                self.offset = pc.max(batch.column("offset")).as_py()
+            yield batch
+
+    def tag(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        if self.offset is None:
+            raise KafkaError("the scoring function produced rows before it read any: their origin is unknown")
+        n = batch.num_rows
+        return pa.RecordBatch.from_arrays(
+            [
+                *batch.columns,
+                pa.repeat(pa.scalar(self.topic, pa.string()), n),
+                pa.repeat(pa.scalar(self.partition, pa.int32()), n),
+                pa.repeat(pa.scalar(self.offset, pa.int64()), n),
+            ],
+            names=[*batch.schema.names, ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_OFFSET],
+        )
+
+
+def transactional_config(client: ClientConfig, transactional_id: str) -> ClientConfig:
+    """A transactional producer's settings: the user's over :data:`TRANSACTION_DEFAULTS`, and the id."""
+    return ClientConfig.of({**client.with_defaults(TRANSACTION_DEFAULTS).as_dict(), "transactional.id": transactional_id})
+
+
+def marks_config(client: ClientConfig, prefix: str) -> ClientConfig:
+    """The consumer that reads (and, in transactions, commits) the written ranges of group ``prefix``."""
+    return ClientConfig.of(
+        {**client.as_dict(), "group.id": prefix, "isolation.level": "read_committed", "enable.auto.commit": "false"}
+    )
+
+
+def transactional_id(prefix: str, topic: str, partition: int) -> str:
+    return f"{prefix}-{topic}-{partition}"
+
+
+def _first_rows(batches: Iterator[pa.RecordBatch]) -> pa.RecordBatch | None:
+    return next((batch for batch in batches if batch.num_rows), None)
+
+
+class _Range:
+    """The input range of one write task, as its rows' origin columns tell it; checks every batch is of it."""
+
+    def __init__(self, first: pa.RecordBatch) -> None:
+        self.topic = first.column(ORIGIN_TOPIC)[0].as_py()
+        self.partition = first.column(ORIGIN_PARTITION)[0].as_py()
+        self.first = first.column(ORIGIN_OFFSET)[0].as_py()
+        self.last = self.first
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]"
+
+    def follow(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            topics = pc.unique(batch.column(ORIGIN_TOPIC)).to_pylist()
+            partitions = pc.unique(batch.column(ORIGIN_PARTITION)).to_pylist()
+            if topics != [self.topic] or partitions != [self.partition]:
+                raise KafkaError(
+                    f"one exactly-once write task got rows from {topics} {partitions}, after {self}: each task must "
+                    "write the rows of one input topic-partition. Fix: do not repartition between the source and the sink"
+                )
+            self.last = max(self.last, pc.max(batch.column(ORIGIN_OFFSET)).as_py())
+            yield batch
+
+
+def _committed(marks: Consumer, topic: str, partition: int) -> int:
+    """The group's committed offset of ``topic[partition]`` (negative when none); waits out pending transactions."""
+    try:
+        [found] = marks.committed([TopicPartition(topic, partition)], timeout=_TIMEOUT_S)
+    except KafkaException as exc:
+        raise KafkaError(f"reading which ranges of {topic}[{partition}] are written: {exc.args[0].str()}") from exc
+    if found.error is not None:
+        raise KafkaError(f"reading which ranges of {topic}[{partition}] are written: {found.error.str()}")
+    return found.offset
+
+
+def produce_exactly_once(
+    client: ClientConfig, default_topic: str | None, batches: Iterable[pa.RecordBatch], prefix: str, batch_id: int | None
+) -> int:
+    """Write one input range's rows in one transaction, unless an earlier attempt committed it.
+
+    Returns the number of records written (0 when the range was already written).
+    """
+    rows = iter(batches)
+    first = _first_rows(rows)
+    if first is None:
+        return 0
+    written = _Range(first)
+    tid = transactional_id(prefix, written.topic, written.partition)
+    marks = clients.consumer(marks_config(client, prefix))
+    config = transactional_config(client, tid)
+    producer = clients.build_client(Producer, config)
+    began: float | None = None
+    try:
+        producer.init_transactions(_TIMEOUT_S)
+        done = _committed(marks, written.topic, written.partition)
+        if done > written.first:
+            log.info("batch %s: %s up to offset %d was written by an earlier attempt; writing nothing", batch_id, written, done)
+            return 0
+        producer.begin_transaction()
+        began = time.monotonic()
+        tracker = send_all(producer, default_topic, written.follow(chain([first], rows)), _TIMEOUT_S + _GRACE_S)
+        sent = tracker.confirmed(_TIMEOUT_S + _GRACE_S)
+        mark = TopicPartition(
+            written.topic, written.partition, written.last + 1,
+            metadata=json.dumps({"batch": batch_id, "first": written.first, "last": written.last}),
+        )
+        producer.send_offsets_to_transaction([mark], marks.consumer_group_metadata(), _TIMEOUT_S)
+        producer.commit_transaction(_TIMEOUT_S)
+    except KafkaException as exc:
+        if began is not None and not exc.args[0].fatal():
+            _abort(producer, tid)
+        raise KafkaError(_failure(exc.args[0], tid, config, began)) from exc
+    except BaseException:
+        if began is not None:
+            _abort(producer, tid)
+        raise
+    finally:
+        producer.close()
+    log.info("batch %s: %s offsets %d..%d written in transaction %s: %d records", batch_id, written, written.first, written.last, tid, sent)
+    return sent
+
+
+def _abort(producer: Producer, tid: str) -> None:
+    """Abort the open transaction; where that fails, the next attempt's ``init_transactions`` aborts it."""
+    try:
+        producer.abort_transaction(_TIMEOUT_S)
+    except KafkaException as exc:
+        log.warning("transaction %s not aborted (%s); the next attempt with this id aborts it", tid, exc.args[0].str())
+
+
+def _failure(error: ClientError, tid: str, config: ClientConfig, began: float | None) -> str:
+    message = f"transaction {tid} failed: {error.str()}"
+    if error.code() in (ClientError._FENCED, ClientError.PRODUCER_FENCED, ClientError.INVALID_PRODUCER_EPOCH):
+        message += ". A newer attempt for the same input range took over this transactional id; that attempt or Spark's retry writes the range"
+    timeout_ms = int(config.get(TRANSACTION_TIMEOUT_KEY) or TRANSACTION_DEFAULTS[TRANSACTION_TIMEOUT_KEY])
+    if began is not None and (time.monotonic() - began) * 1000 >= timeout_ms:
+        message += (
+            f". It was open longer than {TRANSACTION_TIMEOUT_KEY} ({timeout_ms} ms), so the broker aborted it. "
+            f"Fix: raise kafka.client.{TRANSACTION_TIMEOUT_KEY} (at most the broker's transaction.max.timeout.ms) "
+            "or lower kafka.max_offsets_per_trigger"
+        )
+    return message
+
+
+def check_transactions(client: ClientConfig) -> None:
+    """Refuse, at start, a broker on which exactly-once cannot hold.
+
+    Writes three transactions to :data:`PROBE_TOPIC` (committed, aborted, committed) with the writers'
+    producer settings, then reads them back with ``isolation.level=read_committed``: exactly the two
+    committed records must come back. Tansu, for one, commits and aborts but shows aborted records to
+    read_committed consumers; a broker without transactions fails ``init_transactions``.
+    """
+    from streamhydro.kafka.admin import ensure_topics
+
+    bootstrap = client.get("bootstrap.servers")
+    refuse_fix = 'use a broker with transactions (Apache Kafka 3 or later), or set delivery = "at_least_once"'
+    ensure_topics(client, {PROBE_TOPIC: 1})
+    nonce = uuid.uuid4().hex
+    outcomes = ("committed", "aborted", "committed")
+    values = [f"{nonce}/{i}/{outcome}".encode() for i, outcome in enumerate(outcomes)]
+    config = transactional_config(client, f"streamhydro-probe-{nonce}")
+    producer = clients.build_client(Producer, config)
+    offsets: list[int] = []
+    try:
+        producer.init_transactions(_TIMEOUT_S)
+        for value, outcome in zip(values, outcomes, strict=True):
+            producer.begin_transaction()
+            producer.produce(PROBE_TOPIC, value, partition=0, on_delivery=lambda error, message: offsets.append(message.offset()))
+            producer.flush(_TIMEOUT_S)
+            if outcome == "committed":
+                producer.commit_transaction(_TIMEOUT_S)
+            else:
+                producer.abort_transaction(_TIMEOUT_S)
+    except KafkaException as exc:
+        error = exc.args[0]
+        if error.code() == ClientError.INVALID_TRANSACTION_TIMEOUT:
+            raise ConfigError(
+                f"kafka.client.{TRANSACTION_TIMEOUT_KEY}",
+                f"{config.get(TRANSACTION_TIMEOUT_KEY)} ms is more than the broker at {bootstrap} allows ({error.str()})",
+                "lower it to the broker's transaction.max.timeout.ms or below",
+            ) from exc
+        raise ConfigError("kafka.delivery", f"{EXACTLY_ONCE} needs Kafka transactions; the broker at {bootstrap} refused them: {error.str()}", refuse_fix) from exc
+    finally:
+        producer.close()
+    seen = _read_committed(client, offsets[0], values[-1])
+    expected = [values[0], values[2]]
+    if [v for v in seen if v.startswith(nonce.encode())] != expected:
+        raise ConfigError(
+            "kafka.delivery",
+            f"the broker at {bootstrap} does not isolate transactions: a read_committed consumer of {PROBE_TOPIC} read "
+            f"{[v.decode().split('/', 1)[1] for v in seen]} where only the two committed records belong",
+            refuse_fix,
+        )
+    log.info("transactions on %s: an aborted record stays invisible to read_committed consumers", bootstrap)
+
+
+def _read_committed(client: ClientConfig, start: int, last: bytes) -> list[bytes]:
+    """Values of :data:`PROBE_TOPIC` from ``start`` as a read_committed consumer sees them, up to ``last``."""
+    consumer = clients.build_client(Consumer, marks_config(client, "streamhydro-transaction-probe"))
+    consumer.assign([TopicPartition(PROBE_TOPIC, 0, start)])
+    seen: list[bytes] = []
+    deadline = time.monotonic() + _TIMEOUT_S
+    try:
+        while last not in seen and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                seen.append(message.value())
+    finally:
+        consumer.close()
+    return seen

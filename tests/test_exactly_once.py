@@ -1,0 +1,263 @@
+"""Exactly-once delivery on Apache Kafka: real Spark, the real broker, output read with read_committed.
+
+Faults: a write task that fails with its transaction open and is retried; a kill -9 of the service
+between its transactions' commit and Spark's commit of the micro-batch, then a restart from the
+checkpoint. Refusals at start: Spark's built-in sink, speculation, Tansu (transactions not isolated).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from conftest import client, read_all, send
+from streamhydro.config import Config
+from streamhydro.driver.serve import SPECULATION, Service
+from streamhydro.errors import ConfigError
+from streamhydro.kafka.admin import ensure_topics
+from streamhydro.kafka.clients import build_client
+from streamhydro.kafka.source import FORMAT
+from streamhydro.kafka.transactions import ORIGIN_FIELDS, check_transactions
+from streamhydro.producer import make_values
+
+pytestmark = [pytest.mark.spark, pytest.mark.broker, pytest.mark.slow]
+
+REPO = Path(__file__).parent.parent
+FAULTS = Path(__file__).parent / "_serve_with_fault.py"
+COMMITTED = {"isolation_level": "read_committed"}
+RUN_SECONDS = 300
+
+
+@pytest.fixture
+def topics(kafka_bootstrap, topic_name):
+    names = {"input": f"{topic_name}-in", "output": f"{topic_name}-out", "dlq": f"{topic_name}-dlq"}
+    ensure_topics(client(kafka_bootstrap), {names["input"]: 2, names["output"]: 2, names["dlq"]: 1})
+    return names
+
+
+def service_config(kafka_bootstrap, topics, model_registry, tmp_path, **kafka) -> Config:
+    return Config().replace(
+        spark={"master": "local[2]", "checkpoint_location": str(tmp_path / "checkpoint")},
+        kafka={
+            "bootstrap_servers": kafka_bootstrap,
+            "subscribe": topics["input"],
+            "output_topic": topics["output"],
+            "dead_letter_topic": topics["dlq"],
+            "source": "python",
+            "delivery": "exactly_once",
+            **kafka,
+        },
+        model={"registry": str(model_registry.root), "name": "iris_like", "version": "latest"},
+        inference={"providers": ["CPUExecutionProvider"], "batch_size": 500, "pipeline_depth": 0},
+        metrics={"enabled": False},
+    )
+
+
+def test_config_refuses_exactly_once_with_the_builtin_connector():
+    with pytest.raises(ConfigError) as refused:
+        Config().replace(kafka={"delivery": "exactly_once", "source": "builtin"})
+    assert refused.value.key == "kafka.delivery" and 'source = "python"' in refused.value.fix
+    with pytest.raises(ConfigError) as unknown:
+        Config().replace(kafka={"delivery": "exactly-once"})
+    assert unknown.value.key == "kafka.delivery"
+    assert Config().replace(kafka={"delivery": "exactly_once", "source": "python"}).kafka.delivery == "exactly_once"
+
+
+def test_the_transaction_probe_accepts_apache_kafka_and_refuses_tansu(kafka_bootstrap, tansu_bootstrap):
+    check_transactions(client(kafka_bootstrap))
+    with pytest.raises(ConfigError) as refused:
+        check_transactions(client(tansu_bootstrap))
+    assert refused.value.key == "kafka.delivery"
+    assert "does not isolate transactions" in refused.value.problem and "aborted" in refused.value.problem
+
+
+def test_start_refuses_auto_choosing_the_builtin_sink_and_speculation(kafka_bootstrap, topics, model_registry, tmp_path, spark):
+    auto = Service(service_config(kafka_bootstrap, topics, model_registry, tmp_path, source="auto"))
+    try:
+        with pytest.raises(ConfigError) as refused:
+            auto.start()
+    finally:
+        auto.close()
+    assert refused.value.key == "kafka.delivery" and "built-in" in refused.value.problem
+
+    live_conf = spark.sparkContext._jsc.sc().conf()
+    live_conf.set(SPECULATION, "true")
+    speculative = Service(service_config(kafka_bootstrap, topics, model_registry, tmp_path))
+    try:
+        with pytest.raises(ConfigError) as refused:
+            speculative.start()
+    finally:
+        live_conf.set(SPECULATION, "false")
+        speculative.close()
+    assert refused.value.key == f"spark.conf.{SPECULATION}"
+
+
+def _origin_rows(output: str, partitions: int, per_partition: int, source: str) -> list[tuple]:
+    return [
+        (f"{p}-{o}".encode(), output, source, p, o)
+        for p in range(partitions)
+        for o in range(per_partition)
+    ]
+
+
+def _write(spark, kafka_bootstrap, rows, prefix: str, partitions: int) -> None:
+    from pyspark.sql.types import BinaryType, StringType, StructField, StructType
+
+    schema = StructType([StructField("value", BinaryType()), StructField("topic", StringType()), *ORIGIN_FIELDS.fields])
+    frame = spark.createDataFrame(spark.sparkContext.parallelize(rows, partitions), schema)
+    (
+        frame.write.format(FORMAT).mode("append")
+        .option("kafka.bootstrap.servers", kafka_bootstrap)
+        .option("delivery", "exactly_once")
+        .option("transactionalIdPrefix", prefix)
+        .save()
+    )
+
+
+def _log_end(kafka_bootstrap, topic: str) -> int:
+    consumer = build_client(Consumer, client(kafka_bootstrap, {"group.id": "log-end"}))
+    try:
+        partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in partitions)
+    finally:
+        consumer.close()
+
+
+def test_the_sink_writes_a_range_once_and_records_it_in_the_same_transaction(kafka_bootstrap, topic_name, spark):
+    output, source = f"{topic_name}-out", f"{topic_name}-src"
+    ensure_topics(client(kafka_bootstrap), {output: 2, source: 2})
+    rows = _origin_rows(output, partitions=2, per_partition=300, source=source)
+    prefix = f"test-{topic_name}"
+
+    _write(spark, kafka_bootstrap, rows, prefix, partitions=2)
+    written = read_all(kafka_bootstrap, output, len(rows), **COMMITTED)
+    assert sorted(r.value for r in written) == sorted(r[0] for r in rows)
+    marks = build_client(Consumer, client(kafka_bootstrap, {"group.id": prefix, "isolation.level": "read_committed"}))
+    committed = marks.committed([TopicPartition(source, 0), TopicPartition(source, 1)], timeout=30)
+    marks.close()
+    assert [tp.offset for tp in committed] == [300, 300]
+    assert json.loads(committed[0].metadata) == {"batch": None, "first": 0, "last": 299}
+    log_end = _log_end(kafka_bootstrap, output)
+
+    _write(spark, kafka_bootstrap, rows, prefix, partitions=2)
+    assert _log_end(kafka_bootstrap, output) == log_end, "a range already written must not be written again, not even aborted"
+
+    _write(spark, kafka_bootstrap, rows, f"{prefix}-other", partitions=2)
+    assert len(read_all(kafka_bootstrap, output, 2 * len(rows), **COMMITTED)) == 2 * len(rows), "another query writes its own"
+
+    with pytest.raises(Exception, match="one exactly-once write task got rows from"):
+        _write(spark, kafka_bootstrap, rows, f"{prefix}-mixed", partitions=1)
+
+
+def _serve(tmp_path: Path, toml: str, name: str, fault: tuple[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+    """``streamhydro serve --config FILE`` as users run it, in its own process (with ``fault``: through the fault launcher)."""
+    path = tmp_path / "serve.toml"
+    path.write_text(toml)
+    log = tmp_path / f"{name}.log"
+    entry = [str(FAULTS), *fault] if fault else ["-m", "streamhydro"]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "SPARK_LOCAL_IP": "127.0.0.1"}
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, *entry, "serve", "--config", str(path)], stdout=out, stderr=subprocess.STDOUT, env=environment, cwd=REPO
+        )
+    return process, log
+
+
+def _toml(kafka_bootstrap, topics, model_registry, tmp_path, master: str, max_offsets: int, spark_conf: dict[str, str]) -> str:
+    conf = ", ".join(f'"{key}" = "{value}"' for key, value in {"spark.ui.enabled": "false", **spark_conf}.items())
+    return f"""[spark]
+master = "{master}"
+checkpoint_location = "{tmp_path / 'checkpoint'}"
+conf = {{ {conf} }}
+
+[kafka]
+bootstrap_servers = "{kafka_bootstrap}"
+subscribe = "{topics['input']}"
+output_topic = "{topics['output']}"
+dead_letter_topic = "{topics['dlq']}"
+source = "python"
+delivery = "exactly_once"
+max_offsets_per_trigger = {max_offsets}
+
+[model]
+registry = "{model_registry.root}"
+name = "iris_like"
+version = "latest"
+
+[inference]
+providers = ["CPUExecutionProvider"]
+batch_size = 500
+pipeline_depth = 0
+
+[metrics]
+enabled = false
+"""
+
+
+def _stop(process: subprocess.Popen, log: Path) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(timeout=120) == 0, log.read_text()[-5000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _exactly_once(kafka_bootstrap, topics, events: int) -> list:
+    """The output as read_committed consumers see it, checked to hold one prediction per event."""
+    records = read_all(kafka_bootstrap, topics["output"], events, seconds=RUN_SECONDS, **COMMITTED)
+    keys = [json.loads(r.value)["idempotency_key"] for r in records]
+    assert len(set(keys)) == events, f"{events - len(set(keys))} events lost"
+    assert len(keys) == events, f"{len(keys) - events} duplicates"
+    assert read_all(kafka_bootstrap, topics["dlq"], 1, seconds=2, **COMMITTED) == []
+    return records
+
+
+def test_a_task_failing_with_its_transaction_open_is_retried_and_written_once(kafka_bootstrap, topic_name, model_registry, tmp_path):
+    topics = {"input": f"{topic_name}-in", "output": f"{topic_name}-out", "dlq": f"{topic_name}-dlq"}
+    ensure_topics(client(kafka_bootstrap), {topics["input"]: 1, topics["output"]: 2, topics["dlq"]: 1})
+    events = 3000
+    send(kafka_bootstrap, topics["input"], make_values(model_registry.get("iris_like").manifest, "json", events, np.random.default_rng(4)))
+    # Arrow batches of 500 rows into the write, so that the first scored batch reaches the writer at once.
+    toml = _toml(kafka_bootstrap, topics, model_registry, tmp_path, "local[2,2]", 1500, {"spark.sql.execution.arrow.maxRecordsPerBatch": "500"})
+    flag = tmp_path / "fault-claimed"
+    process, log = _serve(tmp_path, toml, "serve", fault=("fail-mid-write", str(flag)))
+    try:
+        _exactly_once(kafka_bootstrap, topics, events)
+    finally:
+        _stop(process, log)
+    assert flag.exists(), "the fault was never injected"
+    in_log = read_all(kafka_bootstrap, topics["output"], events + 1, seconds=10)
+    assert len(in_log) > events, "the failed attempt's records should lie in the log, aborted"
+
+
+def test_kill_between_the_transactions_commit_and_the_batch_commit_then_restart(kafka_bootstrap, topics, model_registry, tmp_path):
+    events = 4000
+    send(kafka_bootstrap, topics["input"], make_values(model_registry.get("iris_like").manifest, "json", events, np.random.default_rng(5)))
+    toml = _toml(kafka_bootstrap, topics, model_registry, tmp_path, "local[2]", 1000, {})
+    killed, log = _serve(tmp_path, toml, "killed", fault=("kill-after-write", "1"))
+    try:
+        assert killed.wait(timeout=RUN_SECONDS) == -signal.SIGKILL, log.read_text()[-5000:]
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    checkpoint = tmp_path / "checkpoint"
+    assert (checkpoint / "offsets" / "1").exists() and not (checkpoint / "commits" / "1").exists(), "killed elsewhere"
+    before_restart = len(read_all(kafka_bootstrap, topics["output"], 2000, seconds=30, **COMMITTED))
+    assert before_restart == 2000, "batches 0 and 1 (1000 events each) were committed in Kafka before the kill"
+
+    process, log = _serve(tmp_path, toml, "restarted")
+    try:
+        _exactly_once(kafka_bootstrap, topics, events)
+    finally:
+        _stop(process, log)
+    in_log = read_all(kafka_bootstrap, topics["output"], events + 1, seconds=10)
+    assert len(in_log) == events, "the replayed batch 1 must write nothing, not even records it then aborts"
