@@ -42,7 +42,7 @@ from streamhydro.brokers import ApacheKafkaBroker
 from streamhydro.config import Config
 from streamhydro.driver.demo import latency_summary
 from streamhydro.driver.serve import Service, connector_conf
-from streamhydro.driver.session import build_session
+from streamhydro.spark import Master, streaming_session
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.options import client_for
 from streamhydro.outputs import OutputReader, topic_ends
@@ -66,7 +66,7 @@ def main() -> None:
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
     model = Registry(args.registry).get(args.model, "promoted")
-    spark = build_session("local[2]", "streamhydro-bench", {"spark.ui.enabled": "false", **connector_conf("builtin", {})})
+    spark = streaming_session(Master.parse("local[2]"), "streamhydro-bench", {"spark.ui.enabled": "false", **connector_conf("builtin", {})})
     rows: dict[str, dict[str, Any]] = {}
     with ApacheKafkaBroker() as broker, tempfile.TemporaryDirectory(prefix="streamhydro-bench-") as work:
         bootstrap = broker.bootstrap_servers
