@@ -58,14 +58,12 @@ from streamhydro.producer import LoadGenerator
 from streamhydro.registry import Registry
 from streamhydro.supervisor import ServeProcess, Supervisor, write_serve_config
 
-log = logging.getLogger("faults")
-
 FAULT_KINDS = ("serve_kill", "worker_kill", "broker_stall", "broker_restart")
 PARTITIONS = 2
 EVENTS, OUTPUT, DEAD_LETTERS = "events", "predictions", "predictions-dlq"
 RESTART_DELAY_S = 2.0
 RECOVERY_S = 300.0  # for serve to score new events after a fault
-WORKER_WAIT_S = 60.0  # for an executor Python worker to exist
+WORKER_WAIT_S = 60.0  # for an executor Python worker to be running a task
 BROKER_DOWN_S = (1.0, 5.0)  # how long a restarted broker stays down, drawn from this range
 CATCH_UP_S = 900.0  # after the last event was produced, for every event to have an outcome
 FINAL_UP_S = 300.0  # for serve's query to run before the final SIGTERM

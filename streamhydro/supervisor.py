@@ -38,10 +38,12 @@ from typing import Any
 from streamhydro.brokers.process import die_with_parent
 from streamhydro.driver.serve import QUERY_STARTED
 from streamhydro.errors import StreamhydroError
+from streamhydro.spark import STREAMING_CONF
 
 log = logging.getLogger(__name__)
 
 ERROR_PREFIX = "streamhydro: error: "
+WORKER_DAEMON = STREAMING_CONF["spark.python.daemon.module"]
 POLL_S = 0.2
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -64,11 +66,11 @@ def _processes() -> dict[int, tuple[int, int, int]]:
     return table
 
 
-def _cmdline(pid: int) -> str:
+def _argv(pid: int) -> list[str]:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except (FileNotFoundError, ProcessLookupError):
-        return ""
+        return []
 
 
 def _running(pid: int) -> bool:
@@ -210,13 +212,20 @@ class ServeProcess:
         if not self.running():
             return []
         tree = process_tree(self._process.pid)
-        daemons = {pid for pid in tree if "streamhydro.executor.daemon" in _cmdline(pid)}
+        # The daemon runs as `python -m streamhydro.executor.daemon ...` and its forks keep that command line
+        # (the JVM's names the module too, inside a --conf argument).
+        daemons = {pid for pid in tree if WORKER_DAEMON in _argv(pid)}
         return sorted(pid for pid, (ppid, _, _) in tree.items() if pid in daemons and ppid in daemons)
 
-    def busy_python_workers(self) -> list[int]:
-        """The executor Python workers running Python code now: in a task. An idle worker, kept by Spark for
-        reuse, blocks reading its socket (ONNX Runtime's threads may still spin; the main thread does not)."""
-        return [pid for pid in self.python_workers() if _running(pid)]
+    def busy_python_workers(self, samples: int = 3, interval_s: float = 0.01) -> list[int]:
+        """The executor Python workers whose main thread kept running over ``samples`` looks ``interval_s``
+        apart: in a task. An idle worker, kept by Spark for reuse, blocks reading its socket (ONNX Runtime's
+        threads may still spin; the main thread does not)."""
+        busy = [pid for pid in self.python_workers() if _running(pid)]
+        for _ in range(samples - 1):
+            time.sleep(interval_s)
+            busy = [pid for pid in busy if _running(pid)]
+        return busy
 
     def rss_mb(self) -> float:
         """The resident memory of serve's whole tree (driver, JVM, Python worker daemons and workers), in MB."""

@@ -6,10 +6,10 @@
 - ``kill-after-write``: the driver SIGKILLs itself as soon as micro-batch BATCH's write has returned:
   every transaction of that batch is committed, Spark's commit of the batch is not yet written.
 - ``fail-mid-write``: after warm-up, the first scoring task to claim FLAG_FILE (created exclusively)
-  hands over two output batches, waits until records lie in the output topics, inside the write's open
-  transaction, then raises; Spark retries the task (use a master with retries, ``local[N,F]``). Two,
-  because a Python worker's output is buffered: the first batch is sure to reach the writer only once
-  the second follows it.
+  hands over three output batches, waits until records lie in the output topics, inside the write's open
+  transaction, then raises; Spark retries the task (use a master with retries, ``local[N,F]``). Three,
+  because the exactly-once wrapper holds the latest batch back and the Python worker's output buffer may
+  hold the one before: the first batch is sure to reach the writer only once two more follow it.
 
 Everything else is the real service, started through the real command line.
 """
@@ -52,7 +52,7 @@ def fail_mid_write(flag: str, config_path: str) -> None:
             before = _log_end(client, topics)
             for i, batch in enumerate(score(batches)):
                 yield batch
-                if i == 1 and _claim(flag):
+                if i == 2 and _claim(flag):
                     _wait_for_growth(client, topics, before)
                     raise RuntimeError("injected fault: a scoring task fails while its transaction is open")
 

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from conftest import client, read_all, send
 from streamhydro.config import Config
@@ -24,11 +25,17 @@ from streamhydro.driver.serve import SPECULATION, Service
 from streamhydro.errors import ConfigError
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.clients import build_client
+from streamhydro.kafka.options import parse_sink_options
 from streamhydro.kafka.source import FORMAT
-from streamhydro.kafka.transactions import ORIGIN_FIELDS, check_transactions
+from streamhydro.kafka.transactions import (
+    ORIGIN_END,
+    ORIGIN_FIELDS,
+    ORIGIN_PARTITION,
+    ORIGIN_TOPIC,
+    check_transactions,
+    with_origin,
+)
 from streamhydro.producer import make_values
-
-pytestmark = [pytest.mark.spark, pytest.mark.broker, pytest.mark.slow]
 
 REPO = Path(__file__).parent.parent
 FAULTS = Path(__file__).parent / "_serve_with_fault.py"
@@ -71,14 +78,60 @@ def test_config_refuses_exactly_once_with_the_builtin_connector():
     assert Config().replace(kafka={"delivery": "exactly_once", "source": "python"}).kafka.delivery == "exactly_once"
 
 
+def _kafka_batch(topic: str, partition: int, offsets: list[int]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict(
+        {"value": [b"v"] * len(offsets), "topic": [topic] * len(offsets), "partition": pa.array([partition] * len(offsets), pa.int32()),
+         "offset": pa.array(offsets, pa.int64())}
+    )
+
+
+def test_with_origin_tags_rows_and_gives_the_input_end_to_the_last_batch_only():
+    def halves(batches):
+        for batch in batches:
+            yield batch.slice(0, batch.num_rows // 2).select(["value"])
+            yield batch.slice(batch.num_rows // 2).select(["value"])
+
+    tagged = list(with_origin(halves)(iter([_kafka_batch("events", 3, [10, 11, 12, 13]), _kafka_batch("events", 3, [14, 16])])))
+
+    assert [b.num_rows for b in tagged] == [2, 2, 1, 1]
+    for batch in tagged:
+        assert batch.schema.names == ["value", ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_END]
+        assert batch.schema.field(ORIGIN_PARTITION).type == pa.int32() and batch.schema.field(ORIGIN_END).type == pa.int64()
+        assert set(batch.column(ORIGIN_TOPIC).to_pylist()) == {"events"} and set(batch.column(ORIGIN_PARTITION).to_pylist()) == {3}
+    assert [b.column(ORIGIN_END).to_pylist() for b in tagged] == [[None, None], [None, None], [None], [17]]
+    assert list(with_origin(halves)(iter([]))) == []
+
+
+def test_exactly_once_sink_options_name_what_is_missing():
+    base = {"kafka.bootstrap.servers": "b:9092", "delivery": "exactly_once"}
+    with pytest.raises(ConfigError) as refused:
+        parse_sink_options({**base, "endOffsets": '{"events": {"0": 5}}'})
+    assert refused.value.key == "transactionalIdPrefix"
+    with pytest.raises(ConfigError) as refused:
+        parse_sink_options({**base, "transactionalIdPrefix": "q"})
+    assert refused.value.key == "endOffsets"
+    with pytest.raises(ConfigError) as refused:
+        parse_sink_options({"kafka.bootstrap.servers": "b:9092", "kafka.transactional.id": "mine"})
+    assert refused.value.key == "kafka.transactional.id"
+    with pytest.raises(ConfigError) as refused:
+        parse_sink_options({"kafka.bootstrap.servers": "b:9092", "delivery": "twice"})
+    assert refused.value.key == "delivery"
+    options = parse_sink_options({**base, "transactionalIdPrefix": "q", "endOffsets": '{"events": {"1": 7, "0": 5}}', "batchId": "4"})
+    assert options.exactly_once and options.end_offsets == ((("events", 0), 5), (("events", 1), 7)) and options.batch_id == 4
+    assert not parse_sink_options({"kafka.bootstrap.servers": "b:9092"}).exactly_once
+
+
+@pytest.mark.broker
 def test_the_transaction_probe_accepts_apache_kafka_and_refuses_tansu(kafka_bootstrap, tansu_bootstrap):
     check_transactions(client(kafka_bootstrap))
     with pytest.raises(ConfigError) as refused:
         check_transactions(client(tansu_bootstrap))
     assert refused.value.key == "kafka.delivery"
-    assert "does not isolate transactions" in refused.value.problem and "aborted" in refused.value.problem
+    assert "does not isolate transactions" in refused.value.problem and "the aborted record among them" in refused.value.problem
 
 
+@pytest.mark.spark
+@pytest.mark.broker
 def test_start_refuses_auto_choosing_the_builtin_sink_and_speculation(kafka_bootstrap, topics, model_registry, tmp_path, spark):
     auto = Service(service_config(kafka_bootstrap, topics, model_registry, tmp_path, source="auto"))
     try:
@@ -100,15 +153,17 @@ def test_start_refuses_auto_choosing_the_builtin_sink_and_speculation(kafka_boot
     assert refused.value.key == f"spark.conf.{SPECULATION}"
 
 
-def _origin_rows(output: str, partitions: int, per_partition: int, source: str) -> list[tuple]:
+def _origin_rows(output: str, source: str, per_partition: int, end: int | None) -> list[tuple]:
+    """Output rows as ``with_origin`` tags them, for offsets 0.. of partitions 0 and 1 of ``source``: the last
+    row of each partition carries ``end`` as its ``source_end``, the others null."""
     return [
-        (f"{p}-{o}".encode(), output, source, p, o)
-        for p in range(partitions)
+        (f"{p}-{o}".encode(), output, source, p, end if o == per_partition - 1 else None)
+        for p in (0, 1)
         for o in range(per_partition)
     ]
 
 
-def _write(spark, kafka_bootstrap, rows, prefix: str, partitions: int) -> None:
+def _write(spark, kafka_bootstrap, rows, prefix: str, ends: dict, partitions: int = 2) -> None:
     from pyspark.sql.types import BinaryType, StringType, StructField, StructType
 
     schema = StructType([StructField("value", BinaryType()), StructField("topic", StringType()), *ORIGIN_FIELDS.fields])
@@ -118,6 +173,7 @@ def _write(spark, kafka_bootstrap, rows, prefix: str, partitions: int) -> None:
         .option("kafka.bootstrap.servers", kafka_bootstrap)
         .option("delivery", "exactly_once")
         .option("transactionalIdPrefix", prefix)
+        .option("endOffsets", json.dumps(ends))
         .save()
     )
 
@@ -131,30 +187,49 @@ def _log_end(kafka_bootstrap, topic: str) -> int:
         consumer.close()
 
 
-def test_the_sink_writes_a_range_once_and_records_it_in_the_same_transaction(kafka_bootstrap, topic_name, spark):
+def _committed(kafka_bootstrap, group: str, topic: str) -> list:
+    marks = build_client(Consumer, client(kafka_bootstrap, {"group.id": group, "isolation.level": "read_committed"}))
+    try:
+        return marks.committed([TopicPartition(topic, 0), TopicPartition(topic, 1)], timeout=30)
+    finally:
+        marks.close()
+
+
+@pytest.mark.spark
+@pytest.mark.broker
+def test_the_sink_writes_a_whole_range_once_and_records_it_in_the_same_transaction(kafka_bootstrap, topic_name, spark):
     output, source = f"{topic_name}-out", f"{topic_name}-src"
     ensure_topics(client(kafka_bootstrap), {output: 2, source: 2})
-    rows = _origin_rows(output, partitions=2, per_partition=300, source=source)
+    producer = build_client(Producer, client(kafka_bootstrap))
+    for offset in range(300):
+        for partition in (0, 1):
+            producer.produce(source, f"event-{offset}".encode(), partition=partition)
+    producer.flush(30)
+    ends = {source: {"0": 300, "1": 300}}
+    rows = _origin_rows(output, source, 300, end=300)
     prefix = f"test-{topic_name}"
 
-    _write(spark, kafka_bootstrap, rows, prefix, partitions=2)
+    _write(spark, kafka_bootstrap, rows, prefix, ends)
     written = read_all(kafka_bootstrap, output, len(rows), **COMMITTED)
     assert sorted(r.value for r in written) == sorted(r[0] for r in rows)
-    marks = build_client(Consumer, client(kafka_bootstrap, {"group.id": prefix, "isolation.level": "read_committed"}))
-    committed = marks.committed([TopicPartition(source, 0), TopicPartition(source, 1)], timeout=30)
-    marks.close()
-    assert [tp.offset for tp in committed] == [300, 300]
-    assert json.loads(committed[0].metadata) == {"batch": None, "first": 0, "last": 299}
+    committed = _committed(kafka_bootstrap, prefix, source)
+    assert [tp.offset for tp in committed] == [300, 300] and json.loads(committed[0].metadata) == {"batch": None}
     log_end = _log_end(kafka_bootstrap, output)
 
-    _write(spark, kafka_bootstrap, rows, prefix, partitions=2)
+    _write(spark, kafka_bootstrap, rows, prefix, ends)
     assert _log_end(kafka_bootstrap, output) == log_end, "a range already written must not be written again, not even aborted"
 
-    _write(spark, kafka_bootstrap, rows, f"{prefix}-other", partitions=2)
+    _write(spark, kafka_bootstrap, rows, f"{prefix}-other", ends)
     assert len(read_all(kafka_bootstrap, output, 2 * len(rows), **COMMITTED)) == 2 * len(rows), "another query writes its own"
 
+    with pytest.raises(Exception, match="ended before the scoring finished"):
+        _write(spark, kafka_bootstrap, _origin_rows(output, source, 300, end=None), f"{prefix}-cut", ends)
+    with pytest.raises(Exception, match="ended at offset 250, short of 300"):
+        _write(spark, kafka_bootstrap, _origin_rows(output, source, 250, end=250), f"{prefix}-short", ends)
     with pytest.raises(Exception, match="one exactly-once write task got rows from"):
-        _write(spark, kafka_bootstrap, rows, f"{prefix}-mixed", partitions=1)
+        _write(spark, kafka_bootstrap, rows, f"{prefix}-mixed", ends, partitions=1)
+    assert len(read_all(kafka_bootstrap, output, 2 * len(rows) + 1, seconds=5, **COMMITTED)) == 2 * len(rows)
+    assert [tp.offset for tp in _committed(kafka_bootstrap, f"{prefix}-short", source)] == [-1001, -1001]
 
 
 def _serve(tmp_path: Path, toml: str, name: str, fault: tuple[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
@@ -221,6 +296,9 @@ def _exactly_once(kafka_bootstrap, topics, events: int) -> list:
     return records
 
 
+@pytest.mark.spark
+@pytest.mark.broker
+@pytest.mark.slow
 def test_a_task_failing_with_its_transaction_open_is_retried_and_written_once(kafka_bootstrap, topic_name, model_registry, tmp_path):
     topics = {"input": f"{topic_name}-in", "output": f"{topic_name}-out", "dlq": f"{topic_name}-dlq"}
     ensure_topics(client(kafka_bootstrap), {topics["input"]: 1, topics["output"]: 2, topics["dlq"]: 1})
@@ -239,6 +317,9 @@ def test_a_task_failing_with_its_transaction_open_is_retried_and_written_once(ka
     assert len(in_log) > events, "the failed attempt's records should lie in the log, aborted"
 
 
+@pytest.mark.spark
+@pytest.mark.broker
+@pytest.mark.slow
 def test_kill_between_the_transactions_commit_and_the_batch_commit_then_restart(kafka_bootstrap, topics, model_registry, tmp_path):
     events = 4000
     send(kafka_bootstrap, topics["input"], make_values(model_registry.get("iris_like").manifest, "json", events, np.random.default_rng(5)))

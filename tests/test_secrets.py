@@ -90,9 +90,9 @@ def test_translation_to_java_masks_the_generated_jaas_entry():
 SECRET_ENV = {"KAFKA_PASSWORD": SCRAM_PASSWORD, "KEY_PASSWORD": "keyPw-Secret-6620", "OAUTH_SECRET": "oauth-Secret-3391"}
 
 
-def _config(tmp_path, bootstrap: str, source: str, client: dict[str, str], env: dict[str, str]) -> str:
+def _config(tmp_path, bootstrap: str, source: str, settings: dict[str, str], env: dict[str, str]) -> str:
     """serve's TOML; secrets only as ``${NAME}`` references, checked with ``env`` as serve will read it."""
-    lines = "\n".join(f'"{key}" = "{value}"' for key, value in client.items())
+    lines = "\n".join(f'"{key}" = "{value}"' for key, value in settings.items())
     path = tmp_path / "serve.toml"
     path.write_text(
         f"""
@@ -130,7 +130,7 @@ def _assert_no_secret(output: str) -> None:
 @pytest.mark.spark
 @pytest.mark.broker
 def test_a_refused_client_configuration_prints_no_secret(tmp_path, kafka_bootstrap):
-    client = {
+    settings = {
         "sasl.username": SCRAM_USER,
         "sasl.password": "${KAFKA_PASSWORD}",
         "sasl.mechanism": "SCRAM-SHA-512",
@@ -139,7 +139,7 @@ def test_a_refused_client_configuration_prints_no_secret(tmp_path, kafka_bootstr
         "socket.timeout.ms": "not-a-number",
     }
     env = {**os.environ, **SECRET_ENV}
-    serve = _serve(_config(tmp_path, kafka_bootstrap, "python", client, env), env)
+    serve = _serve(_config(tmp_path, kafka_bootstrap, "python", settings, env), env)
     output, _ = serve.communicate(timeout=300)
     assert serve.returncode == 2, output[-3000:]
     assert "socket.timeout.ms" in output, "the error names the setting the client refused"
@@ -152,10 +152,10 @@ def test_a_refused_client_configuration_prints_no_secret(tmp_path, kafka_bootstr
 @pytest.mark.parametrize("source", ["python", "builtin"])
 def test_a_normal_start_and_stop_prints_no_secret(tmp_path, scram_kafka, source):
     jaas = f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{SCRAM_USER}" password="{SCRAM_PASSWORD}";'
-    client = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-512", "sasl.jaas.config": "${JAAS}"}
+    settings = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-512", "sasl.jaas.config": "${JAAS}"}
     env = {**os.environ, **SECRET_ENV, "JAAS": jaas}
     ensure_topics(client(scram_kafka.bootstrap_servers, scram_kafka.client_settings), {"secrets-in": 1})
-    serve = _serve(_config(tmp_path, scram_kafka.bootstrap_servers, source, client, env), env)
+    serve = _serve(_config(tmp_path, scram_kafka.bootstrap_servers, source, settings, env), env)
     try:
         deadline = time.monotonic() + 240
         lines = []

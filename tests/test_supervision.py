@@ -53,10 +53,13 @@ def test_the_root_cause_of_a_python_worker_error_is_its_exception_line(spark):
 
 
 @pytest.mark.spark
-def test_the_root_cause_of_a_jvm_exception_chain_is_its_innermost_cause(spark):
+def test_the_root_cause_of_a_jvm_exception_chain_is_its_innermost_cause_with_a_message(spark):
     lang = spark.sparkContext._jvm.java.lang
     chain = lang.IllegalStateException("outer layer", lang.RuntimeException("middle layer", lang.ArithmeticException("the root: / by zero")))
     assert root_cause(None, chain) == "java.lang.ArithmeticException: the root: / by zero"
+    # A Python worker that crashed: "Python worker exited unexpectedly" wrapping a bare EOFException.
+    crashed = lang.IllegalStateException("Job aborted", lang.RuntimeException("Python worker exited unexpectedly (crashed)", spark.sparkContext._jvm.java.io.EOFException()))
+    assert root_cause(None, crashed) == "java.lang.RuntimeException: Python worker exited unexpectedly (crashed)"
 
 
 @pytest.mark.spark

@@ -3,8 +3,8 @@
 A failed query's exception is a chain that crosses the JVM and Python more than once: the query's
 ``StreamingQueryException`` wraps what ``foreachBatch`` raised, which wraps a Spark job failure, which
 wraps a task's exception, which for a Python worker is the text of a Python traceback. Printed whole it
-is a hundred lines; the line a person needs is the root cause: the innermost Java exception, or the
-exception line of the innermost Python traceback. :func:`root_cause` finds it; :func:`one_line` is the
+is a hundred lines; the line a person needs is the root cause: the innermost Java exception with a
+message, or the exception line of the innermost Python traceback. :func:`root_cause` finds it; :func:`one_line` is the
 pure text part of that, tested without Spark.
 """
 
@@ -31,10 +31,14 @@ def one_line(text: str) -> str:
 
 
 def _java_root(throwable: Any) -> str:
-    """``toString()`` of the innermost cause of a py4j Java throwable."""
+    """``toString()`` of the innermost cause of a py4j Java throwable that has a message (a bare
+    ``java.io.EOFException`` under "Python worker exited unexpectedly" says less than its wrapper)."""
+    described = throwable
     while throwable.getCause() is not None and not throwable.getCause().equals(throwable):
         throwable = throwable.getCause()
-    return throwable.toString()
+        if (throwable.getMessage() or "").strip():
+            described = throwable
+    return described.toString()
 
 
 def root_cause(batch_error: BaseException | None, query_exception: Any | None) -> str:

@@ -244,15 +244,24 @@ class Service:
                 self._in_batch = False
 
     def _sink_options(self, batch_id: int) -> dict[str, str]:
-        """The write's options: the client settings and, for exactly-once, the query's transactional ids.
+        """The write's options: the client settings and, for exactly-once, the query's transactional ids
+        and the micro-batch's end offsets.
 
-        They derive from the query's id, which Spark keeps in the checkpoint: the same across restarts,
-        new for a new checkpoint (whose offsets start afresh).
+        The ids derive from the query's id, which Spark keeps in the checkpoint: the same across restarts,
+        new for a new checkpoint (whose offsets start afresh). The end offsets come from the query's offset
+        log, Spark's write-ahead log of each micro-batch's offsets, written before the batch runs and read
+        again when a restart replays it.
         """
         options = self.config.kafka.client_options()
         if self.config.kafka.delivery == EXACTLY_ONCE:
             self._query_started.wait()
-            options.update(delivery=EXACTLY_ONCE, transactionalIdPrefix=f"streamhydro-{self.query.id}", batchId=str(batch_id))
+            logged = self.query._jsq.streamingQuery().offsetLog().get(batch_id).get()
+            options.update(
+                delivery=EXACTLY_ONCE,
+                transactionalIdPrefix=f"streamhydro-{self.query.id}",
+                endOffsets=logged.offsets().apply(0).get().json(),
+                batchId=str(batch_id),
+            )
         return options
 
     def _warm_up(self) -> None:

@@ -454,15 +454,18 @@ class SinkOptions:
     """The sink's settings: the producer's client config, the default ``topic`` (None: per-row column), and
     the delivery guarantee (:mod:`streamhydro.kafka.transactions` for ``exactly_once``).
 
-    ``transactional_id_prefix`` names the writing query (exactly_once only): the transactional ids are
+    For ``exactly_once``: ``transactional_id_prefix`` names the writing query: the transactional ids are
     ``<prefix>-<input topic>-<input partition>`` and ``<prefix>`` is the consumer group whose committed
-    offsets record which input ranges were written. ``batch_id`` only labels logs and those records.
+    offsets record which input ranges were written; ``end_offsets`` are the micro-batch's end offsets of
+    its input partitions (option ``endOffsets``, JSON as in Spark's checkpoint); ``batch_id`` only labels
+    logs and the committed offsets.
     """
 
     client: ClientConfig
     topic: str | None
     delivery: str = AT_LEAST_ONCE
     transactional_id_prefix: str | None = None
+    end_offsets: tuple[tuple[TopicPartitionKey, int], ...] = ()
     batch_id: int | None = None
 
     @property
@@ -489,11 +492,23 @@ def parse_sink_options(options: Mapping[str, str]) -> SinkOptions:
             f"is missing, and delivery={EXACTLY_ONCE} needs it",
             "set it to a name that identifies the writing query and stays the same across its restarts",
         )
+    ends_fix = 'pass the micro-batch\'s end offsets as JSON, e.g. {"events": {"0": 42, "1": 40}}'
+    ends: dict[TopicPartitionKey, int] = {}
+    if delivery == EXACTLY_ONCE:
+        try:
+            ends = offsets_from_json(json.loads(lowered.get("endoffsets", "")))
+        except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError("endOffsets", f"is missing or not JSON offsets, and delivery={EXACTLY_ONCE} needs it", ends_fix) from exc
     batch = lowered.get("batchid")
     try:
         batch_id = int(batch) if batch is not None else None
     except ValueError as exc:
         raise ConfigError("batchId", f"{batch!r} is not a whole number", "pass the micro-batch id") from exc
     return SinkOptions(
-        client=client_config(options), topic=topic, delivery=delivery, transactional_id_prefix=prefix, batch_id=batch_id
+        client=client_config(options),
+        topic=topic,
+        delivery=delivery,
+        transactional_id_prefix=prefix,
+        end_offsets=tuple(sorted(ends.items())),
+        batch_id=batch_id,
     )

@@ -7,8 +7,8 @@ Spark's Kafka sink: ``value`` (required), ``key``, ``topic`` (else the ``topic``
 ``headers``.
 
 Option ``delivery``: ``at_least_once`` (default; :mod:`streamhydro.kafka.writing`) or ``exactly_once``
-(:mod:`streamhydro.kafka.transactions`: one transaction per task, with option ``transactionalIdPrefix`` and
-the origin columns ``source_topic``, ``source_partition``, ``source_offset`` that
+(:mod:`streamhydro.kafka.transactions`: one transaction per task, with options ``transactionalIdPrefix`` and
+``endOffsets``, and the origin columns ``source_topic``, ``source_partition``, ``source_end`` that
 :func:`~streamhydro.kafka.transactions.with_origin` adds).
 """
 
@@ -55,7 +55,8 @@ class _ProducesToKafka:
     def write(self, iterator: Iterator[pa.RecordBatch]) -> KafkaCommitMessage:
         o = self.options
         if o.exactly_once:
-            return KafkaCommitMessage(produce_exactly_once(o.client, o.topic, iterator, o.transactional_id_prefix, o.batch_id))
+            ends = dict(o.end_offsets)
+            return KafkaCommitMessage(produce_exactly_once(o.client, o.topic, iterator, o.transactional_id_prefix, ends, o.batch_id))
         return KafkaCommitMessage(produce_batches(o.client, o.topic, iterator).rows)
 
 

@@ -3,21 +3,27 @@
 Where things run:
 
 - :func:`with_origin` wraps the ``mapInArrow`` function on the driver; the wrapper runs in executor
-  Python workers and tags every output batch with the task's input topic-partition and the highest input
-  offset it has read so far (:data:`ORIGIN_COLUMNS`).
+  Python workers and tags every output row with the task's input topic-partition and, on the rows of the
+  last output batch only, the offset after the last input record (:data:`ORIGIN_COLUMNS`).
 - :func:`produce_exactly_once` runs in the sink's write task (executor Python worker), once per task, that
   is once per input range of a micro-batch (streamhydro's source plans one task per topic-partition range,
-  and ``mapInArrow`` and the write keep that partitioning).
+  and ``mapInArrow`` and the write keep that partitioning). The driver passes it the micro-batch's end
+  offsets, from Spark's offset log (written before the batch runs, the same on every replay).
 - :func:`check_transactions` runs on the driver once at start.
 
 A task's transaction (``transactional.id`` = ``<prefix>-<input topic>-<input partition>``, the same for
 every attempt and every restart of the query) holds its predictions, its dead letters and, through
-``send_offsets_to_transaction``, the committed offset of the input partition in the consumer group
-``<prefix>``: one past the range's last record. Before writing, an attempt calls ``init_transactions``,
-which fences every earlier producer of that id and finishes its transaction (commit or abort), then reads
-the group's committed offset (a stable read: librdkafka asks with ``require_stable``). An offset past the
-range's first record means an earlier attempt committed the range: the attempt writes nothing. The races
-this answers, and why each is safe, are in ``docs/delivery.md``.
+``send_offsets_to_transaction``, the range's end offset as the committed offset of the input partition in
+the consumer group ``<prefix>``. Before writing, an attempt calls ``init_transactions``, which fences every
+earlier producer of that id and finishes its transaction (commit or abort), then reads the group's
+committed offset (a stable read: librdkafka asks with ``require_stable``). An offset at or past the
+range's end means an earlier attempt committed the range: the attempt writes nothing.
+
+A write task's input can end early without an error reaching it: when a task fails upstream (the read or
+the scoring), Spark closes the Python writer's input as if it were complete. So before committing, the
+writer checks that its input was whole: the last rows carry the end of what the scoring read, and that
+is the range's end (or only transaction markers and compacted-away offsets lie between). Otherwise it
+aborts. The races this answers, and why each is safe, are in ``docs/delivery.md``.
 
 A transactional producer serves one task: it is created for the task and closed at its end, never cached,
 because ``init_transactions`` is allowed once per producer and must run in every attempt.
@@ -29,7 +35,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import chain
 
 import pyarrow as pa
@@ -40,17 +46,19 @@ from pyspark.sql.types import IntegerType, LongType, StringType, StructField, St
 
 from streamhydro.errors import ConfigError, KafkaError
 from streamhydro.kafka import clients
-from streamhydro.kafka.options import EXACTLY_ONCE, ClientConfig
+from streamhydro.kafka.options import EXACTLY_ONCE, ClientConfig, TopicPartitionKey
+from streamhydro.kafka.planning import OffsetRange
+from streamhydro.kafka.reading import read_range, reader_config
 from streamhydro.kafka.writing import PRODUCER_DEFAULTS, send_all
 
 log = logging.getLogger(__name__)
 
 ORIGIN_TOPIC = "source_topic"
 ORIGIN_PARTITION = "source_partition"
-ORIGIN_OFFSET = "source_offset"
+ORIGIN_END = "source_end"
 # Columns the exactly-once sink needs besides Spark's Kafka sink columns, and the same as DDL for mapInArrow.
 ORIGIN_FIELDS = StructType(
-    [StructField(ORIGIN_TOPIC, StringType()), StructField(ORIGIN_PARTITION, IntegerType()), StructField(ORIGIN_OFFSET, LongType())]
+    [StructField(ORIGIN_TOPIC, StringType()), StructField(ORIGIN_PARTITION, IntegerType()), StructField(ORIGIN_END, LongType())]
 )
 ORIGIN_COLUMNS = ", ".join(f"{f.name} {f.dataType.simpleString()}" for f in ORIGIN_FIELDS.fields)
 
@@ -58,8 +66,8 @@ ORIGIN_COLUMNS = ", ".join(f"{f.name} {f.dataType.simpleString()}" for f in ORIG
 # than this (its own cap, transaction.max.timeout.ms, is 15 minutes by default); the task then fails and
 # Spark retries it. Without a restart, a crashed task's open transaction holds read_committed consumers
 # of the output partitions back for up to this long.
-TRANSACTION_DEFAULTS = {**{k: v for k, v in PRODUCER_DEFAULTS.items() if k != "message.timeout.ms"}, "transaction.timeout.ms": "120000"}
 TRANSACTION_TIMEOUT_KEY = "transaction.timeout.ms"
+TRANSACTION_DEFAULTS = {**{k: v for k, v in PRODUCER_DEFAULTS.items() if k != "message.timeout.ms"}, TRANSACTION_TIMEOUT_KEY: "120000"}
 PROBE_TOPIC = "__streamhydro_transaction_probe"
 _TIMEOUT_S = 30.0
 _GRACE_S = 10.0
@@ -68,14 +76,20 @@ _GRACE_S = 10.0
 def with_origin(func: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]):
     """``func`` for ``mapInArrow``, its output tagged with :data:`ORIGIN_COLUMNS` (declare ``<schema>, ORIGIN_COLUMNS``).
 
-    ``source_offset`` of an output row is the highest input offset read before the row was produced:
-    an offset inside the task's input range, and on the last rows the range's last record.
+    ``func``'s last output batch is held back until ``func`` ends, which it does only after reading all
+    its input; that batch's rows then get ``source_end``, one past the highest input offset read. Rows of
+    the batches before it have a null ``source_end``.
     """
 
     def tagged(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         origin = _Origin()
+        held = None
         for batch in func(origin.observe(batches)):
-            yield origin.tag(batch)
+            if held is not None:
+                yield origin.tag(held, last=False)
+            held = batch
+        if held is not None:
+            yield origin.tag(held, last=True)
 
     return tagged
 
@@ -84,18 +98,18 @@ class _Origin:
     def __init__(self) -> None:
         self.topic: str | None = None
         self.partition: int | None = None
-        self.offset: int | None = None
+        self.end: int | None = None
 
     def observe(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             if batch.num_rows:
                 self.topic = batch.column("topic")[0].as_py()
                 self.partition = batch.column("partition")[0].as_py()
-                self.offset = pc.max(batch.column("offset")).as_py()
+                self.end = pc.max(batch.column("offset")).as_py() + 1
             yield batch
 
-    def tag(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        if self.offset is None:
+    def tag(self, batch: pa.RecordBatch, last: bool) -> pa.RecordBatch:
+        if self.end is None:
             raise KafkaError("the scoring function produced rows before it read any: their origin is unknown")
         n = batch.num_rows
         return pa.RecordBatch.from_arrays(
@@ -103,9 +117,9 @@ class _Origin:
                 *batch.columns,
                 pa.repeat(pa.scalar(self.topic, pa.string()), n),
                 pa.repeat(pa.scalar(self.partition, pa.int32()), n),
-                pa.repeat(pa.scalar(self.offset, pa.int64()), n),
+                pa.repeat(pa.scalar(self.end if last else None, pa.int64()), n),
             ],
-            names=[*batch.schema.names, ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_OFFSET],
+            names=[*batch.schema.names, ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_END],
         )
 
 
@@ -114,10 +128,10 @@ def transactional_config(client: ClientConfig, transactional_id: str) -> ClientC
     return ClientConfig.of({**client.with_defaults(TRANSACTION_DEFAULTS).as_dict(), "transactional.id": transactional_id})
 
 
-def marks_config(client: ClientConfig, prefix: str) -> ClientConfig:
-    """The consumer that reads (and, in transactions, commits) the written ranges of group ``prefix``."""
+def marks_config(client: ClientConfig, group: str) -> ClientConfig:
+    """A read_committed consumer of group ``group``: reads (and, in transactions, commits) its offsets."""
     return ClientConfig.of(
-        {**client.as_dict(), "group.id": prefix, "isolation.level": "read_committed", "enable.auto.commit": "false"}
+        {**client.as_dict(), "group.id": group, "isolation.level": "read_committed", "enable.auto.commit": "false"}
     )
 
 
@@ -125,18 +139,19 @@ def transactional_id(prefix: str, topic: str, partition: int) -> str:
     return f"{prefix}-{topic}-{partition}"
 
 
-def _first_rows(batches: Iterator[pa.RecordBatch]) -> pa.RecordBatch | None:
-    return next((batch for batch in batches if batch.num_rows), None)
-
-
 class _Range:
-    """The input range of one write task, as its rows' origin columns tell it; checks every batch is of it."""
+    """The input range of one write task: its partition from the first row, its end from the batch's end offsets.
 
-    def __init__(self, first: pa.RecordBatch) -> None:
+    :meth:`follow` checks that every row comes from that partition and keeps the last rows' ``source_end``.
+    """
+
+    def __init__(self, first: pa.RecordBatch, ends: Mapping[TopicPartitionKey, int]) -> None:
         self.topic = first.column(ORIGIN_TOPIC)[0].as_py()
         self.partition = first.column(ORIGIN_PARTITION)[0].as_py()
-        self.first = first.column(ORIGIN_OFFSET)[0].as_py()
-        self.last = self.first
+        if (self.topic, self.partition) not in ends:
+            raise KafkaError(f"rows from {self} came to the exactly-once writer, but the micro-batch's end offsets lack it")
+        self.until = ends[(self.topic, self.partition)]
+        self.read_until: int | None = None
 
     def __str__(self) -> str:
         return f"{self.topic}[{self.partition}]"
@@ -152,8 +167,18 @@ class _Range:
                     f"one exactly-once write task got rows from {topics} {partitions}, after {self}: each task must "
                     "write the rows of one input topic-partition. Fix: do not repartition between the source and the sink"
                 )
-            self.last = max(self.last, pc.max(batch.column(ORIGIN_OFFSET)).as_py())
+            self.read_until = batch.column(ORIGIN_END)[batch.num_rows - 1].as_py()
             yield batch
+
+    def check_whole(self, client: ClientConfig) -> None:
+        """Raise unless the rows written are those of the whole range (see the module's documentation)."""
+        if self.read_until is None:
+            raise KafkaError(f"the input of {self} ended before the scoring finished (a failure upstream): not committing")
+        if self.read_until < self.until:
+            gap = OffsetRange(self.topic, self.partition, self.read_until, self.until)
+            consumer = clients.consumer(reader_config(client))
+            if any(batch.num_rows for batch in read_range(consumer, gap, False, int(_TIMEOUT_S * 1000))):
+                raise KafkaError(f"the input of {self} ended at offset {self.read_until}, short of {self.until} (a failure upstream): not committing")
 
 
 def _committed(marks: Consumer, topic: str, partition: int) -> int:
@@ -168,17 +193,23 @@ def _committed(marks: Consumer, topic: str, partition: int) -> int:
 
 
 def produce_exactly_once(
-    client: ClientConfig, default_topic: str | None, batches: Iterable[pa.RecordBatch], prefix: str, batch_id: int | None
+    client: ClientConfig,
+    default_topic: str | None,
+    batches: Iterable[pa.RecordBatch],
+    prefix: str,
+    ends: Mapping[TopicPartitionKey, int],
+    batch_id: int | None = None,
 ) -> int:
     """Write one input range's rows in one transaction, unless an earlier attempt committed it.
 
-    Returns the number of records written (0 when the range was already written).
+    ``ends``: the micro-batch's end offset of every input partition. Returns the number of records
+    written (0 when the range was already written).
     """
     rows = iter(batches)
-    first = _first_rows(rows)
+    first = next((batch for batch in rows if batch.num_rows), None)
     if first is None:
         return 0
-    written = _Range(first)
+    written = _Range(first, ends)
     tid = transactional_id(prefix, written.topic, written.partition)
     marks = clients.consumer(marks_config(client, prefix))
     config = transactional_config(client, tid)
@@ -187,17 +218,16 @@ def produce_exactly_once(
     try:
         producer.init_transactions(_TIMEOUT_S)
         done = _committed(marks, written.topic, written.partition)
-        if done > written.first:
+        if done >= written.until:
             log.info("batch %s: %s up to offset %d was written by an earlier attempt; writing nothing", batch_id, written, done)
             return 0
         producer.begin_transaction()
         began = time.monotonic()
-        tracker = send_all(producer, default_topic, written.follow(chain([first], rows)), _TIMEOUT_S + _GRACE_S)
-        sent = tracker.confirmed(_TIMEOUT_S + _GRACE_S)
-        mark = TopicPartition(
-            written.topic, written.partition, written.last + 1,
-            metadata=json.dumps({"batch": batch_id, "first": written.first, "last": written.last}),
-        )
+        flush_s = int(config.get("message.timeout.ms") or config.get(TRANSACTION_TIMEOUT_KEY)) / 1000 + _GRACE_S
+        tracker = send_all(producer, default_topic, written.follow(chain([first], rows)), flush_s)
+        sent = tracker.confirmed(flush_s)
+        written.check_whole(client)
+        mark = TopicPartition(written.topic, written.partition, written.until, metadata=json.dumps({"batch": batch_id}))
         producer.send_offsets_to_transaction([mark], marks.consumer_group_metadata(), _TIMEOUT_S)
         producer.commit_transaction(_TIMEOUT_S)
     except KafkaException as exc:
@@ -210,7 +240,7 @@ def produce_exactly_once(
         raise
     finally:
         producer.close()
-    log.info("batch %s: %s offsets %d..%d written in transaction %s: %d records", batch_id, written, written.first, written.last, tid, sent)
+    log.info("batch %s: %s up to offset %d written in transaction %s: %d records", batch_id, written, written.until, tid, sent)
     return sent
 
 
@@ -276,24 +306,33 @@ def check_transactions(client: ClientConfig) -> None:
         raise ConfigError("kafka.delivery", f"{EXACTLY_ONCE} needs Kafka transactions; the broker at {bootstrap} refused them: {error.str()}", refuse_fix) from exc
     finally:
         producer.close()
-    seen = _read_committed(client, offsets[0], values[-1])
-    expected = [values[0], values[2]]
-    if [v for v in seen if v.startswith(nonce.encode())] != expected:
+    if not offsets:
+        raise KafkaError(f"the transaction probe's first record to {PROBE_TOPIC} on {bootstrap} was not acknowledged")
+    # A probe killed mid-transaction leaves it open, holding read_committed readers back until the broker
+    # aborts it after the transaction timeout: wait that long for our records before giving up.
+    wait_s = int(config.get(TRANSACTION_TIMEOUT_KEY)) / 1000 + _GRACE_S
+    seen = [v for v in _read_committed(client, offsets[0], values[-1], wait_s) if v.startswith(nonce.encode())]
+    if values[1] in seen:
         raise ConfigError(
             "kafka.delivery",
             f"the broker at {bootstrap} does not isolate transactions: a read_committed consumer of {PROBE_TOPIC} read "
-            f"{[v.decode().split('/', 1)[1] for v in seen]} where only the two committed records belong",
+            f"{[v.decode().split('/', 1)[1] for v in seen]}, the aborted record among them",
             refuse_fix,
+        )
+    if seen != [values[0], values[2]]:
+        raise KafkaError(
+            f"the transaction probe read {[v.decode().split('/', 1)[1] for v in seen]} from {PROBE_TOPIC} on {bootstrap} "
+            f"within {wait_s:.0f} s, not its two committed records"
         )
     log.info("transactions on %s: an aborted record stays invisible to read_committed consumers", bootstrap)
 
 
-def _read_committed(client: ClientConfig, start: int, last: bytes) -> list[bytes]:
+def _read_committed(client: ClientConfig, start: int, last: bytes, wait_s: float) -> list[bytes]:
     """Values of :data:`PROBE_TOPIC` from ``start`` as a read_committed consumer sees them, up to ``last``."""
     consumer = clients.build_client(Consumer, marks_config(client, "streamhydro-transaction-probe"))
     consumer.assign([TopicPartition(PROBE_TOPIC, 0, start)])
     seen: list[bytes] = []
-    deadline = time.monotonic() + _TIMEOUT_S
+    deadline = time.monotonic() + wait_s
     try:
         while last not in seen and time.monotonic() < deadline:
             message = consumer.poll(0.5)
