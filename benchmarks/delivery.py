@@ -29,17 +29,15 @@ import os
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
+from end_to_end import Starter, latency, ratio, throughput
 from streamhydro.brokers import ApacheKafkaBroker
 from streamhydro.config import Config
-from streamhydro.driver.demo import latency_summary
 from streamhydro.driver.serve import Service
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.options import client_for
-from streamhydro.outputs import OutputReader, topic_ends
 from streamhydro.producer import LoadGenerator
 from streamhydro.registry import Registry
 from streamhydro.spark import Master, streaming_session
@@ -74,16 +72,19 @@ def main() -> None:
             for mode in MODES:
                 start = starter(mode, bootstrap, args, work)
                 name = f"{mode}-r{turn}"
-                rows[mode] = {**throughput(start, bootstrap, name, args), **latency(start, bootstrap, name, model.manifest, args)}
+                rows[mode] = {
+                    **throughput(start, bootstrap, name, args, READ_COMMITTED),
+                    **latency(start, bootstrap, name, model.manifest, args, READ_COMMITTED),
+                }
     spark.stop()
     mine, theirs = rows["exactly_once"], rows["at_least_once"]
     result: dict[str, Any] = {
         "events": args.events, "max_offsets_per_trigger": args.max_offsets_per_trigger, "rounds": args.rounds,
         "latency_rate_per_s": args.latency_rate, "cpus": os.cpu_count(), **rows,
         "exactly_once_vs_at_least_once": {
-            "steady_throughput": _ratio(mine["steady_events_per_s"], theirs["steady_events_per_s"]),
-            "latency_p50": _ratio(mine["latency_p50_ms"], theirs["latency_p50_ms"]),
-            "latency_p99": _ratio(mine["latency_p99_ms"], theirs["latency_p99_ms"]),
+            "steady_throughput": ratio(mine["steady_events_per_s"], theirs["steady_events_per_s"]),
+            "latency_p50": ratio(mine["latency_p50_ms"], theirs["latency_p50_ms"]),
+            "latency_p99": ratio(mine["latency_p99_ms"], theirs["latency_p99_ms"]),
         },
     }
     for key, value in result.items():
@@ -91,20 +92,13 @@ def main() -> None:
     print(json.dumps(result))
 
 
-def _ratio(mine: float | None, theirs: float | None) -> float | None:
-    return round(mine / theirs, 3) if mine and theirs else None
-
-
-Starter = Callable[[str, str, str], Callable[[], None]]
-
-
 def starter(mode: str, bootstrap: str, args: argparse.Namespace, work: str) -> Starter:
-    """A function that starts serve in ``mode`` reading ``input`` and writing ``output`` (checkpoint named
-    ``tag``) and returns the function that stops it."""
+    """A function that starts serve in ``mode`` reading ``input`` and writing ``output`` (a checkpoint per
+    output topic) and returns the function that stops it."""
 
     def start(input_topic: str, output_topic: str, tag: str) -> Callable[[], None]:
         config = Config().replace(
-            spark={"master": "local[2]", "app_name": f"bench-{mode}", "checkpoint_location": f"{work}/{tag}"},
+            spark={"master": "local[2]", "app_name": f"bench-{mode}", "checkpoint_location": f"{work}/{output_topic}"},
             kafka={"bootstrap_servers": bootstrap, "subscribe": input_topic, "output_topic": output_topic,
                    "dead_letter_topic": f"{output_topic}-dlq", "source": "python", "delivery": mode,
                    "max_offsets_per_trigger": args.max_offsets_per_trigger},
@@ -117,58 +111,6 @@ def starter(mode: str, bootstrap: str, args: argparse.Namespace, work: str) -> S
         return service.stop
 
     return start
-
-
-def _wait(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"deadline: {what} not reached within {seconds} s")
-        time.sleep(0.2)
-
-
-def throughput(start: Starter, bootstrap: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
-    output = f"{name}-backlog"
-    ensure_topics(client_for(bootstrap), {output: PARTITIONS, f"{output}-dlq": 1})
-    reader = OutputReader(client_for(bootstrap, READ_COMMITTED), (output,), track=True, group=f"bench-{name}")
-    reader.start()
-    started = time.monotonic()
-    stop = start("events", output, f"{name}-backlog")
-    try:
-        _wait(lambda: reader.distinct >= args.events, args.deadline_seconds, f"{name}: {args.events} predictions")
-    finally:
-        stop()
-        reader.stop()
-    return {
-        "cold_start_s": round(reader.first_at - started, 2),
-        "steady_events_per_s": reader.steady_rate(),
-        "overall_events_per_s": round(args.events / (reader.last_at - started), 1),
-        "missing": reader.missing(topic_ends(client_for(bootstrap), "events")),
-        "duplicates": reader.duplicates,
-    }
-
-
-def latency(start: Starter, bootstrap: str, name: str, manifest, args: argparse.Namespace) -> dict[str, Any]:
-    source, output = f"{name}-live", f"{name}-live-out"
-    ensure_topics(client_for(bootstrap), {source: PARTITIONS, output: PARTITIONS, f"{output}-dlq": 1})
-    reader = OutputReader(client_for(bootstrap, READ_COMMITTED), (output,), track=True, group=f"bench-live-{name}")
-    reader.start()
-    stop = start(source, output, f"{name}-live")
-    warm_up = LoadGenerator(client_for(bootstrap), source, manifest, seed=6)
-    live = LoadGenerator(client_for(bootstrap, {"linger.ms": "1"}), source, manifest, seed=7)
-    count = int(args.latency_rate * args.latency_seconds)
-    try:
-        warm_up.run(100, None, threading.Event())
-        _wait(lambda: reader.distinct >= 100, args.deadline_seconds, f"{name}: warm-up predictions")
-        warm = reader.distinct
-        live.run(count, args.latency_rate, threading.Event())
-        _wait(lambda: reader.distinct >= warm + count, args.deadline_seconds, f"{name}: live predictions")
-    finally:
-        stop()
-        warm_up.close()
-        live.close()
-        reader.stop()
-    return {"latency_events": count, "latency_duplicates": reader.duplicates, **latency_summary(reader.latency_ms(since=warm))}
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from streamhydro.brokers import ApacheKafkaBroker
@@ -85,16 +85,16 @@ def main() -> None:
     for name in ("serve_python", "serve_builtin"):
         mine = rows[name]
         result[f"{name}_vs_peer"] = {
-            "steady_throughput": _ratio(mine["steady_events_per_s"], peer["steady_events_per_s"]),
-            "latency_p50": _ratio(mine["latency_p50_ms"], peer["latency_p50_ms"]),
-            "latency_p99": _ratio(mine["latency_p99_ms"], peer["latency_p99_ms"]),
+            "steady_throughput": ratio(mine["steady_events_per_s"], peer["steady_events_per_s"]),
+            "latency_p50": ratio(mine["latency_p50_ms"], peer["latency_p50_ms"]),
+            "latency_p99": ratio(mine["latency_p99_ms"], peer["latency_p99_ms"]),
         }
     for key, value in result.items():
         print(f"{key:>28}  {value}", file=sys.stderr)
     print(json.dumps(result))
 
 
-def _ratio(mine: float | None, theirs: float | None) -> float | None:
+def ratio(mine: float | None, theirs: float | None) -> float | None:
     return round(mine / theirs, 3) if mine and theirs else None
 
 
@@ -192,10 +192,12 @@ def _wait(condition: Callable[[], bool], seconds: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def throughput(start: Starter, bootstrap: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+def throughput(start: Starter, bootstrap: str, name: str, args: argparse.Namespace, reader_settings: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Phase 1 for ``name``: the backlog in topic ``events`` through ``start``'s query. ``reader_settings``:
+    client settings of the output reader (``isolation.level``...)."""
     output = f"{name}-backlog"
     ensure_topics(client_for(bootstrap), {output: PARTITIONS, f"{output}-dlq": 1})
-    reader = OutputReader(client_for(bootstrap), (output,), track=True, group=f"bench-{name}")
+    reader = OutputReader(client_for(bootstrap, reader_settings), (output,), track=True, group=f"bench-{name}")
     reader.start()
     started = time.monotonic()
     stop = start("events", output, "backlog")
@@ -213,10 +215,11 @@ def throughput(start: Starter, bootstrap: str, name: str, args: argparse.Namespa
     }
 
 
-def latency(start: Starter, bootstrap: str, name: str, manifest, args: argparse.Namespace) -> dict[str, Any]:
+def latency(start: Starter, bootstrap: str, name: str, manifest, args: argparse.Namespace, reader_settings: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Phase 2 for ``name``: events produced live into an empty topic while ``start``'s query runs."""
     source, output = f"{name}-live", f"{name}-live-out"
     ensure_topics(client_for(bootstrap), {source: PARTITIONS, output: PARTITIONS, f"{output}-dlq": 1})
-    reader = OutputReader(client_for(bootstrap), (output,), track=True, group=f"bench-live-{name}")
+    reader = OutputReader(client_for(bootstrap, reader_settings), (output,), track=True, group=f"bench-live-{name}")
     reader.start()
     stop = start(source, output, "live")
     warm_up = LoadGenerator(client_for(bootstrap), source, manifest, seed=6)
@@ -233,7 +236,7 @@ def latency(start: Starter, bootstrap: str, name: str, manifest, args: argparse.
         warm_up.close()
         live.close()
         reader.stop()
-    return {"latency_events": count, **latency_summary(reader.latency_ms(since=warm))}
+    return {"latency_events": count, "latency_duplicates": reader.duplicates, **latency_summary(reader.latency_ms(since=warm))}
 
 
 if __name__ == "__main__":
