@@ -56,16 +56,20 @@ class EndOffsetProbe:
     """Topic metadata, log start and true end offsets, and group commits, for one stream reader.
 
     ``use_fetch=False`` trusts ListOffsets (right on Apache Kafka); ``True`` reads ends from fetches (Tansu).
+    ``timeout_s`` bounds each broker request and each probe; a request that times out is tried again for
+    up to ``patience_s`` in all (a broker restarting or stalled for a while does not fail the query; Spark's
+    own connector waits up to about three minutes too) before the error goes to Spark.
     ``timeout_s`` bounds each broker request and each probe.
     """
 
-    def __init__(self, client: ClientConfig, use_fetch: bool = False, timeout_s: float = 10.0) -> None:
+    def __init__(self, client: ClientConfig, use_fetch: bool = False, timeout_s: float = 10.0, patience_s: float = 180.0) -> None:
         settings = client.with_defaults({GROUP_ID: f"streamhydro-probe-{uuid.uuid4().hex[:8]}"}).as_dict()
         settings.update(PROBE_CONSUMER_SETTINGS)
         self._config = ClientConfig.of(settings)
         self._has_group = client.get(GROUP_ID) is not None
         self._use_fetch = use_fetch
         self._timeout_s = timeout_s
+        self._patience_s = patience_s
         self._consumer: Consumer | None = None
         # {tp: (ListOffsets answer, true end)}: appending always changes the ListOffsets answer (a new
         # batch on Tansu, a new high watermark on Kafka), so an unchanged answer means an unchanged end
@@ -78,15 +82,24 @@ class EndOffsetProbe:
             self._consumer = build_client(Consumer, self._config)
         return self._consumer
 
+    def _patiently(self, request, what: str):
+        """``request()``, tried again while it fails with a Kafka client error, for up to ``patience_s``."""
+        deadline = time.monotonic() + self._patience_s
+        while True:
+            try:
+                return request()
+            except KafkaException as exc:
+                if time.monotonic() > deadline:
+                    raise KafkaError(
+                        f"{what}: no answer from {self._config.get('bootstrap.servers')} for {self._patience_s:.0f} s: {exc}. "
+                        "Fix: check kafka.bootstrap.servers and that the brokers are reachable"
+                    ) from exc
+                log.warning("%s: %s; trying again", what, exc)
+                time.sleep(1.0)
+
     def topic_partitions(self, subscription: Subscription) -> list[TopicPartitionKey]:
         """The partitions ``subscription`` names that exist now, from the broker's metadata."""
-        try:
-            metadata = self.consumer.list_topics(timeout=self._timeout_s)
-        except KafkaException as exc:
-            raise KafkaError(
-                f"no metadata from {self._config.get('bootstrap.servers')} within {self._timeout_s} s: {exc}. "
-                "Fix: check kafka.bootstrap.servers and that the brokers are reachable"
-            ) from exc
+        metadata = self._patiently(lambda: self.consumer.list_topics(timeout=self._timeout_s), "topic metadata")
         counts = {
             name: len(topic.partitions)
             for name, topic in metadata.topics.items()
@@ -98,8 +111,10 @@ class EndOffsetProbe:
         """``{tp: (log start, ListOffsets(latest))}`` as the broker answers (wrong end on Tansu)."""
         answers = {}
         for topic, partition in partitions:
-            answer = self.consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=self._timeout_s, cached=False
+            tp = TopicPartition(topic, partition)
+            answer = self._patiently(
+                lambda tp=tp: self.consumer.get_watermark_offsets(tp, timeout=self._timeout_s, cached=False),
+                f"{topic}[{partition}] offsets",
             )
             if answer is None:
                 raise KafkaError(
