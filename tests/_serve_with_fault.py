@@ -5,11 +5,9 @@
 
 - ``kill-after-write``: the driver SIGKILLs itself as soon as micro-batch BATCH's write has returned:
   every transaction of that batch is committed, Spark's commit of the batch is not yet written.
-- ``fail-mid-write``: after warm-up, the first scoring task to claim FLAG_FILE (created exclusively)
-  hands over three output batches, waits until records lie in the output topics, inside the write's open
-  transaction, then raises; Spark retries the task (use a master with retries, ``local[N,F]``). Three,
-  because the exactly-once wrapper holds the latest batch back and the Python worker's output buffer may
-  hold the one before: the first batch is sure to reach the writer only once two more follow it.
+- ``fail-mid-write``: after warm-up, the first task to claim FLAG_FILE (created exclusively) hands its
+  third scored batch to the writer, waits until records lie in the output topics, inside the write's
+  open transaction, then raises; Spark retries the task (use a master with retries, ``local[N,F]``).
 
 Everything else is the real service, started through the real command line.
 """
@@ -24,7 +22,7 @@ import time
 from streamhydro import cli
 from streamhydro.config import load
 from streamhydro.driver import serve
-from streamhydro.executor import scoring
+from streamhydro.executor import direct
 
 GROWTH_WAIT_S = 30.0
 
@@ -43,18 +41,28 @@ def kill_after_write(batch: int) -> None:
 def fail_mid_write(flag: str, config_path: str) -> None:
     kafka = load(config_path).kafka
     client, topics = kafka.librdkafka(), (kafka.output_topic, kafka.dead_letter_topic)
-    score_batches = scoring.score_batches
+    score_ranges = direct.score_ranges
 
-    def failing_once(plan, observe=None):
-        score = score_batches(plan, observe)
+    def failing_once(plan, io):
+        score = score_ranges(plan, io)
 
         def score_or_fail(batches):
-            before = _log_end(client, topics)
-            for i, batch in enumerate(score(batches)):
-                yield batch
-                if i == 2 and _claim(flag):
-                    _wait_for_growth(client, topics, before)
-                    raise RuntimeError("injected fault: a scoring task fails while its transaction is open")
+            # In the executor's worker: its scoring, wrapped for this task.
+            scored = direct.score_partition
+
+            def scored_or_fail(*args, **kwargs):
+                before = _log_end(client, topics)
+                for i, batch in enumerate(scored(*args, **kwargs)):
+                    yield batch
+                    if i == 2 and _claim(flag):
+                        _wait_for_growth(client, topics, before)
+                        raise RuntimeError("injected fault: a scoring task fails while its transaction is open")
+
+            direct.score_partition = scored_or_fail
+            try:
+                yield from score(batches)
+            finally:
+                direct.score_partition = scored
 
         return score_or_fail
 
@@ -62,7 +70,7 @@ def fail_mid_write(flag: str, config_path: str) -> None:
 
     def warm_up_then_inject(self) -> None:
         warm_up(self)
-        scoring.score_batches = failing_once
+        direct.score_ranges = failing_once
 
     serve.Service._warm_up = warm_up_then_inject
 

@@ -1,6 +1,6 @@
 """Exactly-once delivery on Apache Kafka: real Spark, the real broker, output read with read_committed.
 
-Faults: a write task that fails with its transaction open and is retried; a kill -9 of the service
+Faults: a task that fails with its transaction open and is retried; a kill -9 of the service
 between its transactions' commit and Spark's commit of the micro-batch, then a restart from the
 checkpoint. Refusals at start: Spark's built-in sink, speculation, Tansu (transactions not isolated).
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from conftest import client, read_all, send
 from streamhydro.config import Config
@@ -26,15 +26,8 @@ from streamhydro.errors import ConfigError
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.clients import build_client
 from streamhydro.kafka.options import parse_sink_options
-from streamhydro.kafka.source import FORMAT
-from streamhydro.kafka.transactions import (
-    ORIGIN_END,
-    ORIGIN_FIELDS,
-    ORIGIN_PARTITION,
-    ORIGIN_TOPIC,
-    check_transactions,
-    with_origin,
-)
+from streamhydro.kafka.planning import OffsetRange
+from streamhydro.kafka.transactions import check_transactions, produce_exactly_once
 from streamhydro.producer import make_values
 
 REPO = Path(__file__).parent.parent
@@ -78,47 +71,11 @@ def test_config_refuses_exactly_once_with_the_builtin_connector():
     assert Config().replace(kafka={"delivery": "exactly_once", "source": "python"}).kafka.delivery == "exactly_once"
 
 
-def _kafka_batch(topic: str, partition: int, offsets: list[int]) -> pa.RecordBatch:
-    return pa.RecordBatch.from_pydict(
-        {"value": [b"v"] * len(offsets), "topic": [topic] * len(offsets), "partition": pa.array([partition] * len(offsets), pa.int32()),
-         "offset": pa.array(offsets, pa.int64())}
-    )
-
-
-def test_with_origin_tags_rows_and_gives_the_input_end_to_the_last_batch_only():
-    def halves(batches):
-        for batch in batches:
-            yield batch.slice(0, batch.num_rows // 2).select(["value"])
-            yield batch.slice(batch.num_rows // 2).select(["value"])
-
-    tagged = list(with_origin(halves)(iter([_kafka_batch("events", 3, [10, 11, 12, 13]), _kafka_batch("events", 3, [14, 16])])))
-
-    assert [b.num_rows for b in tagged] == [2, 2, 1, 1]
-    for batch in tagged:
-        assert batch.schema.names == ["value", ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_END]
-        assert batch.schema.field(ORIGIN_PARTITION).type == pa.int32() and batch.schema.field(ORIGIN_END).type == pa.int64()
-        assert set(batch.column(ORIGIN_TOPIC).to_pylist()) == {"events"} and set(batch.column(ORIGIN_PARTITION).to_pylist()) == {3}
-    assert [b.column(ORIGIN_END).to_pylist() for b in tagged] == [[None, None], [None, None], [None], [17]]
-    assert list(with_origin(halves)(iter([]))) == []
-
-
-def test_exactly_once_sink_options_name_what_is_missing():
-    base = {"kafka.bootstrap.servers": "b:9092", "delivery": "exactly_once"}
-    with pytest.raises(ConfigError) as refused:
-        parse_sink_options({**base, "endOffsets": '{"events": {"0": 5}}'})
-    assert refused.value.key == "transactionalIdPrefix"
-    with pytest.raises(ConfigError) as refused:
-        parse_sink_options({**base, "transactionalIdPrefix": "q"})
-    assert refused.value.key == "endOffsets"
-    with pytest.raises(ConfigError) as refused:
-        parse_sink_options({"kafka.bootstrap.servers": "b:9092", "kafka.transactional.id": "mine"})
-    assert refused.value.key == "kafka.transactional.id"
-    with pytest.raises(ConfigError) as refused:
-        parse_sink_options({"kafka.bootstrap.servers": "b:9092", "delivery": "twice"})
-    assert refused.value.key == "delivery"
-    options = parse_sink_options({**base, "transactionalIdPrefix": "q", "endOffsets": '{"events": {"1": 7, "0": 5}}', "batchId": "4"})
-    assert options.exactly_once and options.end_offsets == ((("events", 0), 5), (("events", 1), 7)) and options.batch_id == 4
-    assert not parse_sink_options({"kafka.bootstrap.servers": "b:9092"}).exactly_once
+def test_the_sink_refuses_transactions_and_points_to_serve():
+    for option in ({"kafka.transactional.id": "mine"}, {"delivery": "exactly_once"}):
+        with pytest.raises(ConfigError) as refused:
+            parse_sink_options({"kafka.bootstrap.servers": "b:9092", **option})
+        assert refused.value.key == next(iter(option)) and "kafka.delivery" in refused.value.fix
 
 
 @pytest.mark.broker
@@ -153,29 +110,13 @@ def test_start_refuses_auto_choosing_the_builtin_sink_and_speculation(kafka_boot
     assert refused.value.key == f"spark.conf.{SPECULATION}"
 
 
-def _origin_rows(output: str, source: str, per_partition: int, end: int | None) -> list[tuple]:
-    """Output rows as ``with_origin`` tags them, for offsets 0.. of partitions 0 and 1 of ``source``: the last
-    row of each partition carries ``end`` as its ``source_end``, the others null."""
-    return [
-        (f"{p}-{o}".encode(), output, source, p, end if o == per_partition - 1 else None)
-        for p in (0, 1)
-        for o in range(per_partition)
-    ]
-
-
-def _write(spark, kafka_bootstrap, rows, prefix: str, ends: dict, partitions: int = 2) -> None:
-    from pyspark.sql.types import BinaryType, StringType, StructField, StructType
-
-    schema = StructType([StructField("value", BinaryType()), StructField("topic", StringType()), *ORIGIN_FIELDS.fields])
-    frame = spark.createDataFrame(spark.sparkContext.parallelize(rows, partitions), schema)
-    (
-        frame.write.format(FORMAT).mode("append")
-        .option("kafka.bootstrap.servers", kafka_bootstrap)
-        .option("delivery", "exactly_once")
-        .option("transactionalIdPrefix", prefix)
-        .option("endOffsets", json.dumps(ends))
-        .save()
-    )
+def _results(output: str, source: str, partition: int, count: int, fail_after: int | None = None):
+    """Sink rows for offsets 0..count-1 of ``source[partition]``, in batches of 100; raises after ``fail_after`` rows."""
+    for start in range(0, count, 100):
+        if fail_after is not None and start >= fail_after:
+            raise RuntimeError("injected: the scoring failed")
+        values = [f"{source}-{partition}-{o}".encode() for o in range(start, min(start + 100, count))]
+        yield pa.RecordBatch.from_pydict({"value": values, "topic": [output] * len(values)})
 
 
 def _log_end(kafka_bootstrap, topic: str) -> int:
@@ -195,41 +136,34 @@ def _committed(kafka_bootstrap, group: str, topic: str) -> list:
         marks.close()
 
 
-@pytest.mark.spark
 @pytest.mark.broker
-def test_the_sink_writes_a_whole_range_once_and_records_it_in_the_same_transaction(kafka_bootstrap, topic_name, spark):
+def test_a_range_is_written_once_and_recorded_in_the_same_transaction(kafka_bootstrap, topic_name):
     output, source = f"{topic_name}-out", f"{topic_name}-src"
     ensure_topics(client(kafka_bootstrap), {output: 2, source: 2})
-    producer = build_client(Producer, client(kafka_bootstrap))
-    for offset in range(300):
-        for partition in (0, 1):
-            producer.produce(source, f"event-{offset}".encode(), partition=partition)
-    producer.flush(30)
-    ends = {source: {"0": 300, "1": 300}}
-    rows = _origin_rows(output, source, 300, end=300)
     prefix = f"test-{topic_name}"
+    ranges = [OffsetRange(source, p, 0, 300) for p in (0, 1)]
 
-    _write(spark, kafka_bootstrap, rows, prefix, ends)
-    written = read_all(kafka_bootstrap, output, len(rows), **COMMITTED)
-    assert sorted(r.value for r in written) == sorted(r[0] for r in rows)
+    def write(prefix: str, fail_after: int | None = None) -> list[int]:
+        return [produce_exactly_once(client(kafka_bootstrap), r, _results(output, source, r.partition, 300, fail_after), prefix) for r in ranges]
+
+    assert write(prefix) == [300, 300]
+    written = read_all(kafka_bootstrap, output, 600, **COMMITTED)
+    assert sorted(r.value for r in written) == sorted(f"{source}-{p}-{o}".encode() for p in (0, 1) for o in range(300))
     committed = _committed(kafka_bootstrap, prefix, source)
     assert [tp.offset for tp in committed] == [300, 300] and json.loads(committed[0].metadata) == {"batch": None}
     log_end = _log_end(kafka_bootstrap, output)
 
-    _write(spark, kafka_bootstrap, rows, prefix, ends)
+    assert write(prefix) == [0, 0]
     assert _log_end(kafka_bootstrap, output) == log_end, "a range already written must not be written again, not even aborted"
 
-    _write(spark, kafka_bootstrap, rows, f"{prefix}-other", ends)
-    assert len(read_all(kafka_bootstrap, output, 2 * len(rows), **COMMITTED)) == 2 * len(rows), "another query writes its own"
+    assert write(f"{prefix}-other") == [300, 300]
+    assert len(read_all(kafka_bootstrap, output, 1200, **COMMITTED)) == 1200, "another query writes its own"
 
-    with pytest.raises(Exception, match="ended before the scoring finished"):
-        _write(spark, kafka_bootstrap, _origin_rows(output, source, 300, end=None), f"{prefix}-cut", ends)
-    with pytest.raises(Exception, match="ended at offset 250, short of 300"):
-        _write(spark, kafka_bootstrap, _origin_rows(output, source, 250, end=250), f"{prefix}-short", ends)
-    with pytest.raises(Exception, match="one exactly-once write task got rows from"):
-        _write(spark, kafka_bootstrap, rows, f"{prefix}-mixed", ends, partitions=1)
-    assert len(read_all(kafka_bootstrap, output, 2 * len(rows) + 1, seconds=5, **COMMITTED)) == 2 * len(rows)
-    assert [tp.offset for tp in _committed(kafka_bootstrap, f"{prefix}-short", source)] == [-1001, -1001]
+    with pytest.raises(RuntimeError, match="injected"):
+        write(f"{prefix}-cut", fail_after=200)
+    assert _log_end(kafka_bootstrap, output) > log_end + 600, "the failed attempt's records lie in the log"
+    assert len(read_all(kafka_bootstrap, output, 1201, seconds=5, **COMMITTED)) == 1200, "aborted, invisible"
+    assert [tp.offset for tp in _committed(kafka_bootstrap, f"{prefix}-cut", source)] == [-1001, -1001]
 
 
 def _serve(tmp_path: Path, toml: str, name: str, fault: tuple[str, str] | None = None) -> tuple[subprocess.Popen, Path]:

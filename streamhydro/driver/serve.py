@@ -1,13 +1,16 @@
 """The streaming inference service, ``streamhydro serve``. Runs on the driver for the life of the daemon.
 
-One Structured Streaming query: Kafka source -> ``foreachBatch``. Each micro-batch is scored by
-``mapInArrow`` tasks (``streamhydro.executor.scoring``) with the model version the
-:class:`~streamhydro.driver.models.ModelFollower` picked at that batch boundary, and the result is
-written to Kafka: predictions to the output topic, records that could not be scored to the
-dead-letter topic (each row carries its topic). ``foreachBatch`` is what makes the model version a
-per-batch decision without restarting the query. Delivery (``kafka.delivery``) is at-least-once by
-default, every prediction carrying an idempotency key (topic/partition/offset of its event); with
-``exactly_once`` each task writes its input range in one Kafka transaction (``docs/delivery.md``).
+One Structured Streaming query: Kafka source -> ``foreachBatch``. Each micro-batch is one Spark job of
+``mapInArrow`` tasks that score with the model version the :class:`~streamhydro.driver.models.ModelFollower`
+picked at that batch boundary and write predictions to the output topic and records that could not be
+scored to the dead-letter topic. With streamhydro's connector (``kafka.source = "python"``) the source
+plans offset ranges and each task reads, scores and writes its range in one Python worker
+(:mod:`streamhydro.executor.direct`): no record crosses between the JVM and Python. With Spark's
+(``builtin``) the records come from Spark's source into ``mapInArrow`` (:mod:`streamhydro.executor.scoring`)
+and go to Spark's sink. ``foreachBatch`` is what makes the model version a per-batch decision without
+restarting the query. Delivery (``kafka.delivery``) is at-least-once by default, every prediction carrying
+an idempotency key (topic/partition/offset of its event); with ``exactly_once`` each task writes its input
+range in one Kafka transaction (``docs/delivery.md``).
 
 SIGTERM and SIGINT stop the query between micro-batches: a batch that has started writing is
 finished and committed first; a batch that has not started writing is left to the next run (its
@@ -26,7 +29,7 @@ from typing import Any
 
 from streamhydro.config import Config, load, reference
 from streamhydro.errors import ConfigError, StreamhydroError
-from streamhydro.kafka.options import EXACTLY_ONCE
+from streamhydro.kafka.options import EMIT_RANGES, EXACTLY_ONCE
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ JARS = "spark.jars"
 PACKAGES = "spark.jars.packages"
 STOP_POLL_SECONDS = 0.2
 SPECULATION = "spark.speculation"
+EMIT = "emit"
 # The log line that says the query runs; supervisors and tests wait for it.
 QUERY_STARTED = "query started"
 
@@ -135,13 +139,16 @@ class Service:
             on_switch=lambda version: self.metrics.set_model(version.manifest.name, version.manifest.version),
             on_refuse=self.metrics.model_refused,
         )
-        self._format = kafka_format(self.spark, c.kafka.source, c.kafka.client_options())
-        self.connector = "builtin" if self._format == BUILTIN_FORMAT else "python"
+        source = kafka_format(self.spark, c.kafka.source, c.kafka.client_options())
+        self.connector = "builtin" if source == BUILTIN_FORMAT else "python"
         ensure_topics(c.kafka.librdkafka(), {c.kafka.output_topic: 1, c.kafka.dead_letter_topic: 1})
         if c.kafka.delivery == EXACTLY_ONCE:
             check_exactly_once(self.spark, self.connector, c.kafka.librdkafka())
         self._warm_up()
-        stream = self.spark.readStream.format(self._format).options(**c.kafka.source_options()).load()
+        options = c.kafka.source_options()
+        if self.connector == "python":
+            options[EMIT] = EMIT_RANGES
+        stream = self.spark.readStream.format(source).options(**options).load()
         self.query = (
             stream.writeStream.queryName(c.spark.app_name)
             .option("checkpointLocation", c.spark.checkpoint_location)
@@ -221,19 +228,15 @@ class Service:
         return QueryFailed(root_cause(self._batch_error, java.get() if java.isDefined() else None))
 
     def _process_batch(self, batch_df: Any, batch_id: int) -> None:
-        from streamhydro.executor.scoring import OUTPUT_SCHEMA, score_batches
-        from streamhydro.kafka.transactions import ORIGIN_COLUMNS, with_origin
-
         with self._lock:
             if self._stopping:
                 raise StopRequested(f"stop requested before micro-batch {batch_id}; it will run on restart")
             self._in_batch = True
         try:
-            score, schema = score_batches(self.follower.plan), OUTPUT_SCHEMA
-            if self.config.kafka.delivery == EXACTLY_ONCE:
-                score, schema = with_origin(score), f"{OUTPUT_SCHEMA}, {ORIGIN_COLUMNS}"
-            scored = batch_df.mapInArrow(score, schema, profile=self._profile)
-            scored.write.format(self._format).mode("append").options(**self._sink_options(batch_id)).save()
+            if self.connector == "builtin":
+                self._score_records(batch_df)
+            else:
+                self._score_ranges(batch_df, batch_id)
             self.batches += 1
         except Exception as exc:
             # Kept as the Python object it is here, where its Java cause chain can still be walked.
@@ -243,26 +246,26 @@ class Service:
             with self._lock:
                 self._in_batch = False
 
-    def _sink_options(self, batch_id: int) -> dict[str, str]:
-        """The write's options: the client settings and, for exactly-once, the query's transactional ids
-        and the micro-batch's end offsets.
+    def _score_ranges(self, ranges: Any, batch_id: int) -> None:
+        """streamhydro's connector: each task reads its range, scores it and writes the results
+        (:mod:`streamhydro.executor.direct`); one Spark job, one summary row per task."""
+        from streamhydro.executor.direct import SUMMARY_SCHEMA, RangeIO, score_ranges
 
-        The ids derive from the query's id, which Spark keeps in the checkpoint: the same across restarts,
-        new for a new checkpoint (whose offsets start afresh). The end offsets come from the query's offset
-        log, Spark's write-ahead log of each micro-batch's offsets, written before the batch runs and read
-        again when a restart replays it.
-        """
-        options = self.config.kafka.client_options()
-        if self.config.kafka.delivery == EXACTLY_ONCE:
+        k = self.config.kafka
+        prefix = None
+        if k.delivery == EXACTLY_ONCE:
+            # The query's id is in its checkpoint: the same across restarts, new for a new checkpoint.
             self._query_started.wait()
-            logged = self.query._jsq.streamingQuery().offsetLog().get(batch_id).get()
-            options.update(
-                delivery=EXACTLY_ONCE,
-                transactionalIdPrefix=f"streamhydro-{self.query.id}",
-                endOffsets=logged.offsets().apply(0).get().json(),
-                batchId=str(batch_id),
-            )
-        return options
+            prefix = f"streamhydro-{self.query.id}"
+        io = RangeIO(k.librdkafka(), k.fail_on_data_loss, transactional_id_prefix=prefix, batch_id=batch_id)
+        ranges.mapInArrow(score_ranges(self.follower.plan, io), SUMMARY_SCHEMA, profile=self._profile).collect()
+
+    def _score_records(self, records: Any) -> None:
+        """Spark's connector: records come from its source, go through ``mapInArrow`` and to its sink."""
+        from streamhydro.executor.scoring import OUTPUT_SCHEMA, score_batches
+
+        scored = records.mapInArrow(score_batches(self.follower.plan), OUTPUT_SCHEMA, profile=self._profile)
+        scored.write.format(BUILTIN_FORMAT).mode("append").options(**self.config.kafka.client_options()).save()
 
     def _warm_up(self) -> None:
         """Start the Python workers and load the model before the first micro-batch.

@@ -401,12 +401,18 @@ def _bool(lowered: Mapping[str, str], key: str, display: str, default: bool) -> 
 
 END_OFFSETS_FETCH = "fetch"
 END_OFFSETS_LIST = "listOffsets"
+EMIT_RECORDS = "records"
+EMIT_RANGES = "ranges"
 
 
 @dataclass(frozen=True)
 class SourceOptions:
     """Everything the streaming reader needs, parsed once on the driver.
 
+    ``emit``: ``records`` (default) gives Spark's Kafka source schema, one row per record; ``ranges`` gives
+    one row per task, the topic-partition range the task is to read (:data:`RANGE_SCHEMA`), for a
+    consumer that reads the records itself in the same task (``streamhydro serve``, see
+    :mod:`streamhydro.executor.direct`).
     ``end_offsets``: ``listOffsets`` (default) trusts ListOffsets(latest), as Spark's connector does, right
     on Apache Kafka; ``fetch`` takes each partition's end from a Fetch response's high watermark, one fetch
     per micro-batch dearer, for brokers whose ListOffsets answer is wrong (Tansu, where trusting it stalls
@@ -420,6 +426,7 @@ class SourceOptions:
     fail_on_data_loss: bool
     poll_timeout_ms: int
     end_offsets: str
+    emit: str = EMIT_RECORDS
 
     @property
     def group_id(self) -> str | None:
@@ -434,6 +441,9 @@ def parse_source_options(options: Mapping[str, str]) -> SourceOptions:
     end_offsets = lowered.get("endoffsetsfrom", END_OFFSETS_LIST)
     if end_offsets.lower() not in (END_OFFSETS_FETCH.lower(), END_OFFSETS_LIST.lower()):
         raise ConfigError("endOffsetsFrom", f"{end_offsets!r} is unknown", "use listOffsets (default) or fetch")
+    emit = lowered.get("emit", EMIT_RECORDS).strip().lower()
+    if emit not in (EMIT_RECORDS, EMIT_RANGES):
+        raise ConfigError("emit", f"{emit!r} is unknown", f"use {EMIT_RECORDS} (default) or {EMIT_RANGES}")
     return SourceOptions(
         client=client_config(options),
         subscription=parse_subscription(options),
@@ -442,6 +452,7 @@ def parse_source_options(options: Mapping[str, str]) -> SourceOptions:
         fail_on_data_loss=_bool(lowered, "failondataloss", "failOnDataLoss", default=True),
         poll_timeout_ms=_positive_int(lowered, "kafkaconsumer.polltimeoutms", "kafkaConsumer.pollTimeoutMs") or 120_000,
         end_offsets=END_OFFSETS_LIST if end_offsets.lower() == END_OFFSETS_LIST.lower() else END_OFFSETS_FETCH,
+        emit=emit,
     )
 
 
@@ -451,64 +462,19 @@ EXACTLY_ONCE = "exactly_once"
 
 @dataclass(frozen=True)
 class SinkOptions:
-    """The sink's settings: the producer's client config, the default ``topic`` (None: per-row column), and
-    the delivery guarantee (:mod:`streamhydro.kafka.transactions` for ``exactly_once``).
-
-    For ``exactly_once``: ``transactional_id_prefix`` names the writing query: the transactional ids are
-    ``<prefix>-<input topic>-<input partition>`` and ``<prefix>`` is the consumer group whose committed
-    offsets record which input ranges were written; ``end_offsets`` are the micro-batch's end offsets of
-    its input partitions (option ``endOffsets``, JSON as in Spark's checkpoint); ``batch_id`` only labels
-    logs and the committed offsets.
-    """
+    """The sink's settings: the producer's client config and the default ``topic`` (None: per-row column)."""
 
     client: ClientConfig
     topic: str | None
-    delivery: str = AT_LEAST_ONCE
-    transactional_id_prefix: str | None = None
-    end_offsets: tuple[tuple[TopicPartitionKey, int], ...] = ()
-    batch_id: int | None = None
-
-    @property
-    def exactly_once(self) -> bool:
-        return self.delivery == EXACTLY_ONCE
 
 
 def parse_sink_options(options: Mapping[str, str]) -> SinkOptions:
     lowered = _lower(options)
-    topic = lowered.get("topic", "").strip() or None
-    if KAFKA_PREFIX + "transactional.id" in lowered:
-        raise ConfigError(
-            "kafka.transactional.id",
-            "is chosen by the sink, one per input partition",
-            f'remove it and set option delivery="{EXACTLY_ONCE}" with transactionalIdPrefix',
-        )
-    delivery = lowered.get("delivery", AT_LEAST_ONCE).strip().lower()
-    if delivery not in (AT_LEAST_ONCE, EXACTLY_ONCE):
-        raise ConfigError("delivery", f"{delivery!r} is unknown", f"use {AT_LEAST_ONCE} (default) or {EXACTLY_ONCE}")
-    prefix = lowered.get("transactionalidprefix", "").strip() or None
-    if delivery == EXACTLY_ONCE and prefix is None:
-        raise ConfigError(
-            "transactionalIdPrefix",
-            f"is missing, and delivery={EXACTLY_ONCE} needs it",
-            "set it to a name that identifies the writing query and stays the same across its restarts",
-        )
-    ends_fix = 'pass the micro-batch\'s end offsets as JSON, e.g. {"events": {"0": 42, "1": 40}}'
-    ends: dict[TopicPartitionKey, int] = {}
-    if delivery == EXACTLY_ONCE:
-        try:
-            ends = offsets_from_json(json.loads(lowered.get("endoffsets", "")))
-        except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
-            raise ConfigError("endOffsets", f"is missing or not JSON offsets, and delivery={EXACTLY_ONCE} needs it", ends_fix) from exc
-    batch = lowered.get("batchid")
-    try:
-        batch_id = int(batch) if batch is not None else None
-    except ValueError as exc:
-        raise ConfigError("batchId", f"{batch!r} is not a whole number", "pass the micro-batch id") from exc
-    return SinkOptions(
-        client=client_config(options),
-        topic=topic,
-        delivery=delivery,
-        transactional_id_prefix=prefix,
-        end_offsets=tuple(sorted(ends.items())),
-        batch_id=batch_id,
-    )
+    for key in (KAFKA_PREFIX + "transactional.id", "delivery"):
+        if key in lowered:
+            raise ConfigError(
+                key,
+                "asks for transactions, and the sink writes at least once, outside transactions",
+                f'remove it; for exactly-once delivery run streamhydro serve with kafka.delivery = "{EXACTLY_ONCE}"',
+            )
+    return SinkOptions(client=client_config(options), topic=lowered.get("topic", "").strip() or None)

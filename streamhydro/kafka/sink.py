@@ -6,10 +6,8 @@ task; ``commit()`` / ``abort()`` run on the driver once per job or micro-batch. 
 Spark's Kafka sink: ``value`` (required), ``key``, ``topic`` (else the ``topic`` option), ``partition``,
 ``headers``.
 
-Option ``delivery``: ``at_least_once`` (default; :mod:`streamhydro.kafka.writing`) or ``exactly_once``
-(:mod:`streamhydro.kafka.transactions`: one transaction per task, with options ``transactionalIdPrefix`` and
-``endOffsets``, and the origin columns ``source_topic``, ``source_partition``, ``source_end`` that
-:func:`~streamhydro.kafka.transactions.with_origin` adds).
+Delivery is at least once (:mod:`streamhydro.kafka.writing`); exactly-once is ``streamhydro serve``'s
+(``kafka.delivery``), which writes each input range in its own transaction (:mod:`streamhydro.kafka.transactions`).
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from pyspark.sql.types import StructType
 from streamhydro.errors import ConfigError
 from streamhydro.kafka.options import SinkOptions
 from streamhydro.kafka.records import validate_sink_schema
-from streamhydro.kafka.transactions import ORIGIN_FIELDS, produce_exactly_once
 from streamhydro.kafka.writing import produce_batches
 
 log = logging.getLogger(__name__)
@@ -33,8 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class KafkaCommitMessage(WriterCommitMessage):
-    """What one write task reports to the driver: how many records it delivered (all confirmed; with
-    exactly-once, committed, and 0 for a range an earlier attempt had written)."""
+    """What one write task reports to the driver: how many records it delivered (all confirmed)."""
 
     rows: int
 
@@ -48,28 +44,10 @@ class _ProducesToKafka:
 
     def __init__(self, options: SinkOptions, schema: StructType) -> None:
         validate_sink_schema(schema, options.topic)
-        if options.exactly_once:
-            _validate_origin_columns(schema)
         self.options = options
 
     def write(self, iterator: Iterator[pa.RecordBatch]) -> KafkaCommitMessage:
-        o = self.options
-        if o.exactly_once:
-            ends = dict(o.end_offsets)
-            return KafkaCommitMessage(produce_exactly_once(o.client, o.topic, iterator, o.transactional_id_prefix, ends, o.batch_id))
-        return KafkaCommitMessage(produce_batches(o.client, o.topic, iterator).rows)
-
-
-def _validate_origin_columns(schema: StructType) -> None:
-    present = {f.name.lower(): f.dataType for f in schema.fields}
-    missing = [f"{f.name} {f.dataType.simpleString()}" for f in ORIGIN_FIELDS.fields if present.get(f.name) != f.dataType]
-    if missing:
-        raise ConfigError(
-            "delivery",
-            f"exactly_once needs each row's input origin, and the DataFrame lacks {missing}",
-            "score with mapInArrow(with_origin(func), <schema> + ', ' + ORIGIN_COLUMNS) from "
-            "streamhydro.kafka.transactions, on streamhydro's source with no shuffle in between",
-        )
+        return KafkaCommitMessage(produce_batches(self.options.client, self.options.topic, iterator).rows)
 
 
 class KafkaArrowWriter(_ProducesToKafka, DataSourceArrowWriter):
@@ -88,8 +66,7 @@ class KafkaArrowWriter(_ProducesToKafka, DataSourceArrowWriter):
 
 
 class KafkaStreamArrowWriter(_ProducesToKafka, DataSourceStreamArrowWriter):
-    """``df.writeStream.format("streamhydro_kafka")``: every micro-batch's rows, at least once, or exactly once
-    with ``delivery=exactly_once``."""
+    """``df.writeStream.format("streamhydro_kafka")``: every micro-batch's rows, at least once."""
 
     def commit(self, messages: list[WriterCommitMessage | None], batchId: int) -> None:
         log.info("Kafka micro-batch %d committed: %d records delivered", batchId, _delivered(messages))

@@ -9,7 +9,8 @@ Where things run:
   it holds the end-offset probe (:mod:`streamhydro.kafka.offsets`) for the query's life.
 - ``read()`` runs in executor Python workers, once per topic-partition with new records in a micro-batch.
   The reader is pickled there fresh from ``streamReader`` (no probe, no client): ``read`` uses only the
-  frozen options and the worker's cached consumer.
+  frozen options and the worker's cached consumer. With ``emit=ranges`` it reads nothing and yields the
+  range as one row.
 
 Offsets in Spark's checkpoint look like Spark's Kafka source's: ``{"topic": {"0": 123, "1": 45}}``.
 """
@@ -29,6 +30,7 @@ from streamhydro.kafka import clients
 from streamhydro.kafka.offsets import EndOffsetProbe
 from streamhydro.kafka.options import (
     EARLIEST,
+    EMIT_RANGES,
     END_OFFSETS_FETCH,
     LATEST,
     SourceOptions,
@@ -39,7 +41,7 @@ from streamhydro.kafka.options import (
 )
 from streamhydro.kafka.planning import TopicPartitionKey, admit, cap, ranges, regressions
 from streamhydro.kafka.reading import read_range, reader_config, report_data_loss
-from streamhydro.kafka.records import KAFKA_SCHEMA
+from streamhydro.kafka.records import KAFKA_SCHEMA, RANGE_SCHEMA, range_batch
 from streamhydro.kafka.sink import KafkaArrowWriter, KafkaStreamArrowWriter
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ class KafkaDataSource(DataSource):
     """``spark.readStream.format("streamhydro_kafka")`` and ``df.write(Stream).format("streamhydro_kafka")``.
 
     Options as Spark's Kafka source and sink (see :mod:`streamhydro.kafka.options`). The schema is fixed:
-    Spark's Kafka source schema with headers.
+    Spark's Kafka source schema with headers, or with the source option ``emit=ranges``,
+    :data:`~streamhydro.kafka.records.RANGE_SCHEMA` (one row per task: the offsets it is to read).
     """
 
     @classmethod
@@ -59,10 +62,10 @@ class KafkaDataSource(DataSource):
         return FORMAT
 
     def schema(self) -> StructType:
-        return KAFKA_SCHEMA
+        return RANGE_SCHEMA if parse_source_options(self.options).emit == EMIT_RANGES else KAFKA_SCHEMA
 
     def streamReader(self, schema: StructType) -> KafkaStreamReader:
-        if schema != KAFKA_SCHEMA:
+        if schema != self.schema():
             raise ConfigError(
                 "schema", f"the Kafka source has a fixed schema, got {schema.simpleString()}", "do not call .schema()"
             )
@@ -158,6 +161,9 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         return [InputPartition(r) for r in ranges(begin, until, new_start)]
 
     def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
+        if self.options.emit == EMIT_RANGES:
+            yield range_batch([partition.value])
+            return
         consumer = clients.consumer(reader_config(self.options.client))
         yield from read_range(consumer, partition.value, self.options.fail_on_data_loss, self.options.poll_timeout_ms)
 

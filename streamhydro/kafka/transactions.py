@@ -2,13 +2,10 @@
 
 Where things run:
 
-- :func:`with_origin` wraps the ``mapInArrow`` function on the driver; the wrapper runs in executor
-  Python workers and tags every output row with the task's input topic-partition and, on the rows of the
-  last output batch only, the offset after the last input record (:data:`ORIGIN_COLUMNS`).
-- :func:`produce_exactly_once` runs in the sink's write task (executor Python worker), once per task, that
-  is once per input range of a micro-batch (streamhydro's source plans one task per topic-partition range,
-  and ``mapInArrow`` and the write keep that partitioning). The driver passes it the micro-batch's end
-  offsets, from Spark's offset log (written before the batch runs, the same on every replay).
+- :func:`produce_exactly_once` runs in executor Python workers, once per task of ``streamhydro serve``'s
+  micro-batch, that is once per input topic-partition range (:mod:`streamhydro.executor.direct`: the task
+  reads its range, scores it and hands the results here). The range comes from Spark's offset planning,
+  the same on every attempt and every replay of the micro-batch.
 - :func:`check_transactions` runs on the driver once at start.
 
 A task's transaction (``transactional.id`` = ``<prefix>-<input topic>-<input partition>``, the same for
@@ -19,11 +16,9 @@ earlier producer of that id and finishes its transaction (commit or abort), then
 committed offset (a stable read: librdkafka asks with ``require_stable``). An offset at or past the
 range's end means an earlier attempt committed the range: the attempt writes nothing.
 
-A write task's input can end early without an error reaching it: when a task fails upstream (the read or
-the scoring), Spark closes the Python writer's input as if it were complete. So before committing, the
-writer checks that its input was whole: the last rows carry the end of what the scoring read, and that
-is the range's end (or only transaction markers and compacted-away offsets lie between). Otherwise it
-aborts. The races this answers, and why each is safe, are in ``docs/delivery.md``.
+The results are whole when the results iterator ends: the task reads its range itself, in the same
+process, and a failure to read or score any of it raises through the iterator, which aborts the
+transaction. The races this answers, and why each is safe, are in ``docs/delivery.md``.
 
 A transactional producer serves one task: it is created for the task and closed at its end, never cached,
 because ``init_transactions`` is allowed once per producer and must run in every attempt.
@@ -35,32 +30,19 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from itertools import chain
+from collections.abc import Iterable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka import KafkaError as ClientError
-from pyspark.sql.types import IntegerType, LongType, StringType, StructField, StructType
 
 from streamhydro.errors import ConfigError, KafkaError
 from streamhydro.kafka import clients
-from streamhydro.kafka.options import EXACTLY_ONCE, ClientConfig, TopicPartitionKey
+from streamhydro.kafka.options import EXACTLY_ONCE, ClientConfig
 from streamhydro.kafka.planning import OffsetRange
-from streamhydro.kafka.reading import read_range, reader_config
 from streamhydro.kafka.writing import PRODUCER_DEFAULTS, send_all
 
 log = logging.getLogger(__name__)
-
-ORIGIN_TOPIC = "source_topic"
-ORIGIN_PARTITION = "source_partition"
-ORIGIN_END = "source_end"
-# Columns the exactly-once sink needs besides Spark's Kafka sink columns, and the same as DDL for mapInArrow.
-ORIGIN_FIELDS = StructType(
-    [StructField(ORIGIN_TOPIC, StringType()), StructField(ORIGIN_PARTITION, IntegerType()), StructField(ORIGIN_END, LongType())]
-)
-ORIGIN_COLUMNS = ", ".join(f"{f.name} {f.dataType.simpleString()}" for f in ORIGIN_FIELDS.fields)
 
 # A transaction stays open while its task reads, scores and writes. The broker aborts one open longer
 # than this (its own cap, transaction.max.timeout.ms, is 15 minutes by default); the task then fails and
@@ -71,56 +53,6 @@ TRANSACTION_DEFAULTS = {**{k: v for k, v in PRODUCER_DEFAULTS.items() if k != "m
 PROBE_TOPIC = "__streamhydro_transaction_probe"
 _TIMEOUT_S = 30.0
 _GRACE_S = 10.0
-
-
-def with_origin(func: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]):
-    """``func`` for ``mapInArrow``, its output tagged with :data:`ORIGIN_COLUMNS` (declare ``<schema>, ORIGIN_COLUMNS``).
-
-    ``func``'s last output batch is held back until ``func`` ends, which it does only after reading all
-    its input; that batch's rows then get ``source_end``, one past the highest input offset read. Rows of
-    the batches before it have a null ``source_end``.
-    """
-
-    def tagged(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        origin = _Origin()
-        held = None
-        for batch in func(origin.observe(batches)):
-            if held is not None:
-                yield origin.tag(held, last=False)
-            held = batch
-        if held is not None:
-            yield origin.tag(held, last=True)
-
-    return tagged
-
-
-class _Origin:
-    def __init__(self) -> None:
-        self.topic: str | None = None
-        self.partition: int | None = None
-        self.end: int | None = None
-
-    def observe(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            if batch.num_rows:
-                self.topic = batch.column("topic")[0].as_py()
-                self.partition = batch.column("partition")[0].as_py()
-                self.end = pc.max(batch.column("offset")).as_py() + 1
-            yield batch
-
-    def tag(self, batch: pa.RecordBatch, last: bool) -> pa.RecordBatch:
-        if self.end is None:
-            raise KafkaError("the scoring function produced rows before it read any: their origin is unknown")
-        n = batch.num_rows
-        return pa.RecordBatch.from_arrays(
-            [
-                *batch.columns,
-                pa.repeat(pa.scalar(self.topic, pa.string()), n),
-                pa.repeat(pa.scalar(self.partition, pa.int32()), n),
-                pa.repeat(pa.scalar(self.end if last else None, pa.int64()), n),
-            ],
-            names=[*batch.schema.names, ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_END],
-        )
 
 
 def transactional_config(client: ClientConfig, transactional_id: str) -> ClientConfig:
@@ -139,48 +71,6 @@ def transactional_id(prefix: str, topic: str, partition: int) -> str:
     return f"{prefix}-{topic}-{partition}"
 
 
-class _Range:
-    """The input range of one write task: its partition from the first row, its end from the batch's end offsets.
-
-    :meth:`follow` checks that every row comes from that partition and keeps the last rows' ``source_end``.
-    """
-
-    def __init__(self, first: pa.RecordBatch, ends: Mapping[TopicPartitionKey, int]) -> None:
-        self.topic = first.column(ORIGIN_TOPIC)[0].as_py()
-        self.partition = first.column(ORIGIN_PARTITION)[0].as_py()
-        if (self.topic, self.partition) not in ends:
-            raise KafkaError(f"rows from {self} came to the exactly-once writer, but the micro-batch's end offsets lack it")
-        self.until = ends[(self.topic, self.partition)]
-        self.read_until: int | None = None
-
-    def __str__(self) -> str:
-        return f"{self.topic}[{self.partition}]"
-
-    def follow(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            topics = pc.unique(batch.column(ORIGIN_TOPIC)).to_pylist()
-            partitions = pc.unique(batch.column(ORIGIN_PARTITION)).to_pylist()
-            if topics != [self.topic] or partitions != [self.partition]:
-                raise KafkaError(
-                    f"one exactly-once write task got rows from {topics} {partitions}, after {self}: each task must "
-                    "write the rows of one input topic-partition. Fix: do not repartition between the source and the sink"
-                )
-            self.read_until = batch.column(ORIGIN_END)[batch.num_rows - 1].as_py()
-            yield batch
-
-    def check_whole(self, client: ClientConfig) -> None:
-        """Raise unless the rows written are those of the whole range (see the module's documentation)."""
-        if self.read_until is None:
-            raise KafkaError(f"the input of {self} ended before the scoring finished (a failure upstream): not committing")
-        if self.read_until < self.until:
-            gap = OffsetRange(self.topic, self.partition, self.read_until, self.until)
-            consumer = clients.consumer(reader_config(client))
-            if any(batch.num_rows for batch in read_range(consumer, gap, False, int(_TIMEOUT_S * 1000))):
-                raise KafkaError(f"the input of {self} ended at offset {self.read_until}, short of {self.until} (a failure upstream): not committing")
-
-
 def _committed(marks: Consumer, topic: str, partition: int) -> int:
     """The group's committed offset of ``topic[partition]`` (negative when none); waits out pending transactions."""
     try:
@@ -194,40 +84,32 @@ def _committed(marks: Consumer, topic: str, partition: int) -> int:
 
 def produce_exactly_once(
     client: ClientConfig,
-    default_topic: str | None,
-    batches: Iterable[pa.RecordBatch],
+    offsets: OffsetRange,
+    results: Iterable[pa.RecordBatch],
     prefix: str,
-    ends: Mapping[TopicPartitionKey, int],
     batch_id: int | None = None,
 ) -> int:
-    """Write one input range's rows in one transaction, unless an earlier attempt committed it.
-
-    ``ends``: the micro-batch's end offset of every input partition. Returns the number of records
-    written (0 when the range was already written).
+    """Write the results of the input range ``offsets`` in one transaction, unless an earlier attempt
+    committed it. ``results`` are sink rows (their ``topic`` column says where each goes). Returns the
+    number of records written (0 when the range was already written).
     """
-    rows = iter(batches)
-    first = next((batch for batch in rows if batch.num_rows), None)
-    if first is None:
-        return 0
-    written = _Range(first, ends)
-    tid = transactional_id(prefix, written.topic, written.partition)
+    where = f"{offsets.topic}[{offsets.partition}]"
+    tid = transactional_id(prefix, offsets.topic, offsets.partition)
     marks = clients.consumer(marks_config(client, prefix))
     config = transactional_config(client, tid)
     producer = clients.build_client(Producer, config)
     began: float | None = None
     try:
         producer.init_transactions(_TIMEOUT_S)
-        done = _committed(marks, written.topic, written.partition)
-        if done >= written.until:
-            log.info("batch %s: %s up to offset %d was written by an earlier attempt; writing nothing", batch_id, written, done)
+        done = _committed(marks, offsets.topic, offsets.partition)
+        if done >= offsets.until_offset:
+            log.info("batch %s: %s up to offset %d was written by an earlier attempt; writing nothing", batch_id, where, done)
             return 0
         producer.begin_transaction()
         began = time.monotonic()
         flush_s = int(config.get("message.timeout.ms") or config.get(TRANSACTION_TIMEOUT_KEY)) / 1000 + _GRACE_S
-        tracker = send_all(producer, default_topic, written.follow(chain([first], rows)), flush_s)
-        sent = tracker.confirmed(flush_s)
-        written.check_whole(client)
-        mark = TopicPartition(written.topic, written.partition, written.until, metadata=json.dumps({"batch": batch_id}))
+        sent = send_all(producer, None, results, flush_s).confirmed(flush_s)
+        mark = TopicPartition(offsets.topic, offsets.partition, offsets.until_offset, metadata=json.dumps({"batch": batch_id}))
         producer.send_offsets_to_transaction([mark], marks.consumer_group_metadata(), _TIMEOUT_S)
         producer.commit_transaction(_TIMEOUT_S)
     except KafkaException as exc:
@@ -240,7 +122,7 @@ def produce_exactly_once(
         raise
     finally:
         producer.close()
-    log.info("batch %s: %s up to offset %d written in transaction %s: %d records", batch_id, written, written.until, tid, sent)
+    log.info("batch %s: %s up to offset %d written in transaction %s: %d records", batch_id, where, offsets.until_offset, tid, sent)
     return sent
 
 

@@ -49,19 +49,24 @@ def train(plan: RankPlan, data: PartitionArrays, group: Group, run_dir: RunDirec
             "lower training.ranks or use more data"
         )
     steps = math.ceil(max(counts) / plan.batch_size)
+    import sys; _T = [("counts", time.perf_counter())]
 
     torch.manual_seed(plan.seed)
     net = mlp(plan.mean, plan.std, plan.hidden, len(plan.labels)).to(group.device)
     optimizer = torch.optim.Adam(net.parameters(), lr=plan.learning_rate)
+    _T.append(("net", time.perf_counter()))
     resumed = _resume(net, optimizer, group, run_dir)
+    _T.append(("resume", time.perf_counter()))
     model = DistributedDataParallel(net, device_ids=[group.device.index] if group.device.type == "cuda" else None)
     loss_fn = nn.CrossEntropyLoss()
     x = torch.from_numpy(data.x_train).to(group.device)
     y = torch.from_numpy(data.y_train).to(group.device)
 
+    _T.append(("ddp", time.perf_counter()))
     samples = 0
     loop_started = time.perf_counter()
-    with _reporter(plan, group) as metrics:
+    _rep = _reporter(plan, group); _T.append(("reporter", time.perf_counter()))
+    with _rep as metrics:
         for epoch in range(resumed + 1, plan.epochs + 1):
             _maybe_die(plan, group, epoch)
             epoch_started = time.perf_counter()
@@ -88,6 +93,7 @@ def train(plan: RankPlan, data: PartitionArrays, group: Group, run_dir: RunDirec
             group.sync()
             metrics.epoch_end(epoch, steps * plan.batch_size / (time.perf_counter() - epoch_started))
     train_seconds = time.perf_counter() - loop_started
+    _T.append(("loop", time.perf_counter()))
 
     net.eval()
     train_correct, train_loss = _evaluate(net, data.x_train, data.y_train, group.device)
@@ -96,6 +102,8 @@ def train(plan: RankPlan, data: PartitionArrays, group: Group, run_dir: RunDirec
         [train_correct, train_loss, len(data.y_train), holdout_correct, holdout_loss, len(data.y_holdout), samples]
     )
     train_rows, holdout_rows = int(totals[2]), int(totals[5])
+    _T.append(("eval", time.perf_counter()))
+    print("XX train rank", group.rank, f"start->counts {_T[0][1]-started:.3f}", " ".join(f"{n} {t-_T[i][1]:.3f}" for i, (n, t) in enumerate(_T[1:])), file=sys.stderr, flush=True)
     report = {
         "validation_accuracy": totals[3] / holdout_rows if holdout_rows else None,
         "validation_loss": totals[4] / holdout_rows if holdout_rows else None,

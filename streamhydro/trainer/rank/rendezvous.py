@@ -76,13 +76,19 @@ def process_group(context: BarrierTaskContext, run_dir: RunDirectory, timeout_se
     device, backend = task_device(context)
     store = None
     message = ""
+    import time, sys
+    _a = time.perf_counter()
     if rank == 0:
         store = dist.TCPStore(host, 0, world_size, True, timeout=timeout, wait_for_workers=False)
         message = json.dumps({"port": store.port, "attempt": run_dir.record_attempt()})
+    _b = time.perf_counter()
     leader = json.loads(context.allGather(message)[0])
+    _c = time.perf_counter()
     if store is None:
         store = dist.TCPStore(host, leader["port"], world_size, False, timeout=timeout)
+    _d = time.perf_counter()
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    print(f"XX rdv rank {rank} pre {_b-_a:.3f} allgather {_c-_b:.3f} store {_d-_c:.3f} initpg {time.perf_counter()-_d:.3f}", file=sys.stderr, flush=True)
     log.info("rank %d/%d joined %s group at %s:%d on %s (attempt %d)", rank, world_size, backend, host, leader["port"], device, leader["attempt"])
     try:
         yield Group(rank, world_size, device, leader["attempt"])

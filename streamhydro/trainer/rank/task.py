@@ -31,6 +31,7 @@ class RankTask:
         self.plan = plan
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import sys as _s; _e = time.time(); _p = time.perf_counter()
         import torch
         from pyspark import BarrierTaskContext
 
@@ -42,16 +43,21 @@ class RankTask:
 
         context = BarrierTaskContext.get()
         torch.set_num_threads(max(1, context.cpus()))
+        _i = time.perf_counter()
         data = partition_arrays(batches, self.plan.n_features)
+        _l = time.perf_counter()
         run_dir = RunDirectory(Path(self.plan.checkpoint_dir) / self.plan.run_id)
         rendezvous_started = time.perf_counter()
         with process_group(context, run_dir, self.plan.timeout_seconds) as group:
             rendezvous_seconds = time.perf_counter() - rendezvous_started
+            print(f"XX rank {context.partitionId()} entered {_e:.3f} imports {_i-_p:.2f} load {_l-_i:.2f} rdv {rendezvous_seconds:.2f}", file=_s.stderr, flush=True)
             net, report = train(self.plan, data, group, run_dir)
             if group.rank != 0:
                 return
             rows = data.x_holdout if len(data.x_holdout) else data.x_train
+            _x = time.perf_counter()
             model, difference = export_checked(net, rows, self.plan.tolerance)
+            print(f"XX export {time.perf_counter()-_x:.2f} end {time.time():.3f}", file=_s.stderr, flush=True)
         report.update(onnx_max_abs_diff=difference, onnx_check_rows=len(rows), rendezvous_seconds=round(rendezvous_seconds, 4))
         log.info("rank 0 exported the model: %s", report)
         yield pa.RecordBatch.from_pydict({"rank": [0], "model": [model], "report": [json.dumps(report)]}, schema=RESULT_SCHEMA)
