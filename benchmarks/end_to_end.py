@@ -4,8 +4,11 @@
 
 Contenders, in one process, on one local[2] Spark session, one broker, the demo model and the same events:
 
-- ``serve_python``: the service with streamhydro's Kafka data source and sink;
+- ``serve_python``: the service with streamhydro's connector (each task reads, scores and writes its range);
 - ``serve_builtin``: the service with Spark's JVM Kafka source and sink;
+- ``ceiling``: no Spark: one Python thread loops over the input's new offset ranges, each through the
+  service's own task function (:func:`streamhydro.executor.direct.score_range`: consume -> decode -> ONNX
+  Runtime -> encode -> produce, the same code), what one process can do;
 - ``peer``: Spark's JVM Kafka source -> ``from_json`` -> ``pyspark.ml.functions.predict_batch_udf`` (ONNX
   Runtime, the same model and batch size) -> ``to_json`` -> Spark's JVM Kafka sink: what a Spark user
   writes without streamhydro.
@@ -23,7 +26,7 @@ Two phases per contender:
 
 Scoring runs on the CPU with ``inference.pipeline_depth = 0``, the setting for CPU-only hosts. Every wait
 has a deadline (``--deadline-seconds``). Prints a table to stderr and, as its last line, one JSON object
-with every row and the ratios of each serve contender to the peer.
+with every row and the ratios of each serve contender to the peer and to the ceiling.
 """
 
 from __future__ import annotations
@@ -36,21 +39,30 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 from streamhydro.brokers import ApacheKafkaBroker
 from streamhydro.config import Config
 from streamhydro.driver.demo import latency_summary
 from streamhydro.driver.serve import Service, connector_conf
-from streamhydro.spark import Master, streaming_session
+from streamhydro.executor.direct import RangeIO, score_range
+from streamhydro.executor.engine import EngineSettings
+from streamhydro.executor.scoring import ScoringPlan
+from streamhydro.executor.sessions import TaskResources
 from streamhydro.kafka.admin import ensure_topics
+from streamhydro.kafka.offsets import EndOffsetProbe
 from streamhydro.kafka.options import client_for
+from streamhydro.kafka.planning import OffsetRange
 from streamhydro.outputs import OutputReader, topic_ends
 from streamhydro.producer import LoadGenerator
 from streamhydro.registry import Registry
+from streamhydro.spark import Master, checkpoint_conf, streaming_session
 
 PARTITIONS = 2
 BATCH_SIZE = 4096
+CONTENDERS = ("ceiling", "serve_python", "serve_builtin", "peer")
+IDLE_POLL_S = 0.005
 
 
 def main() -> None:
@@ -66,13 +78,15 @@ def main() -> None:
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
     model = Registry(args.registry).get(args.model, "promoted")
-    spark = streaming_session(Master.parse("local[2]"), "streamhydro-bench", {"spark.ui.enabled": "false", **connector_conf("builtin", {})})
+    # Every contender gets what serve sets for a local checkpoint (the peer too: it shares the session).
+    conf = {"spark.ui.enabled": "false", **checkpoint_conf(tempfile.gettempdir()), **connector_conf("builtin", {})}
+    spark = streaming_session(Master.parse("local[2]"), "streamhydro-bench", conf)
     rows: dict[str, dict[str, Any]] = {}
     with ApacheKafkaBroker() as broker, tempfile.TemporaryDirectory(prefix="streamhydro-bench-") as work:
         bootstrap = broker.bootstrap_servers
         ensure_topics(client_for(bootstrap), {"events": PARTITIONS})
         LoadGenerator(client_for(bootstrap), "events", model.manifest).run(args.events, None, threading.Event())
-        for name in ("serve_python", "serve_builtin", "peer"):
+        for name in CONTENDERS:
             start = contender(name, spark, bootstrap, model, args, work)
             rows[name] = {
                 **throughput(start, bootstrap, name, args),
@@ -81,14 +95,15 @@ def main() -> None:
     spark.stop()
     result: dict[str, Any] = {"events": args.events, "max_offsets_per_trigger": args.max_offsets_per_trigger,
                               "latency_rate_per_s": args.latency_rate, "cpus": os.cpu_count(), **rows}
-    peer = rows["peer"]
     for name in ("serve_python", "serve_builtin"):
         mine = rows[name]
-        result[f"{name}_vs_peer"] = {
-            "steady_throughput": ratio(mine["steady_events_per_s"], peer["steady_events_per_s"]),
-            "latency_p50": ratio(mine["latency_p50_ms"], peer["latency_p50_ms"]),
-            "latency_p99": ratio(mine["latency_p99_ms"], peer["latency_p99_ms"]),
-        }
+        for other in ("peer", "ceiling"):
+            theirs = rows[other]
+            result[f"{name}_vs_{other}"] = {
+                "steady_throughput": ratio(mine["steady_events_per_s"], theirs["steady_events_per_s"]),
+                "latency_p50": ratio(mine["latency_p50_ms"], theirs["latency_p50_ms"]),
+                "latency_p99": ratio(mine["latency_p99_ms"], theirs["latency_p99_ms"]),
+            }
     for key, value in result.items():
         print(f"{key:>28}  {value}", file=sys.stderr)
     print(json.dumps(result))
@@ -123,14 +138,65 @@ def contender(name: str, spark, bootstrap: str, model, args: argparse.Namespace,
         query = peer_query(spark, bootstrap, input_topic, output_topic, f"{work}/{name}-{tag}", model, args.max_offsets_per_trigger)
         return query.stop
 
-    return start_peer if name == "peer" else start_serve
+    def start_ceiling(input_topic: str, output_topic: str, tag: str) -> Callable[[], None]:
+        return ceiling(bootstrap, model, input_topic, output_topic, args.max_offsets_per_trigger // PARTITIONS)
+
+    return {"peer": start_peer, "ceiling": start_ceiling}.get(name, start_serve)
+
+
+def ceiling(bootstrap: str, model, input_topic: str, output_topic: str, max_per_range: int) -> Callable[[], None]:
+    """Start the no-Spark loop on a thread; returns the function that stops it (and raises what it raised)."""
+    plan = ScoringPlan(
+        model.manifest, SimpleNamespace(value=model.read_bytes()), "json", output_topic, f"{output_topic}-dlq",
+        EngineSettings(providers=("CPUExecutionProvider",), batch_size=BATCH_SIZE, pipeline_depth=0, intra_op_threads=1),
+    )
+    io = RangeIO(client_for(bootstrap))
+    probe = EndOffsetProbe(client_for(bootstrap))
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def loop() -> None:
+        done: dict[tuple[str, int], int] = {}
+        try:
+            while not stop.is_set():
+                ends = probe.list_offsets([(input_topic, p) for p in range(PARTITIONS)])
+                ranges = [
+                    OffsetRange(topic, partition, done.get((topic, partition), low), min(high, done.get((topic, partition), low) + max_per_range))
+                    for (topic, partition), (low, high) in ends.items()
+                    if high > done.get((topic, partition), low)
+                ]
+                if not ranges:
+                    stop.wait(IDLE_POLL_S)
+                for offsets in ranges:
+                    score_range(plan, io, offsets, TaskResources())
+                    done[(offsets.topic, offsets.partition)] = offsets.until_offset
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller of stop
+            failure.append(exc)
+
+    thread = threading.Thread(target=loop, name="ceiling", daemon=True)
+    thread.start()
+
+    def stop_loop() -> None:
+        stop.set()
+        thread.join()
+        probe.close()
+        if failure:
+            raise failure[0]
+
+    return stop_loop
 
 
 def peer_query(spark, bootstrap: str, input_topic: str, output_topic: str, checkpoint: str, model, max_offsets: int):
     """Spark's Kafka source -> from_json -> predict_batch_udf (ONNX Runtime) -> to_json -> Spark's Kafka sink."""
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import functions as F
-    from pyspark.sql.types import ArrayType, DoubleType, FloatType, StructField, StructType
+    from pyspark.sql.types import (
+        ArrayType,
+        DoubleType,
+        FloatType,
+        StructField,
+        StructType,
+    )
 
     spec = model.manifest.inputs[0]
     model_path = str(model.path)

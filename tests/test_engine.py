@@ -106,7 +106,7 @@ def test_pipelining_off_runs_stages_in_sequence(model):
     events = []
     list(score_partition(plan, iter(batches), trace=lambda *e: events.append(e)))
     order = [(stage, seq) for stage, seq, what in events if what == "start"]
-    assert order == [(s, i) for i in range(3) for s in ("decode", "h2d", "compute", "d2h", "encode")]
+    assert order == [(s, i) for i in range(3) for s in ("read", "decode", "h2d", "compute", "d2h", "encode", "write")] + [("read", 3)]
     assert not _pipeline_threads()
 
 

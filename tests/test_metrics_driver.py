@@ -22,7 +22,7 @@ from streamhydro.errors import ConfigError
 from streamhydro.metrics.definitions import DriverMetricSet
 from streamhydro.metrics.driver import DriverMetrics
 from streamhydro.metrics.endpoint import Endpoint
-from streamhydro.metrics.listener import ProgressRecorder, kafka_lag, kafka_offsets
+from streamhydro.metrics.listener import ProgressRecorder, kafka_lag, kafka_offsets, records_read
 from streamhydro.metrics.multiprocess import EXECUTOR_ENV_KEY, clean, executor_conf
 
 
@@ -94,6 +94,18 @@ def test_progress_sets_rates_counts_phases_and_lag(registry: CollectorRegistry) 
     assert value(registry, "streamhydro_kafka_lag_records", query="serve", topic="ev", partition="1") == 2600
     assert value(registry, "streamhydro_query_state", query="serve", state="active") == 1
     assert value(registry, "streamhydro_query_state", query="serve", state="failed") == 0
+
+
+def test_records_come_from_offsets_when_spark_counts_one_row_per_range(registry: CollectorRegistry) -> None:
+    recorder = ProgressRecorder(DriverMetricSet(registry))
+    ranges = progress(3, 2, {"ev": {"0": 900, "1": 900}}, {"ev": {"0": 100, "1": 200}}, {"ev": {"0": 900, "1": 900}})
+    recorder.progress(ranges)
+    assert records_read(ranges) == 1500
+    assert value(registry, "streamhydro_input_rows_total", query="serve") == 1500
+    assert value(registry, "streamhydro_batch_rows_sum", query="serve") == 1500
+    assert value(registry, "streamhydro_processed_rows_per_second", query="serve") == 3000
+    assert value(registry, "streamhydro_input_rows_per_second", query="serve") == 750
+    assert records_read(progress(0, 7, {"ev": {"0": 9}}, None, {"ev": {"0": 9}})) == 7, "no start offsets: Spark's count"
 
 
 def test_an_empty_batch_reports_zero_rates_not_nan(registry: CollectorRegistry) -> None:

@@ -7,7 +7,7 @@ import pytest
 from streamhydro import spark as plumbing
 from streamhydro.config import Config, check_gpu_amounts
 from streamhydro.errors import ConfigError
-from streamhydro.spark import CLUSTER, LOCAL, LOCAL_CLUSTER, Master
+from streamhydro.spark import CHECKPOINT_FILE_MANAGER, CLUSTER, LOCAL, LOCAL_CLUSTER, Master, checkpoint_conf
 
 
 @pytest.mark.parametrize(
@@ -88,3 +88,10 @@ def test_empty_master_outside_spark_submit_names_the_fix(monkeypatch):
     with pytest.raises(ConfigError) as caught:
         plumbing.resolve_master("")
     assert "spark-submit" in caught.value.problem and "submit.sh" in caught.value.fix
+
+
+def test_local_checkpoints_get_the_file_system_manager_and_others_keep_sparks():
+    for local in ("var/checkpoints/serve", "/tmp/cp", "file:///tmp/cp"):
+        assert CHECKPOINT_FILE_MANAGER in checkpoint_conf(local), local
+    for remote in ("hdfs://nn:8020/cp", "s3a://bucket/cp", "abfss://c@a.dfs.core.windows.net/cp"):
+        assert checkpoint_conf(remote) == {}, remote

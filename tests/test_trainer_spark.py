@@ -1,7 +1,8 @@
 """The trainer end to end on real Spark (barrier mapInArrow, local[2]) and real PyTorch (gloo, CPU).
 
 Runs in the shared ``spark`` session: 2-rank training that must reach a stated accuracy and publish
-exactly one model whose ONNX scores match PyTorch's, and uneven partitions that must not hang.
+exactly one model whose ONNX scores match PyTorch's, uneven partitions that must not hang, and
+labels the ranks find outside data.labels, which must fail the run with the data's fault.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from streamhydro.registry import Registry
 from streamhydro.trainer.config import load
-from streamhydro.trainer.errors import ClusterError
+from streamhydro.trainer.errors import ClusterError, DataError
 from streamhydro.trainer.launch import train
 from streamhydro.trainer.model import mlp
 from streamhydro.trainer.rank.checkpoint import RunDirectory
@@ -107,3 +108,13 @@ def test_more_ranks_than_slots_is_refused_before_launching(spark, tmp_path):
         train(spark, config, command="test")
     assert err.value.setting == "training.ranks" and "lower training.ranks to 2" in err.value.fix
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_labels_outside_data_labels_fail_the_run_with_a_data_error(spark, tmp_path):
+    config = demo_config(tmp_path, data_labels="benign,other", training_epochs="1")
+    message = r"csv source: label column 'diagnosis' has values outside data.labels \['benign', 'other'\] \(class indexes -1..0\)"
+    with pytest.raises(DataError, match=message):
+        train(spark, config, command="test")
+    (run,) = (tmp_path / "checkpoints").iterdir()
+    assert [a["attempt"] for a in RunDirectory(run).attempts()] == [0] and RunDirectory(run).history() == []
+    assert not (tmp_path / "models" / "breast_cancer").exists()

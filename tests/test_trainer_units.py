@@ -1,7 +1,13 @@
 """Trainer parts that need neither Spark nor a process group: config, Arrow conversion, batching
-order, the master rewrite, checkpoints, ONNX export and its checks."""
+order, the master rewrite, checkpoints, ONNX export and its checks, the ranks' statistics and data
+checks (over threads standing in for ranks), the rendezvous's waiting, and which processes import torch."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -11,13 +17,16 @@ import torch
 
 from streamhydro.errors import ConfigError
 from streamhydro.trainer.config import from_mapping, load
-from streamhydro.trainer.errors import ExportError
+from streamhydro.trainer.errors import ClusterError, ExportError
 from streamhydro.trainer.launch import session_settings
 from streamhydro.trainer.model import mlp
-from streamhydro.trainer.rank.arrays import partition_arrays
+from streamhydro.trainer.publish import manifest
+from streamhydro.trainer.rank import statistics
+from streamhydro.trainer.rank.arrays import PartitionArrays, partition_arrays
 from streamhydro.trainer.rank.checkpoint import RunDirectory
 from streamhydro.trainer.rank.export import export_checked, export_onnx
 from streamhydro.trainer.rank.loop import _epoch_order
+from streamhydro.trainer.rank.rendezvous import _Gather
 
 BASE = {"data": {"path": "x.csv", "features": ["a", "b"], "labels": ["no", "yes"]}}
 
@@ -142,3 +151,121 @@ def test_export_refuses_a_disagreement_beyond_tolerance():
     net = mlp([0.0], [1.0], [2], 2)
     with pytest.raises(ExportError, match="disagree"):
         export_checked(net, np.array([[1.0]], np.float32), tolerance=-1.0)
+
+
+class ThreadGroup:
+    """Stands in for a process group: one instance per thread ("rank"), reducing through a shared barrier."""
+
+    def __init__(self, rank: int, shared: dict) -> None:
+        self.rank, self.world_size, self.shared = rank, shared["world"], shared
+
+    def all_reduce(self, values: list[float]) -> list[float]:
+        return self._reduce(values, np.sum)
+
+    def all_max(self, values: list[float]) -> list[float]:
+        return self._reduce(values, np.max)
+
+    def _reduce(self, values: list[float], combine) -> list[float]:
+        self.shared["values"][self.rank] = values
+        self.shared["barrier"].wait(timeout=10)
+        result = combine(np.array(self.shared["values"]), axis=0).tolist()
+        self.shared["barrier"].wait(timeout=10)
+        return result
+
+
+def gather_over_threads(parts: list[PartitionArrays]) -> list[statistics.Statistics]:
+    shared = {"world": len(parts), "values": [None] * len(parts), "barrier": threading.Barrier(len(parts))}
+    results: list = [None] * len(parts)
+
+    def rank(r: int) -> None:
+        results[r] = statistics.gather(parts[r], ThreadGroup(r, shared))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(parts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    return results
+
+
+def part(x: list[list[float]], y: list[int], x_holdout=(), y_holdout=()) -> PartitionArrays:
+    n = len(x[0]) if x else 2
+    return PartitionArrays(
+        np.array(x, np.float32).reshape(-1, n), np.array(y, np.int64),
+        np.array(x_holdout, np.float32).reshape(-1, n), np.array(y_holdout, np.int64),
+    )
+
+
+def test_every_rank_gets_the_statistics_of_all_training_rows():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(5, 2, size=(7, 2)), rng.normal(-1, 3, size=(4, 2))
+    parts = [part(a.tolist(), [0] * 7, [[100.0, 100.0]], [1]), part(b.tolist(), [1] * 4)]
+    first, second = gather_over_threads(parts)
+    assert first == second
+    rows = np.vstack([a, b]).astype(np.float32).astype(np.float64)  # the held-out row is not counted
+    np.testing.assert_allclose(first.mean, rows.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(first.std, rows.std(axis=0), rtol=1e-12)
+    assert (first.rows_per_rank, first.holdout_rows, first.label_range) == ((7, 4), 1, (0, 1))
+    assert statistics.problem(first, ["no", "yes"], "y") is None
+
+
+def test_a_feature_without_spread_is_not_scaled():
+    assert statistics.standard_deviations([0.0, 8.0], rows=2) == (1.0, 2.0)
+    assert statistics.standard_deviations([0.0], rows=0) == (1.0,)
+
+
+def test_every_rank_reaches_the_same_verdict_on_data_that_cannot_be_trained_on():
+    labels = ["no", "yes"]
+    outside = gather_over_threads([part([[1.0, 2.0]], [0]), part([[1.0, 2.0]], [2], [[0.0, 0.0]], [-1])])
+    assert {statistics.problem(s, labels, "diagnosis") for s in outside} == {
+        "label column 'diagnosis' has values outside data.labels ['no', 'yes'] (class indexes -1..2); "
+        "list every class in data.labels, in index order"
+    }
+    empty_rank = gather_over_threads([part([[1.0, 2.0]], [0]), part([], [])])
+    assert statistics.problem(empty_rank[1], labels, "y") == (
+        "rank 1 has no training rows (rows per rank [1, 0]); lower training.ranks or use more data"
+    )
+    nothing = gather_over_threads([part([], []), part([], [], [[1.0, 1.0]], [0])])
+    assert nothing[0].label_range == (0, 0) and "no training rows in the data" in statistics.problem(nothing[0], labels, "y")
+    none_at_all = gather_over_threads([part([], []), part([], [])])
+    assert none_at_all[0].label_range is None and "no training rows" in statistics.problem(none_at_all[0], labels, "y")
+
+
+class FakeBarrierContext:
+    def __init__(self, answer=None, error=None, delay=0.0) -> None:
+        self.answer, self.error, self.delay = answer, error, delay
+
+    def allGather(self, message: str) -> list[str]:  # noqa: N802 -- PySpark's name
+        threading.Event().wait(self.delay)
+        if self.error:
+            raise self.error
+        return self.answer
+
+
+def test_the_rendezvous_wait_is_bounded_and_its_errors_reach_the_rank():
+    assert _Gather(FakeBarrierContext(answer=["a", "b"]), "a").result(5) == ["a", "b"]
+    with pytest.raises(ClusterError, match="did not all reach the rendezvous within 1 s") as err:
+        _Gather(FakeBarrierContext(answer=[], delay=30), "").result(1)
+    assert err.value.setting == "training.timeout_seconds"
+    with pytest.raises(RuntimeError, match="barrier sync timed out"):
+        _Gather(FakeBarrierContext(error=RuntimeError("barrier sync timed out")), "").result(5)
+
+
+def test_the_driver_and_the_start_of_a_rank_do_not_import_torch():
+    code = (
+        "import sys, json\n"
+        "import streamhydro.trainer.command, streamhydro.trainer.launch\n"
+        "import streamhydro.trainer.rank.rendezvous, streamhydro.trainer.rank.checkpoint, streamhydro.trainer.rank.task\n"
+        "print(json.dumps('torch' in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(done.stdout) is False
+
+
+def test_manifest_takes_the_statistics_and_torch_version_from_the_ranks_report():
+    report = {"attempt": 0, "torch": "2.13.0", "feature_mean": [1.0, 2.0], "feature_std": [0.5, 1.0],
+              "validation_accuracy": 0.9, "train_rows": 10, "rank_seconds": 1.0}
+    made = manifest(config(), report, "test", "run-1")
+    assert made.provenance["torch"] == "2.13.0"
+    assert made.provenance["feature_stats"] == {"mean": [1.0, 2.0], "std": [0.5, 1.0]}
+    assert made.metrics == {"validation_accuracy": 0.9, "train_rows": 10}

@@ -2,10 +2,14 @@
 
 A local broker (Apache Kafka from the jar cache by default, or Tansu), local Spark, the model shipped
 in ``models/``, the load generator in a thread, and a reader of the output topics that counts what
-comes out. A progress
-line shows events in, predictions out, rate and lag; Ctrl-C stops every part. With
-``--events N`` it exits once N events have come out (as predictions or dead letters) and prints,
-as its last line, a JSON summary.
+comes out. A progress line shows events in, predictions out, rate, lag and latency; Ctrl-C stops every
+part. With ``--events N`` it exits once N events have come out (as predictions or dead letters) and
+prints, as its last line, a JSON summary: ``cold_start_s`` (demo start -> first prediction),
+``steady_events_per_s`` (predictions after the first 10 % over their arrival span) and the
+produce->prediction ``latency_p50_ms`` / ``latency_p99_ms`` of a live stream. Without ``--rate`` the N
+events go out unthrottled, a backlog whose latency would be queueing, so a live phase follows:
+``LIVE_RATE`` events/s for ``LIVE_SECONDS``, produced as a live producer sends (``linger.ms=1``), and
+the latency is that phase's.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 INPUT_TOPIC = "events"
 INPUT_PARTITIONS = 2
 PROGRESS_SECONDS = 1.0
+LIVE_RATE = 1000.0
+LIVE_SECONDS = 5.0
+LIVE_DEADLINE_S = 120.0
 
 
 def add_parser(subparsers: Any) -> None:
@@ -115,8 +122,14 @@ def run_demo(
         started = time.monotonic()
         producing = threading.Thread(target=generator.run, args=(events, rate, stop), name="load-generator", daemon=True)
         producing.start()
+        live_since, live_rate = 0, rate
         try:
             _watch(events, generator, reader, service, stop, started)
+            seconds = (reader.last_at or time.monotonic()) - started
+            steady = reader.steady_rate()
+            if events is not None and rate is None and not stop.is_set():
+                live_since, live_rate = reader.distinct, LIVE_RATE
+                _live_phase(client, manifest, payload, reader, stop)
         finally:
             stop.set()
             producing.join()
@@ -125,7 +138,6 @@ def run_demo(
             reader.stop()
             # Python workers keep Kafka clients; end them before the broker goes.
             service.spark.stop()
-        seconds = (reader.last_at or time.monotonic()) - started
         outputs = reader.counts
         return {
             "events": generator.sent,
@@ -135,12 +147,33 @@ def run_demo(
             "seconds": round(seconds, 3),
             "cold_start_s": round(reader.first_at - launched, 1) if reader.first_at else None,
             "events_per_s": round(generator.sent / seconds, 1) if seconds > 0 else 0.0,
+            "steady_events_per_s": steady,
             "model": f"{manifest.name}:{manifest.version}",
             "broker": broker,
             "connector": service.connector,
             "micro_batches": service.batches,
-            **latency_summary(reader.latency_ms()),
+            "latency_rate_per_s": live_rate,
+            **latency_summary(reader.latency_ms(since=live_since)),
         }
+
+
+def _live_phase(client: Any, manifest: Any, payload: str, reader: OutputReader, stop: threading.Event) -> None:
+    """Events at LIVE_RATE for LIVE_SECONDS, as a live producer sends them; returns when all are scored."""
+    from streamhydro.producer import LoadGenerator
+
+    count = int(LIVE_RATE * LIVE_SECONDS)
+    expected = reader.distinct + count
+    _say(f"live: {count:,} events at {LIVE_RATE:,.0f}/s for the latency")
+    live = LoadGenerator(client.with_defaults({"linger.ms": "1"}), INPUT_TOPIC, manifest, payload, seed=1)
+    try:
+        live.run(count, LIVE_RATE, stop)
+    finally:
+        live.close()
+    deadline = time.monotonic() + LIVE_DEADLINE_S
+    while reader.distinct < expected and time.monotonic() < deadline and not stop.wait(0.05):
+        pass
+    if reader.distinct < expected:
+        raise RuntimeError(f"live phase: {expected - reader.distinct} of {count} events without a prediction after {LIVE_DEADLINE_S:.0f} s")
 
 
 def _watch(events: int | None, generator: Any, reader: OutputReader, service: Any, stop: threading.Event, started: float) -> None:

@@ -109,13 +109,14 @@ class Service:
         from streamhydro.kafka.admin import ensure_topics
         from streamhydro.metrics.driver import start_driver_metrics
         from streamhydro.metrics.multiprocess import executor_conf
-        from streamhydro.spark import gpu_conf, resolve_master, streaming_session, task_cpus, task_profile
+        from streamhydro.spark import checkpoint_conf, gpu_conf, resolve_master, streaming_session, task_cpus, task_profile
 
         c = self.config
         s = c.spark
         master = resolve_master(s.master)
         conf = {
             **gpu_conf(master, s.executor_gpus, s.gpu_discovery_script),
+            **checkpoint_conf(s.checkpoint_location),
             **s.conf,
             **connector_conf(c.kafka.source, s.conf),
             **executor_conf(c.metrics, master.url),

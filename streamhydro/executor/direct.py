@@ -33,6 +33,7 @@ from streamhydro.kafka.reading import read_range, reader_config
 from streamhydro.kafka.records import ranges_of
 from streamhydro.kafka.transactions import produce_exactly_once
 from streamhydro.kafka.writing import produce_batches
+from streamhydro.metrics.executor import observe_delivery_wait
 
 # One row per task: the range it read and how many records it wrote (0 for a range an earlier attempt
 # had written transactionally).
@@ -86,5 +87,7 @@ def score_range(plan: ScoringPlan, io: RangeIO, offsets: OffsetRange, resources:
     records = read_range(consumer, offsets, io.fail_on_data_loss, io.poll_timeout_ms)
     results = score_partition(plan, records, resources=resources)
     if io.transactional_id_prefix is None:
-        return produce_batches(io.client, None, results).rows
+        written = produce_batches(io.client, None, results)
+        observe_delivery_wait(written.flush_seconds)
+        return written.rows
     return produce_exactly_once(io.client, offsets, results, io.transactional_id_prefix, io.batch_id)

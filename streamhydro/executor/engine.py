@@ -39,7 +39,9 @@ import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
-STAGES = ("decode", "h2d", "compute", "d2h", "encode")
+# In task order: waiting for the next input batch, the pipeline's stages, and waiting for the consumer of
+# the output (the writer) to ask for the next one.
+STAGES = ("read", "decode", "h2d", "compute", "d2h", "encode", "write")
 QUEUES = ("staged", "computed")
 JOIN_TIMEOUT_S = 10.0
 _POLL_S = 0.05

@@ -92,7 +92,10 @@ def score_partition(
     encoder = Encoder(plan.manifest, plan.output_topic, plan.dead_letter_topic)
     clock = StageClock(trace)
     stages = _Stages(model, decoder, encoder, clock, plan.engine.batch_size)
-    yield from run_pipeline(batches, stages.front, stages.compute, stages.back, plan.engine.pipeline_depth, clock)
+    results = run_pipeline(_timed_reads(batches, clock), stages.front, stages.compute, stages.back, plan.engine.pipeline_depth, clock)
+    for seq, result in enumerate(results):
+        with clock.stage("write", seq):
+            yield result
     stats = clock.finish(
         model=plan.manifest.name,
         version=plan.manifest.version,
@@ -105,6 +108,18 @@ def score_partition(
     publish_stats(stats)
     if observe is not None:
         observe(stats)
+
+
+def _timed_reads(batches: Iterator[pa.RecordBatch], clock: StageClock) -> Iterator[pa.RecordBatch]:
+    """``batches``, the wait for each one timed as the ``read`` stage."""
+    seq = 0
+    while True:
+        with clock.stage("read", seq):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+        seq += 1
 
 
 def publish_stats(stats: BatchStats) -> None:

@@ -14,6 +14,7 @@ unless the write is transactional, where the failed attempt's records are aborte
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ class DeliveryTracker:
         self.refused = 0
         self.fatal = False
         self.first_error: str | None = None
+        self.flush_seconds = 0.0
 
     def __call__(self, error: ClientError | None, message: Message) -> None:
         if error is None:
@@ -92,7 +94,10 @@ class DeliveryTracker:
 
 @dataclass(frozen=True)
 class WriteResult:
+    """``rows`` delivered; ``flush_seconds``: the wait for their confirmations after the last was handed over."""
+
     rows: int
+    flush_seconds: float
 
 
 def _produce_all(producer: Producer, batch: pa.RecordBatch, default_topic: str | None, tracker: DeliveryTracker) -> int:
@@ -132,7 +137,9 @@ def send_all(producer: Producer, default_topic: str | None, batches: Iterable[pa
         tracker.sent += _produce_all(producer, batch, default_topic, tracker)
         if tracker.refused or tracker.failed:
             break
+    started = time.perf_counter()
     producer.flush(timeout_s)
+    tracker.flush_seconds = time.perf_counter() - started
     return tracker
 
 
@@ -146,4 +153,4 @@ def produce_batches(client: ClientConfig, default_topic: str | None, batches: It
         clients.discard_producer(config, producer)
     sent = tracker.confirmed(timeout_s)
     log.info("delivered %d records", sent)
-    return WriteResult(rows=sent)
+    return WriteResult(rows=sent, flush_seconds=tracker.flush_seconds)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from streamhydro.executor.engine import STAGES
+
 PREFIX = "streamhydro_"
 
 # Micro-batch phases are tens of milliseconds to minutes (the first batch of a query takes ~20 s).
@@ -27,7 +29,6 @@ QUEUE_BUCKETS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
 ROWS_BUCKETS = (1, 10, 100, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 100_000, 200_000, 500_000, 1_000_000)
 
 QUERY_STATES = ("active", "idle", "stopped", "failed")
-STAGES = ("decode", "h2d", "compute", "d2h", "encode")
 
 
 class DriverMetricSet:
@@ -104,6 +105,12 @@ class ExecutorMetricSet:
             "streamhydro_inference_stage_duration_seconds",
             f"Time one task partition spent in an inference stage ({', '.join(STAGES)}); stages overlap when pipelined.",
             ("stage", "device"),
+            buckets=STAGE_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.delivery_wait = Histogram(
+            "streamhydro_delivery_wait_seconds",
+            "Time one task waited, after handing its last record to the producer, until every record was confirmed.",
             buckets=STAGE_SECONDS_BUCKETS,
             registry=registry,
         )

@@ -38,6 +38,13 @@ def observe_batch(stats: BatchStats) -> None:
         record(metrics, stats)
 
 
+def observe_delivery_wait(seconds: float) -> None:
+    """Record how long a task waited for its records' delivery confirmations after handing over the last."""
+    metrics = _process_metrics()
+    if metrics is not None:
+        metrics.delivery_wait.observe(seconds)
+
+
 def record(metrics: ExecutorMetricSet, stats: BatchStats) -> None:
     """Put one partition's stats into a metric set (pure; tests pass a set on a fresh registry)."""
     device = stats.device

@@ -51,6 +51,19 @@ def kafka_offsets(value: Any) -> dict[tuple[str, str], int]:
     return offsets
 
 
+def records_read(progress: Mapping[str, Any]) -> int:
+    """Records a micro-batch read: from its Kafka offsets where every source has them (streamhydro's source
+    with ``emit=ranges`` gives Spark one row per range, so ``numInputRows`` counts ranges), else ``numInputRows``."""
+    sources = progress.get("sources") or ()
+    total = 0
+    for source in sources:
+        start, end = kafka_offsets(source.get("startOffset")), kafka_offsets(source.get("endOffset"))
+        if not start or not end:
+            return int(progress.get("numInputRows") or 0)
+        total += sum(offset - start.get(tp, offset) for tp, offset in end.items())
+    return total if sources else int(progress.get("numInputRows") or 0)
+
+
 def kafka_lag(latest: Any, processed: Any) -> dict[tuple[str, str], int]:
     """Records not yet processed per (topic, partition); partitions with nothing processed count from 0."""
     latest_offsets = kafka_offsets(latest)
@@ -80,12 +93,15 @@ class ProgressRecorder:
         """One micro-batch's progress, as the dict of ``StreamingQueryProgress.json``."""
         label = self._label(str(progress["id"]), progress.get("name"))
         m = self._metrics
-        rows = int(progress.get("numInputRows") or 0)
+        spark_rows = int(progress.get("numInputRows") or 0)
+        rows = records_read(progress)
+        # Spark's rates count its rows; scaled to records (they differ for the source with emit=ranges).
+        scale = rows / spark_rows if spark_rows else 0.0
         m.batches.labels(label).inc()
         m.input_rows.labels(label).inc(rows)
         m.batch_rows.labels(label).observe(rows)
-        m.input_rows_per_second.labels(label).set(_number(progress.get("inputRowsPerSecond")))
-        m.processed_rows_per_second.labels(label).set(_number(progress.get("processedRowsPerSecond")))
+        m.input_rows_per_second.labels(label).set(_number(progress.get("inputRowsPerSecond")) * scale)
+        m.processed_rows_per_second.labels(label).set(_number(progress.get("processedRowsPerSecond")) * scale)
         for phase, millis in (progress.get("durationMs") or {}).items():
             m.batch_duration.labels(label, phase).observe(millis / 1000.0)
         for source in progress.get("sources") or ():

@@ -1,14 +1,14 @@
 """Reading the training data with Spark. Runs on the driver, once per run; the rows themselves are
 read by executors and reach the trainer ranks partition by partition, never through the driver.
 
-:func:`read` turns any supported source into one DataFrame of the shape every rank expects
-(:func:`prepare`); :func:`statistics` is one small aggregation job whose result (per-feature mean
-and standard deviation, class-index range, row counts) the driver needs before launching.
+:func:`read` turns any supported source into one DataFrame, and :func:`prepare` gives it the shape
+every rank expects. No job runs here beyond what the source needs to know its schema: the rows are
+read once, by the barrier stage, and the ranks compute the feature statistics and check the class
+indexes themselves (:mod:`streamhydro.trainer.rank.statistics`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -18,7 +18,6 @@ from pyspark.sql import types as T
 
 from streamhydro.errors import ConfigError
 from streamhydro.trainer.config import DataSettings
-from streamhydro.trainer.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -112,38 +111,3 @@ def _class_index(frame: DataFrame, settings: DataSettings) -> Column:
         known = F.array(*[F.lit(name) for name in settings.labels])
         return (F.array_position(known, label) - 1).cast("int")
     return label.cast("int")
-
-
-@dataclasses.dataclass(frozen=True)
-class Statistics:
-    """Per-feature mean and standard deviation over the training rows; row counts."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    train_rows: int
-    holdout_rows: int
-
-
-def statistics(prepared: DataFrame, settings: DataSettings) -> Statistics:
-    """One aggregation job. Checks the class indexes fit ``settings.labels``."""
-    train = F.col(HOLDOUT) == F.lit(False)
-    aggregates = [F.count(F.when(train, 1)).alias("train"), F.count(F.when(~train, 1)).alias("holdout")]
-    aggregates += [F.min(LABEL).alias("min_label"), F.max(LABEL).alias("max_label")]
-    for i, name in enumerate(settings.features):
-        aggregates += [F.avg(F.when(train, F.col(name))).alias(f"m{i}"), F.stddev_pop(F.when(train, F.col(name))).alias(f"s{i}")]
-    row = prepared.agg(*aggregates).first()
-    if row is None or not row["train"]:
-        raise DataError(f"no training rows in {settings.format} source after dropping nulls; check data.path / data.table")
-    if row["min_label"] < 0 or row["max_label"] >= len(settings.labels):
-        raise DataError(
-            f"label column {settings.label!r} has values outside data.labels {list(settings.labels)} "
-            f"(class indexes {row['min_label']}..{row['max_label']}); list every class in data.labels, in index order"
-        )
-    n = len(settings.features)
-    std = tuple(float(row[f"s{i}"]) if row[f"s{i}"] else 1.0 for i in range(n))
-    return Statistics(
-        mean=tuple(float(row[f"m{i}"]) for i in range(n)),
-        std=std,
-        train_rows=int(row["train"]),
-        holdout_rows=int(row["holdout"]),
-    )

@@ -10,6 +10,11 @@ The stage is ``mapInArrow(barrier=True)`` followed by a one-partition exchange: 
 retries a failed barrier *result* stage ("Could not recover from a failed barrier ResultStage"),
 but it does retry a barrier *shuffle map* stage as a whole, up to
 ``spark.stage.maxConsecutiveAttempts`` times. The retried ranks resume from the run's checkpoint.
+
+The barrier job is the only job a run starts besides what reading the source costs (for Parquet,
+one small job for the schema): the ranks compute the feature statistics and check the labels
+together (:mod:`.rank.statistics`), so the source is read once, and nothing on the driver
+imports torch.
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ from streamhydro.devices import PCI_ORDER
 from streamhydro.spark import DYNAMIC_ALLOCATION, EXECUTOR_DEVICE_ORDER, Master, resolve_master, task_cpus, task_profile
 from streamhydro.trainer import data
 from streamhydro.trainer.config import TrainConfig
-from streamhydro.trainer.errors import ClusterError, TrainingError
+from streamhydro.trainer.errors import ClusterError, DataError, TrainingError
 from streamhydro.trainer.plan import MetricsPlan, RankPlan
 from streamhydro.trainer.publish import publish
-from streamhydro.trainer.rank.task import RESULT_DDL, RankTask
+from streamhydro.trainer.rank.task import DATA_ERROR, RESULT_DDL, RankTask
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +55,13 @@ SLOTS_CHECK_FAILURES = "spark.scheduler.barrier.maxConcurrentTasksCheck.maxFailu
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    """What a run produced: the published version, the ranks' report, where the run's checkpoints lie."""
+    """What a run produced: the published version, rank 0's report, where the run's checkpoints lie,
+    and where the ``train`` call's time went on the driver (:func:`train`)."""
 
     version: ModelVersion
     report: dict[str, Any]
     run_dir: Path
+    timings: dict[str, float]
 
 
 def session_settings(config: TrainConfig) -> tuple[Master, dict[str, str]]:
@@ -139,7 +146,14 @@ def _slots(spark: SparkSession, profile: ResourceProfile | None) -> int:
 
 
 def train(spark: SparkSession, config: TrainConfig, command: str) -> TrainResult:
-    """Read, launch the barrier stage, publish the model rank 0 returned. Blocks until done."""
+    """Read, launch the barrier stage, publish the model rank 0 returned. Blocks until done.
+
+    ``TrainResult.timings``: ``prepare_seconds`` (start checks, reading the source's schema,
+    planning), ``stage_seconds`` (the barrier job: the shuffle into ranks, task launch, Python
+    workers, everything the ranks do, returning the model) and ``publish_seconds``; the report
+    splits the ranks' part (:mod:`.rank.task`).
+    """
+    started = time.perf_counter()
     profile = resource_profile(spark, config)
     slots = check_cluster(spark, config, profile)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -147,24 +161,38 @@ def train(spark: SparkSession, config: TrainConfig, command: str) -> TrainResult
     log.info("run %s: %d ranks on %d slots, data %s, checkpoints in %s", run_id, config.training.ranks, slots, config.source_description(), run_dir)
 
     prepared = data.prepare(data.read(spark, config.data), config.data, config.training.seed)
-    stats = data.statistics(prepared, config.data)
-    log.info("%d training rows, %d held out", stats.train_rows, stats.holdout_rows)
     t = config.training
     plan = RankPlan(
-        run_id=run_id, features=config.data.features, labels=config.data.labels, mean=stats.mean, std=stats.std,
+        run_id=run_id, features=config.data.features, label=config.data.label, labels=config.data.labels,
         hidden=config.model.hidden, epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
         seed=t.seed, checkpoint_dir=str(run_dir.parent), timeout_seconds=t.timeout_seconds, tolerance=t.tolerance,
         inject_failure=config.injected_failure,
         metrics=MetricsPlan(pushgateway=config.metrics.pushgateway, host=config.metrics.host, port=config.metrics.port),
     )
     stage = _partitioned(prepared, t.ranks, t.rebalance).mapInArrow(RankTask(plan), RESULT_DDL, barrier=True, profile=profile).repartition(1)
+    launched = time.perf_counter()
     rows = _run_stage(spark, stage, run_id, run_dir)
+    finished = time.perf_counter()
     if len(rows) != 1:
         raise TrainingError(f"expected one model from rank 0, got {len(rows)} rows; see the executor logs of run {run_id}")
     report = json.loads(rows[0]["report"])
-    version = publish(config, bytes(rows[0]["model"]), report, command, run_id, stats)
-    log.info("published %s: validation accuracy %s", version.label, report["validation_accuracy"])
-    return TrainResult(version, report, run_dir)
+    if DATA_ERROR in report:
+        raise DataError(f"{config.data.format} source: {report[DATA_ERROR]}")
+    log.info("%d training rows, %d held out", report["train_rows"], report["validation_rows"])
+    version = publish(config, bytes(rows[0]["model"]), report, command, run_id)
+    timings = {
+        "prepare_seconds": round(launched - started, 4),
+        "stage_seconds": round(finished - launched, 4),
+        "publish_seconds": round(time.perf_counter() - finished, 4),
+    }
+    log.info(
+        "published %s: validation accuracy %s; run %s took: prepare %.2f s, barrier stage %.2f s (rank 0: imports %.2f s, "
+        "data %.2f s, rendezvous %.2f s, training %.2f s, export %.2f s), publish %.2f s",
+        version.label, report["validation_accuracy"], run_id, timings["prepare_seconds"], timings["stage_seconds"],
+        report["imports_seconds"], report["load_seconds"], report["rendezvous_seconds"], report["rank_seconds"],
+        report["export_seconds"], timings["publish_seconds"],
+    )
+    return TrainResult(version, report, run_dir, timings)
 
 
 def _partitioned(prepared: DataFrame, ranks: int, rebalance: bool) -> DataFrame:

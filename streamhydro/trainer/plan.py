@@ -1,9 +1,15 @@
 """What a trainer rank is told to do. Made on the driver once per run; pickled into every barrier
-task, so it holds only plain values (no SparkSession, no config objects with secrets)."""
+task, so it holds only plain values (no SparkSession, no config objects with secrets). Imports
+nothing heavy: the driver uses it without torch."""
 
 from __future__ import annotations
 
 import dataclasses
+
+# The exported graph's input and output: rank 0 exports under these names, the driver writes them
+# into the manifest.
+INPUT_NAME = "features"
+OUTPUT_NAME = "scores"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,14 +28,15 @@ class RankPlan:
 
     The partition's Arrow batches carry the feature columns in ``features`` order, then the
     class index (int32) and the held-out flag (bool); see :data:`streamhydro.trainer.data.LABEL` and
-    :data:`~streamhydro.trainer.data.HOLDOUT`.
+    :data:`~streamhydro.trainer.data.HOLDOUT`. ``label`` is the source's label column, named in
+    error messages. The features' mean and standard deviation are not here: the ranks compute
+    them together (:mod:`streamhydro.trainer.rank.statistics`).
     """
 
     run_id: str
     features: tuple[str, ...]
+    label: str
     labels: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
     hidden: tuple[int, ...]
     epochs: int
     batch_size: int

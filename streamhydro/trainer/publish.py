@@ -11,8 +11,7 @@ from typing import Any
 from streamhydro import __version__
 from streamhydro.registry import Manifest, ModelVersion, Registry, TensorSpec
 from streamhydro.trainer.config import TrainConfig
-from streamhydro.trainer.data import Statistics
-from streamhydro.trainer.rank.export import INPUT_NAME, OUTPUT_NAME
+from streamhydro.trainer.plan import INPUT_NAME, OUTPUT_NAME
 
 METRIC_KEYS = (
     "validation_accuracy", "validation_loss", "validation_rows", "train_accuracy", "train_loss", "train_rows",
@@ -20,14 +19,13 @@ METRIC_KEYS = (
 )
 
 
-def manifest(config: TrainConfig, report: dict[str, Any], command: str, run_id: str, stats: Statistics) -> Manifest:
-    """The manifest of a new version (number and sha256 are filled in by the registry).
+def manifest(config: TrainConfig, report: dict[str, Any], command: str, run_id: str) -> Manifest:
+    """The manifest of a new version (number and sha256 are filled in by the registry), from rank 0's report.
 
     ``provenance.feature_stats`` keeps the training rows' per-feature mean and standard deviation,
-    which the load generator uses to make events that look like the training data.
+    which the load generator uses to make events that look like the training data; ``provenance.torch``
+    is the ranks' torch version (the driver does not import torch).
     """
-    import torch
-
     d, m, t = config.data, config.model, config.training
     n, k = len(d.features), len(d.labels)
     return Manifest(
@@ -49,14 +47,14 @@ def manifest(config: TrainConfig, report: dict[str, Any], command: str, run_id: 
                 "validation_fraction": d.validation_fraction,
             },
             "trainer": f"streamhydro {__version__}",
-            "torch": torch.__version__,
+            "torch": report["torch"],
             "run_id": run_id,
             "attempts": report["attempt"] + 1,
-            "feature_stats": {"mean": list(stats.mean), "std": list(stats.std)},
+            "feature_stats": {"mean": report["feature_mean"], "std": report["feature_std"]},
         },
         metrics={key: report[key] for key in METRIC_KEYS if key in report},
     )
 
 
-def publish(config: TrainConfig, model: bytes, report: dict[str, Any], command: str, run_id: str, stats: Statistics) -> ModelVersion:
-    return Registry(config.model.registry).publish(manifest(config, report, command, run_id, stats), model)
+def publish(config: TrainConfig, model: bytes, report: dict[str, Any], command: str, run_id: str) -> ModelVersion:
+    return Registry(config.model.registry).publish(manifest(config, report, command, run_id), model)

@@ -3,12 +3,14 @@
 
 Layout of ``<training.checkpoint_dir>/<run id>/``::
 
-    attempts.jsonl    one line per stage attempt that reached the rendezvous: {"attempt", "time"}
+    attempts.jsonl    one line per stage attempt, written when rank 0's task starts: {"attempt", "time"}
     history.jsonl     one line per finished epoch: {"epoch", "attempt", "loss", "steps", "seconds"}
     epoch-NNNN.pt     the model and optimizer state after epoch NNNN (only the latest is kept)
 
 Checkpoints are written to a temporary name and renamed, so a rank that dies while saving leaves
 the previous checkpoint intact. On a cluster the directory must be one every executor sees.
+torch is imported where checkpoints are read or written: the attempt is recorded before the rank
+has imported it (see :mod:`.rendezvous`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ import os
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 ATTEMPTS = "attempts.jsonl"
 HISTORY = "history.jsonl"
@@ -46,12 +46,16 @@ class RunDirectory:
 
     def latest(self) -> dict[str, Any] | None:
         """The newest checkpoint's contents, or None before the first epoch finished."""
+        import torch
+
         checkpoints = sorted(self.path.glob("epoch-*.pt"))
         if not checkpoints:
             return None
         return torch.load(checkpoints[-1], map_location="cpu", weights_only=True)
 
     def save(self, epoch: int, state: dict[str, Any]) -> Path:
+        import torch
+
         self.path.mkdir(parents=True, exist_ok=True)
         final = self.path / f"epoch-{epoch:04d}.pt"
         tmp = self.path / f".{final.name}.{os.getpid()}"

@@ -19,9 +19,8 @@ from torch import nn
 
 from streamhydro.trainer.errors import ExportError
 from streamhydro.trainer.model import Probabilities
+from streamhydro.trainer.plan import INPUT_NAME, OUTPUT_NAME
 
-INPUT_NAME = "features"
-OUTPUT_NAME = "scores"
 OPSET = 17
 
 

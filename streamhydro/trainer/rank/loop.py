@@ -1,10 +1,11 @@
 """The DDP training loop. Runs in each trainer rank, once per stage attempt.
 
-Every rank runs the same number of steps per epoch: the largest partition's step count, agreed by
-an allreduce, with smaller partitions cycling through their (reshuffled) rows. A collective that
-one rank skipped would hang the others until the group timeout, so the loop has no per-rank branch
-around a collective. After each epoch rank 0 saves a checkpoint and every rank waits for it, so a
-rank dying in epoch N leaves the checkpoint of epoch N-1 behind, and the retried stage resumes there.
+Every rank runs the same number of steps per epoch: the largest partition's step count (from the
+:class:`~streamhydro.trainer.rank.statistics.Statistics` all ranks share), with smaller partitions
+cycling through their (reshuffled) rows. A collective that one rank skipped would hang the others
+until the group timeout, so the loop has no per-rank branch around a collective. After each epoch
+rank 0 saves a checkpoint and every rank waits for it, so a rank dying in epoch N leaves the
+checkpoint of epoch N-1 behind, and the retried stage resumes there.
 
 Every rank reports its own training metrics through one
 :class:`~streamhydro.metrics.trainer.TrainerReporter` (``[metrics]`` of the trainer config): loss
@@ -27,46 +28,40 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from streamhydro.metrics.trainer import TrainerReporter
-from streamhydro.trainer.errors import DataError
 from streamhydro.trainer.model import mlp
 from streamhydro.trainer.plan import RankPlan
 from streamhydro.trainer.rank.arrays import PartitionArrays
 from streamhydro.trainer.rank.checkpoint import RunDirectory
 from streamhydro.trainer.rank.rendezvous import Group
+from streamhydro.trainer.rank.statistics import Statistics
 
 log = logging.getLogger(__name__)
 
 INJECTED_EXIT_CODE = 17
 
 
-def train(plan: RankPlan, data: PartitionArrays, group: Group, run_dir: RunDirectory) -> tuple[nn.Module, dict[str, Any]]:
-    """Train from the last checkpoint (or from scratch); return the trained network and a report."""
+def train(
+    plan: RankPlan, data: PartitionArrays, stats: Statistics, group: Group, run_dir: RunDirectory
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train from the last checkpoint (or from scratch); return the trained network and a report.
+
+    ``stats`` must have passed :func:`~streamhydro.trainer.rank.statistics.problem` (every rank has rows).
+    """
     started = time.perf_counter()
-    counts = group.all_reduce([len(data.y_train) if r == group.rank else 0 for r in range(group.world_size)])
-    if min(counts) == 0:
-        raise DataError(
-            f"rank {counts.index(0)} has no training rows (rows per rank {[int(c) for c in counts]}); "
-            "lower training.ranks or use more data"
-        )
-    steps = math.ceil(max(counts) / plan.batch_size)
-    import sys; _T = [("counts", time.perf_counter())]
+    steps = math.ceil(max(stats.rows_per_rank) / plan.batch_size)
 
     torch.manual_seed(plan.seed)
-    net = mlp(plan.mean, plan.std, plan.hidden, len(plan.labels)).to(group.device)
+    net = mlp(stats.mean, stats.std, plan.hidden, len(plan.labels)).to(group.device)
     optimizer = torch.optim.Adam(net.parameters(), lr=plan.learning_rate)
-    _T.append(("net", time.perf_counter()))
     resumed = _resume(net, optimizer, group, run_dir)
-    _T.append(("resume", time.perf_counter()))
     model = DistributedDataParallel(net, device_ids=[group.device.index] if group.device.type == "cuda" else None)
     loss_fn = nn.CrossEntropyLoss()
     x = torch.from_numpy(data.x_train).to(group.device)
     y = torch.from_numpy(data.y_train).to(group.device)
 
-    _T.append(("ddp", time.perf_counter()))
     samples = 0
     loop_started = time.perf_counter()
-    _rep = _reporter(plan, group); _T.append(("reporter", time.perf_counter()))
-    with _rep as metrics:
+    with _reporter(plan, group) as metrics:
         for epoch in range(resumed + 1, plan.epochs + 1):
             _maybe_die(plan, group, epoch)
             epoch_started = time.perf_counter()
@@ -92,8 +87,7 @@ def train(plan: RankPlan, data: PartitionArrays, group: Group, run_dir: RunDirec
                 )
             group.sync()
             metrics.epoch_end(epoch, steps * plan.batch_size / (time.perf_counter() - epoch_started))
-    train_seconds = time.perf_counter() - loop_started
-    _T.append(("loop", time.perf_counter()))
+        train_seconds = time.perf_counter() - loop_started
 
     net.eval()
     train_correct, train_loss = _evaluate(net, data.x_train, data.y_train, group.device)
@@ -102,8 +96,6 @@ def train(plan: RankPlan, data: PartitionArrays, group: Group, run_dir: RunDirec
         [train_correct, train_loss, len(data.y_train), holdout_correct, holdout_loss, len(data.y_holdout), samples]
     )
     train_rows, holdout_rows = int(totals[2]), int(totals[5])
-    _T.append(("eval", time.perf_counter()))
-    print("XX train rank", group.rank, f"start->counts {_T[0][1]-started:.3f}", " ".join(f"{n} {t-_T[i][1]:.3f}" for i, (n, t) in enumerate(_T[1:])), file=sys.stderr, flush=True)
     report = {
         "validation_accuracy": totals[3] / holdout_rows if holdout_rows else None,
         "validation_loss": totals[4] / holdout_rows if holdout_rows else None,
@@ -111,7 +103,7 @@ def train(plan: RankPlan, data: PartitionArrays, group: Group, run_dir: RunDirec
         "train_accuracy": totals[0] / train_rows,
         "train_loss": totals[1] / train_rows,
         "train_rows": train_rows,
-        "rows_per_rank": [int(c) for c in counts],
+        "rows_per_rank": list(stats.rows_per_rank),
         "steps_per_epoch": steps,
         "epochs": plan.epochs,
         "resumed_after_epoch": resumed,
@@ -119,6 +111,10 @@ def train(plan: RankPlan, data: PartitionArrays, group: Group, run_dir: RunDirec
         "train_seconds": round(train_seconds, 4),
         "samples_per_second": round(totals[6] / train_seconds, 1) if train_seconds > 0 else None,
         "rank_seconds": round(time.perf_counter() - started, 4),
+        "feature_mean": list(stats.mean),
+        "feature_std": list(stats.std),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
     }
     return net, report
 

@@ -3,9 +3,16 @@ stage attempt; :class:`RankTask` is made on the driver and pickled into the task
 the :class:`~streamhydro.trainer.plan.RankPlan`).
 
 The partition's Arrow batches are the rank's data; nothing goes back to the driver but one small
-row from rank 0 (the checked ONNX model and the training report). Publishing happens on the
-driver after the whole stage succeeded, so a stage that fails after rank 0 finished and is then
-retried still publishes exactly one model.
+row from rank 0: the checked ONNX model and the training report, or, when the data cannot be
+trained on (:func:`~streamhydro.trainer.rank.statistics.problem`), no model and the report
+``{"data_error": message}``. Publishing happens on the driver after the whole stage succeeded, so a
+stage that fails after rank 0 finished and is then retried still publishes exactly one model.
+
+The rendezvous starts before torch is imported (see :mod:`.rendezvous`). The report says where
+rank 0's time went: ``imports_seconds`` (from the task's start, torch and the rank's modules),
+``load_seconds`` (the partition into arrays), ``rendezvous_seconds`` (what was left to wait for
+the group after that), ``statistics_seconds``, ``rank_seconds`` (the training function, of which
+``train_seconds`` is the epochs) and ``export_seconds`` (ONNX export and its checks).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -22,6 +30,8 @@ from streamhydro.trainer.plan import RankPlan
 
 RESULT_SCHEMA = pa.schema([("rank", pa.int32()), ("model", pa.binary()), ("report", pa.string())])
 RESULT_DDL = "rank int, model binary, report string"
+# Key of rank 0's report when the data cannot be trained on; its value is the message.
+DATA_ERROR = "data_error"
 
 log = logging.getLogger(__name__)
 
@@ -31,33 +41,52 @@ class RankTask:
         self.plan = plan
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        import sys as _s; _e = time.time(); _p = time.perf_counter()
-        import torch
+        started = time.perf_counter()
         from pyspark import BarrierTaskContext
 
-        from streamhydro.trainer.rank.arrays import partition_arrays
+        from streamhydro.trainer.rank import rendezvous
         from streamhydro.trainer.rank.checkpoint import RunDirectory
-        from streamhydro.trainer.rank.export import export_checked
-        from streamhydro.trainer.rank.loop import train
-        from streamhydro.trainer.rank.rendezvous import process_group
 
         context = BarrierTaskContext.get()
-        torch.set_num_threads(max(1, context.cpus()))
-        _i = time.perf_counter()
-        data = partition_arrays(batches, self.plan.n_features)
-        _l = time.perf_counter()
         run_dir = RunDirectory(Path(self.plan.checkpoint_dir) / self.plan.run_id)
-        rendezvous_started = time.perf_counter()
-        with process_group(context, run_dir, self.plan.timeout_seconds) as group:
-            rendezvous_seconds = time.perf_counter() - rendezvous_started
-            print(f"XX rank {context.partitionId()} entered {_e:.3f} imports {_i-_p:.2f} load {_l-_i:.2f} rdv {rendezvous_seconds:.2f}", file=_s.stderr, flush=True)
-            net, report = train(self.plan, data, group, run_dir)
-            if group.rank != 0:
-                return
-            rows = data.x_holdout if len(data.x_holdout) else data.x_train
-            _x = time.perf_counter()
-            model, difference = export_checked(net, rows, self.plan.tolerance)
-            print(f"XX export {time.perf_counter()-_x:.2f} end {time.time():.3f}", file=_s.stderr, flush=True)
-        report.update(onnx_max_abs_diff=difference, onnx_check_rows=len(rows), rendezvous_seconds=round(rendezvous_seconds, 4))
+        meeting = rendezvous.start(context, run_dir, self.plan.timeout_seconds)
+
+        import torch
+
+        from streamhydro.trainer.rank import statistics
+        from streamhydro.trainer.rank.arrays import partition_arrays
+        from streamhydro.trainer.rank.export import export_checked
+        from streamhydro.trainer.rank.loop import train
+
+        imported = time.perf_counter()
+        torch.set_num_threads(max(1, context.cpus()))
+        data = partition_arrays(batches, self.plan.n_features)
+        loaded = time.perf_counter()
+        with meeting.process_group() as group:
+            joined = time.perf_counter()
+            stats = statistics.gather(data, group)
+            problem = statistics.problem(stats, self.plan.labels, self.plan.label)
+            gathered = time.perf_counter()
+            if problem is None:
+                net, report = train(self.plan, data, stats, group, run_dir)
+        if group.rank != 0:
+            return
+        if problem is not None:
+            log.error("rank 0: the data cannot be trained on: %s", problem)
+            yield _row(b"", {DATA_ERROR: problem})
+            return
+        exporting = time.perf_counter()
+        rows = data.x_holdout if len(data.x_holdout) else data.x_train
+        model, difference = export_checked(net, rows, self.plan.tolerance)
+        report.update(
+            onnx_max_abs_diff=difference, onnx_check_rows=len(rows),
+            imports_seconds=round(imported - started, 4), load_seconds=round(loaded - imported, 4),
+            rendezvous_seconds=round(joined - loaded, 4), statistics_seconds=round(gathered - joined, 4),
+            export_seconds=round(time.perf_counter() - exporting, 4),
+        )
         log.info("rank 0 exported the model: %s", report)
-        yield pa.RecordBatch.from_pydict({"rank": [0], "model": [model], "report": [json.dumps(report)]}, schema=RESULT_SCHEMA)
+        yield _row(model, report)
+
+
+def _row(model: bytes, report: dict[str, Any]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict({"rank": [0], "model": [model], "report": [json.dumps(report)]}, schema=RESULT_SCHEMA)
