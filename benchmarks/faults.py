@@ -191,7 +191,6 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     started = time.monotonic()
     rng = random.Random(args.seed)
     model = Registry(args.registry).get(args.model, "promoted")
-    source = "python" if args.delivery == "exactly_once" and args.source == "auto" else args.source
     broker = ApacheKafkaBroker(config=BrokerConfig(log_dir=str(work)), data_dir=work / "kafka")
     serve = ServeProcess(work / "serve.toml", work / "serve.log")
     generators: list[LoadGenerator] = []
@@ -203,7 +202,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         client = client_for(bootstrap)
         ensure_topics(client, {EVENTS: PARTITIONS, OUTPUT: PARTITIONS, DEAD_LETTERS: 1})
         delivery = {"delivery": args.delivery} if args.delivery == "exactly_once" else {}
-        write_serve_config(serve.config, work, bootstrap, kafka={"source": source, **delivery})
+        write_serve_config(serve.config, work, bootstrap, kafka={"source": args.source, **delivery})
         backlog_events = args.events // 2
         backlog = LoadGenerator(client, EVENTS, model.manifest, bad_fraction=args.bad_fraction, seed=args.seed)
         generators.append(backlog)
@@ -258,7 +257,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "serve_exits": {str(code): count for code, count in sorted(supervisor.exits.items())},
             "final_exit_code": final_exit_code,
             "delivery": args.delivery,
-            "source": source,
+            "source": args.source,
             "seed": args.seed,
             "seconds": round(time.monotonic() - started, 1),
         }
@@ -297,7 +296,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the fault moments, the workers picked and the events (default %(default)s)")
     parser.add_argument("--rate", type=float, default=100.0, help="live events per second (default %(default)s)")
     parser.add_argument("--delivery", choices=("at_least_once", "exactly_once"), default="at_least_once")
-    parser.add_argument("--source", choices=("auto", "python", "builtin"), default="auto", help="kafka.source; auto means python with exactly_once (default %(default)s)")
+    parser.add_argument("--source", choices=("python", "builtin"), default="python", help="kafka.source (default %(default)s)")
     parser.add_argument("--stall-seconds", type=float, default=30.0, help="how long a broker_stall keeps the broker stopped (default %(default)s)")
     parser.add_argument("--bad-fraction", type=float, default=0.002, help="fraction of malformed events (default %(default)s)")
     parser.add_argument("--registry", default="models")

@@ -77,9 +77,9 @@ class KafkaSettings:
     output_topic: str = doc("Topic the predictions go to.", default="predictions")
     dead_letter_topic: str = doc("Topic records that cannot be scored go to, with their origin in headers.", default="predictions-dlq")
     source: str = doc(
-        "Kafka connector: python (streamhydro's), builtin (Spark's JVM connector, needs spark-sql-kafka on the "
-        "classpath), or auto (builtin when available, else python).",
-        default="auto",
+        "Kafka connector: python (streamhydro's: each task reads, scores and writes its range in one Python worker) "
+        "or builtin (Spark's JVM source and sink around the scoring; needs spark-sql-kafka, resolved by `streamhydro jars`).",
+        default="python",
     )
     delivery: str = doc(
         "Delivery guarantee of predictions and dead letters: at_least_once (a micro-batch replayed after a crash "
@@ -353,8 +353,8 @@ def _validated(config: Config) -> Config:
             f"exactly one of kafka.subscribe, kafka.subscribe_pattern, kafka.assign must be set, got {chosen or 'none'}",
             "keep one of them and set the others to \"\"",
         )
-    if k.source not in ("auto", "builtin", "python"):
-        raise ConfigError("kafka.source", f"unknown connector {k.source!r}", "use auto, builtin or python")
+    if k.source not in ("builtin", "python"):
+        raise ConfigError("kafka.source", f"unknown connector {k.source!r}", "use python (default) or builtin")
     if k.delivery not in ("at_least_once", "exactly_once"):
         raise ConfigError("kafka.delivery", f"unknown guarantee {k.delivery!r}", "use at_least_once or exactly_once")
     if k.delivery == "exactly_once" and k.source == "builtin":
@@ -371,7 +371,12 @@ def _validated(config: Config) -> Config:
             "fetch needs streamhydro's source; Spark's JVM connector always trusts ListOffsets",
             'set source = "python" (or end_offsets_from = "listOffsets" on a broker that answers it right)',
         )
-    k.librdkafka()
+    if "transactional.id" in k.librdkafka().as_dict():
+        raise ConfigError(
+            "kafka.client.transactional.id",
+            "is chosen by serve, one per input partition, and only with delivery = \"exactly_once\"",
+            'remove it (for transactions set delivery = "exactly_once")',
+        )
     if k.max_offsets_per_trigger < 0:
         raise ConfigError("kafka.max_offsets_per_trigger", f"must be >= 0, got {k.max_offsets_per_trigger}", "use 0 for no limit")
     if k.output_topic == k.dead_letter_topic:

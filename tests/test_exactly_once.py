@@ -65,6 +65,9 @@ def test_config_refuses_exactly_once_with_the_builtin_connector():
     with pytest.raises(ConfigError) as refused:
         Config().replace(kafka={"delivery": "exactly_once", "source": "builtin"})
     assert refused.value.key == "kafka.delivery" and 'source = "python"' in refused.value.fix
+    with pytest.raises(ConfigError) as chosen:
+        Config().replace(kafka={"client": {"transactional.id": "mine"}})
+    assert chosen.value.key == "kafka.client.transactional.id"
     with pytest.raises(ConfigError) as unknown:
         Config().replace(kafka={"delivery": "exactly-once"})
     assert unknown.value.key == "kafka.delivery"
@@ -89,15 +92,7 @@ def test_the_transaction_probe_accepts_apache_kafka_and_refuses_tansu(kafka_boot
 
 @pytest.mark.spark
 @pytest.mark.broker
-def test_start_refuses_auto_choosing_the_builtin_sink_and_speculation(kafka_bootstrap, topics, model_registry, tmp_path, spark):
-    auto = Service(service_config(kafka_bootstrap, topics, model_registry, tmp_path, source="auto"))
-    try:
-        with pytest.raises(ConfigError) as refused:
-            auto.start()
-    finally:
-        auto.close()
-    assert refused.value.key == "kafka.delivery" and "built-in" in refused.value.problem
-
+def test_start_refuses_speculation(kafka_bootstrap, topics, model_registry, tmp_path, spark):
     live_conf = spark.sparkContext._jsc.sc().conf()
     live_conf.set(SPECULATION, "true")
     speculative = Service(service_config(kafka_bootstrap, topics, model_registry, tmp_path))
@@ -238,8 +233,8 @@ def test_a_task_failing_with_its_transaction_open_is_retried_and_written_once(ka
     ensure_topics(client(kafka_bootstrap), {topics["input"]: 1, topics["output"]: 2, topics["dlq"]: 1})
     events = 3000
     send(kafka_bootstrap, topics["input"], make_values(model_registry.get("iris_like").manifest, "json", events, np.random.default_rng(4)))
-    # Arrow batches of 500 rows into the write, so that the first scored batch reaches the writer at once.
-    toml = _toml(kafka_bootstrap, topics, model_registry, tmp_path, "local[2,2]", 1500, {"spark.sql.execution.arrow.maxRecordsPerBatch": "500"})
+    # Scored in batches of 500 (inference.batch_size), so the task fails after writing its third batch of 1500.
+    toml = _toml(kafka_bootstrap, topics, model_registry, tmp_path, "local[2,2]", 1500, {})
     flag = tmp_path / "fault-claimed"
     process, log = _serve(tmp_path, toml, "serve", fault=("fail-mid-write", str(flag)))
     try:

@@ -217,10 +217,11 @@ def test_a_feature_without_spread_is_not_scaled():
 def test_every_rank_reaches_the_same_verdict_on_data_that_cannot_be_trained_on():
     labels = ["no", "yes"]
     outside = gather_over_threads([part([[1.0, 2.0]], [0]), part([[1.0, 2.0]], [2], [[0.0, 0.0]], [-1])])
-    assert {statistics.problem(s, labels, "diagnosis") for s in outside} == {
+    expected = (
         "label column 'diagnosis' has values outside data.labels ['no', 'yes'] (class indexes -1..2); "
         "list every class in data.labels, in index order"
-    }
+    )
+    assert {statistics.problem(s, labels, "diagnosis") for s in outside} == {expected}
     empty_rank = gather_over_threads([part([[1.0, 2.0]], [0]), part([], [])])
     assert statistics.problem(empty_rank[1], labels, "y") == (
         "rank 1 has no training rows (rows per rank [1, 0]); lower training.ranks or use more data"
@@ -235,7 +236,7 @@ class FakeBarrierContext:
     def __init__(self, answer=None, error=None, delay=0.0) -> None:
         self.answer, self.error, self.delay = answer, error, delay
 
-    def allGather(self, message: str) -> list[str]:  # noqa: N802 -- PySpark's name
+    def allGather(self, message: str) -> list[str]:
         threading.Event().wait(self.delay)
         if self.error:
             raise self.error

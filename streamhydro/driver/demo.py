@@ -51,7 +51,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--rate", type=float, default=None, help="events per second (default: 2000 interactive, unthrottled with --events)")
     add_event_arguments(parser)
     parser.add_argument("--broker", choices=("kafka", "tansu"), default="kafka", help="local broker: Apache Kafka (Java, the jar cache) or Tansu (no Java, in memory, not for live streams of small batches) (default %(default)s)")
-    parser.add_argument("--source", choices=("auto", "builtin", "python"), default="auto", help="Kafka connector, as kafka.source in serve's config (default %(default)s)")
+    parser.add_argument("--source", choices=("python", "builtin"), default="python", help="Kafka connector, as kafka.source in serve's config (default %(default)s)")
     parser.add_argument("--master", default="local[2]", help="Spark master (default %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=9108, help="port of the metrics endpoint; 0 = any free port (default %(default)s)")
     parser.set_defaults(run=_run)
@@ -84,7 +84,7 @@ def run_demo(
     master: str,
     metrics_port: int = 9108,
     broker: str = "kafka",
-    source: str = "auto",
+    source: str = "python",
 ) -> dict[str, Any]:
     """Run the demo; returns the summary. ``events=None`` runs until SIGINT/SIGTERM."""
     from streamhydro.brokers import BROKERS
@@ -122,14 +122,14 @@ def run_demo(
         started = time.monotonic()
         producing = threading.Thread(target=generator.run, args=(events, rate, stop), name="load-generator", daemon=True)
         producing.start()
-        live_since, live_rate = 0, rate
+        live_since, live_rate, live_sent = 0, rate, 0
         try:
             _watch(events, generator, reader, service, stop, started)
             seconds = (reader.last_at or time.monotonic()) - started
             steady = reader.steady_rate()
             if events is not None and rate is None and not stop.is_set():
                 live_since, live_rate = reader.distinct, LIVE_RATE
-                _live_phase(client, manifest, payload, reader, stop)
+                live_sent = _live_phase(client, manifest, payload, reader, stop)
         finally:
             stop.set()
             producing.join()
@@ -140,7 +140,7 @@ def run_demo(
             service.spark.stop()
         outputs = reader.counts
         return {
-            "events": generator.sent,
+            "events": generator.sent + live_sent,
             "predictions": outputs[k.output_topic],
             "dead_letters": outputs[k.dead_letter_topic],
             "bad_sent": sum(generator.bad.values()),
@@ -157,8 +157,8 @@ def run_demo(
         }
 
 
-def _live_phase(client: Any, manifest: Any, payload: str, reader: OutputReader, stop: threading.Event) -> None:
-    """Events at LIVE_RATE for LIVE_SECONDS, as a live producer sends them; returns when all are scored."""
+def _live_phase(client: Any, manifest: Any, payload: str, reader: OutputReader, stop: threading.Event) -> int:
+    """Events at LIVE_RATE for LIVE_SECONDS, as a live producer sends them; returns how many, once all are scored."""
     from streamhydro.producer import LoadGenerator
 
     count = int(LIVE_RATE * LIVE_SECONDS)
@@ -174,6 +174,7 @@ def _live_phase(client: Any, manifest: Any, payload: str, reader: OutputReader, 
         pass
     if reader.distinct < expected:
         raise RuntimeError(f"live phase: {expected - reader.distinct} of {count} events without a prediction after {LIVE_DEADLINE_S:.0f} s")
+    return live.sent
 
 
 def _watch(events: int | None, generator: Any, reader: OutputReader, service: Any, stop: threading.Event, started: float) -> None:

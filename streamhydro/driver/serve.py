@@ -144,7 +144,7 @@ class Service:
         self.connector = "builtin" if source == BUILTIN_FORMAT else "python"
         ensure_topics(c.kafka.librdkafka(), {c.kafka.output_topic: 1, c.kafka.dead_letter_topic: 1})
         if c.kafka.delivery == EXACTLY_ONCE:
-            check_exactly_once(self.spark, self.connector, c.kafka.librdkafka())
+            check_exactly_once(self.spark, c.kafka.librdkafka())
         self._warm_up()
         options = c.kafka.source_options()
         if self.connector == "python":
@@ -288,17 +288,12 @@ class Service:
         log.info("warm-up: %d Python workers ready in %.1f s", parallelism, time.monotonic() - started)
 
 
-def check_exactly_once(spark: Any, connector: str, client: Any) -> None:
-    """Refuse at start what breaks exactly-once delivery (``docs/delivery.md``): Spark's built-in Kafka sink
-    (no transactions), speculative tasks, and a broker whose transactions are not isolated."""
+def check_exactly_once(spark: Any, client: Any) -> None:
+    """Refuse at start what breaks exactly-once delivery (``docs/delivery.md``): speculative tasks and a broker
+    whose transactions are not isolated (Spark's built-in sink, which has no transactions, is refused with the
+    configuration)."""
     from streamhydro.kafka.transactions import check_transactions
 
-    if connector == "builtin":
-        raise ConfigError(
-            "kafka.delivery",
-            "exactly_once needs streamhydro's connector, and source = \"auto\" chose Spark's built-in one, whose sink has no transactions",
-            'set source = "python"',
-        )
     if spark.sparkContext.getConf().get(SPECULATION, "false").strip().lower() == "true":
         raise ConfigError(
             f"spark.conf.{SPECULATION}",
@@ -309,22 +304,19 @@ def check_exactly_once(spark: Any, connector: str, client: Any) -> None:
 
 
 def connector_conf(source: str, conf: Mapping[str, str]) -> dict[str, str]:
-    """``spark.jars`` with Spark's Kafka connector, for ``source = builtin`` (resolved from Maven when
-    missing) and ``auto`` (when the jar cache has it); nothing when ``conf`` already brings the connector."""
+    """``spark.jars`` with Spark's Kafka connector (resolved from Maven when the jar cache lacks it), for
+    ``source = builtin``; nothing for ``python`` or when ``conf`` already brings the connector."""
     from streamhydro import jars
 
     if source == "python" or "spark-sql-kafka" in conf.get(JARS, "") + conf.get(PACKAGES, ""):
         return {}
-    bundle = jars.spark_kafka_connector()
-    found = jars.resolve(bundle) if source == "builtin" else jars.cached(bundle)
-    if found is None:
-        log.info("Spark's Kafka connector is not in the jar cache (`streamhydro jars` puts it there)")
-        return {}
+    found = jars.resolve(jars.spark_kafka_connector())
     return {JARS: ",".join(filter(None, [conf.get(JARS, ""), *map(str, found)]))}
 
 
 def kafka_format(spark: Any, source: str, options: Mapping[str, str]) -> str:
-    """The connector to use: Spark's JVM connector when asked for (or available, with auto), else ours.
+    """The format to read with: Spark's JVM connector for ``builtin`` (refused when it is not on the
+    classpath), else streamhydro's.
 
     For the JVM connector, ``options`` (the ``kafka.*`` client settings) are checked against the Java
     client's own list of settings, which the connector would otherwise ignore without a word.
@@ -333,18 +325,17 @@ def kafka_format(spark: Any, source: str, options: Mapping[str, str]) -> str:
     from streamhydro.kafka.source import FORMAT
 
     if source == "python":
+        log.info("Kafka connector: streamhydro's (%s): each task reads, scores and writes its range", FORMAT)
         return FORMAT
-    available = _builtin_available(spark)
-    if source == "builtin" and not available:
+    if not _builtin_available(spark):
         raise ConfigError(
             "kafka.source",
             "Spark's built-in Kafka connector is not on the classpath",
             f"run `streamhydro jars`, start Spark with --packages {KAFKA_PACKAGE}, or set source = \"python\"",
         )
-    if available:
-        check_jvm_options(options, _java_client_settings(spark))
-    log.info("Kafka connector: %s", "Spark's built-in (JVM)" if available else f"streamhydro's Python data source ({FORMAT})")
-    return BUILTIN_FORMAT if available else FORMAT
+    check_jvm_options(options, _java_client_settings(spark))
+    log.info("Kafka connector: Spark's built-in (JVM)")
+    return BUILTIN_FORMAT
 
 
 def _java_client_settings(spark: Any) -> set[str]:

@@ -30,9 +30,16 @@ from typing import Any
 from pyspark.resource import ResourceProfile
 from pyspark.sql import DataFrame, SparkSession
 
-from streamhydro.registry import ModelVersion
 from streamhydro.devices import PCI_ORDER
-from streamhydro.spark import DYNAMIC_ALLOCATION, EXECUTOR_DEVICE_ORDER, Master, resolve_master, task_cpus, task_profile
+from streamhydro.registry import ModelVersion
+from streamhydro.spark import (
+    DYNAMIC_ALLOCATION,
+    EXECUTOR_DEVICE_ORDER,
+    Master,
+    resolve_master,
+    task_cpus,
+    task_profile,
+)
 from streamhydro.trainer import data
 from streamhydro.trainer.config import TrainConfig
 from streamhydro.trainer.errors import ClusterError, DataError, TrainingError
