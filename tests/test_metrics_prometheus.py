@@ -237,8 +237,9 @@ multiprocess_dir = "{tmp_path / 'metrics'}"
         assert prometheus.query(
             'histogram_quantile(0.99, sum by (le) (rate(streamhydro_batch_duration_seconds_bucket{phase="triggerExecution"}[2m])))'
         ) > 0
-        for stage in ("decode", "compute", "encode"):
+        for stage in ("read", "decode", "compute", "encode", "write"):
             assert prometheus.query(f'sum(streamhydro_inference_stage_duration_seconds_count{{stage="{stage}"}})') > 0, stage
+        assert prometheus.query("sum(streamhydro_delivery_wait_seconds_count)") > 0
         assert prometheus.query(
             'histogram_quantile(0.5, sum by (le) (rate(streamhydro_inference_stage_duration_seconds_bucket{stage="compute"}[2m])))'
         ) > 0

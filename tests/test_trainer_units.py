@@ -27,6 +27,7 @@ from streamhydro.trainer.rank.checkpoint import RunDirectory
 from streamhydro.trainer.rank.export import export_checked, export_onnx
 from streamhydro.trainer.rank.loop import _epoch_order
 from streamhydro.trainer.rank.rendezvous import _Gather
+from streamhydro.trainer.rank.task import RESULT_SCHEMA, result_row
 
 BASE = {"data": {"path": "x.csv", "features": ["a", "b"], "labels": ["no", "yes"]}}
 
@@ -250,6 +251,30 @@ def test_the_rendezvous_wait_is_bounded_and_its_errors_reach_the_rank():
     assert err.value.setting == "training.timeout_seconds"
     with pytest.raises(RuntimeError, match="barrier sync timed out"):
         _Gather(FakeBarrierContext(error=RuntimeError("barrier sync timed out")), "").result(5)
+
+
+def test_result_row_holds_the_model_and_the_report():
+    row = result_row(b"\x00onnx", {"validation_accuracy": 0.5, "name": "é"})
+    assert row.schema == RESULT_SCHEMA
+    assert row.to_pylist() == [{"rank": 0, "model": b"\x00onnx", "report": '{"validation_accuracy": 0.5, "name": "\\u00e9"}'}]
+
+
+def test_a_rank_converts_arrow_without_importing_pandas(tmp_path):
+    batch = pa.RecordBatch.from_pydict({"a": pa.array([1, 2, 3, 4], pa.float32()), "_label": pa.array([0, 1, 1, 0], pa.int32()),
+                                        "_holdout": [True, False, False, True]})
+    with pa.OSFile(str(tmp_path / "batch.arrow"), "wb") as sink, pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    code = (
+        "import sys, json\n"
+        "import pyarrow as pa\n"
+        "from streamhydro.trainer.rank.arrays import partition_arrays\n"
+        "from streamhydro.trainer.rank.task import result_row\n"
+        f"arrays = partition_arrays(pa.ipc.open_stream(pa.OSFile({str(tmp_path / 'batch.arrow')!r})), 1)\n"
+        "result_row(b'model', {'rows': len(arrays.y_train)})\n"
+        "print(json.dumps(['pandas' in sys.modules, arrays.x_train.ravel().tolist()]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(done.stdout) == [False, [2.0, 3.0]]
 
 
 def test_the_driver_and_the_start_of_a_rank_do_not_import_torch():

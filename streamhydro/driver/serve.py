@@ -24,6 +24,7 @@ import logging
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -145,18 +146,26 @@ class Service:
         ensure_topics(c.kafka.librdkafka(), {c.kafka.output_topic: 1, c.kafka.dead_letter_topic: 1})
         if c.kafka.delivery == EXACTLY_ONCE:
             check_exactly_once(self.spark, c.kafka.librdkafka())
-        self._warm_up()
         options = c.kafka.source_options()
         if self.connector == "python":
             options[EMIT] = EMIT_RANGES
-        stream = self.spark.readStream.format(source).options(**options).load()
-        self.query = (
-            stream.writeStream.queryName(c.spark.app_name)
-            .option("checkpointLocation", c.spark.checkpoint_location)
-            .trigger(processingTime=c.spark.trigger_interval)
-            .foreachBatch(self._process_batch)
-            .start()
-        )
+        # Python workers start while the query starts (its driver-side source, first offsets, first plan):
+        # the warm-up job takes the task slots first, so the first micro-batch finds the workers ready.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamhydro-warm-up") as pool:
+            warming = pool.submit(self._warm_up)
+            stream = self.spark.readStream.format(source).options(**options).load()
+            self.query = (
+                stream.writeStream.queryName(c.spark.app_name)
+                .option("checkpointLocation", c.spark.checkpoint_location)
+                .trigger(processingTime=c.spark.trigger_interval)
+                .foreachBatch(self._process_batch)
+                .start()
+            )
+            try:
+                warming.result()
+            except BaseException:
+                self.query.stop()
+                raise
         self._query_started.set()
         log.info(
             "%s: %s via %s connector -> %s (dead letters -> %s), checkpoint %s",
@@ -269,10 +278,10 @@ class Service:
         scored.write.format(BUILTIN_FORMAT).mode("append").options(**self.config.kafka.client_options()).save()
 
     def _warm_up(self) -> None:
-        """Start the Python workers and load the model before the first micro-batch.
+        """Start the Python workers and load the model, while the query starts (``docs/performance.md``).
 
-        The first task of a fresh worker pays for imports and the ONNX Runtime session (seconds);
-        a one-row job per core here keeps that out of the first micro-batch's latency.
+        The first task of a fresh worker pays for its start and the ONNX Runtime session (seconds); a
+        one-row job per core does that while the driver starts the query, instead of after it.
         """
         from streamhydro.executor.scoring import OUTPUT_SCHEMA, score_batches
         from streamhydro.kafka.records import KAFKA_SCHEMA

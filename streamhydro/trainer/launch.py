@@ -11,10 +11,10 @@ retries a failed barrier *result* stage ("Could not recover from a failed barrie
 but it does retry a barrier *shuffle map* stage as a whole, up to
 ``spark.stage.maxConsecutiveAttempts`` times. The retried ranks resume from the run's checkpoint.
 
-The barrier job is the only job a run starts besides what reading the source costs (for Parquet,
-one small job for the schema): the ranks compute the feature statistics and check the labels
-together (:mod:`.rank.statistics`), so the source is read once, and nothing on the driver
-imports torch.
+The barrier job is the only job a run starts besides what the source needs for its schema (one
+small job for Parquet; CSV with schema inference reads the file): the ranks compute the feature
+statistics and check the labels together (:mod:`.rank.statistics`), so the rows are read once.
+Nothing on the driver imports torch.
 """
 
 from __future__ import annotations
