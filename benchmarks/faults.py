@@ -296,7 +296,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the fault moments, the workers picked and the events (default %(default)s)")
     parser.add_argument("--rate", type=float, default=100.0, help="live events per second (default %(default)s)")
     parser.add_argument("--delivery", choices=("at_least_once", "exactly_once"), default="at_least_once")
-    parser.add_argument("--source", choices=("python", "builtin"), default="python", help="kafka.source (default %(default)s)")
+    parser.add_argument("--source", choices=("builtin", "python"), default="builtin", help="kafka.source (default %(default)s; exactly_once needs python)")
     parser.add_argument("--stall-seconds", type=float, default=30.0, help="how long a broker_stall keeps the broker stopped (default %(default)s)")
     parser.add_argument("--bad-fraction", type=float, default=0.002, help="fraction of malformed events (default %(default)s)")
     parser.add_argument("--registry", default="models")

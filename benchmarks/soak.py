@@ -1,6 +1,6 @@
 """Soak: ``streamhydro serve`` as a subprocess against a live producer, for minutes or hours.
 
-    python benchmarks/soak.py --minutes 60 --rate 5000                 # Apache Kafka, streamhydro's connector
+    python benchmarks/soak.py --minutes 60 --rate 5000                 # Apache Kafka, Spark's JVM connector
     python benchmarks/soak.py --minutes 5 --rate 5000 --source python
     python benchmarks/soak.py --minutes 5 --rate 2000 --broker tansu   # streamhydro's connector, fetch ends
 
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--rate", type=float, default=5000.0)
     parser.add_argument("--broker", choices=sorted(BROKERS), default="kafka")
-    parser.add_argument("--source", choices=("python", "builtin"), default="python")
+    parser.add_argument("--source", choices=("builtin", "python"), default="builtin")
     parser.add_argument("--sample-seconds", type=float, default=30.0)
     args = parser.parse_args()
     if args.broker == "tansu" and args.source != "python":

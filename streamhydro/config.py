@@ -77,9 +77,10 @@ class KafkaSettings:
     output_topic: str = doc("Topic the predictions go to.", default="predictions")
     dead_letter_topic: str = doc("Topic records that cannot be scored go to, with their origin in headers.", default="predictions-dlq")
     source: str = doc(
-        "Kafka connector: python (streamhydro's: each task reads, scores and writes its range in one Python worker) "
-        "or builtin (Spark's JVM source and sink around the scoring; needs spark-sql-kafka, resolved by `streamhydro jars`).",
-        default="python",
+        "Kafka connector: builtin (Spark's JVM source and sink around the scoring; spark-sql-kafka, resolved by "
+        "`streamhydro jars`) or python (streamhydro's: each task reads, scores and writes its range in one Python "
+        "worker; needed for exactly_once and for Tansu).",
+        default="builtin",
     )
     delivery: str = doc(
         "Delivery guarantee of predictions and dead letters: at_least_once (a micro-batch replayed after a crash "
@@ -354,7 +355,7 @@ def _validated(config: Config) -> Config:
             "keep one of them and set the others to \"\"",
         )
     if k.source not in ("builtin", "python"):
-        raise ConfigError("kafka.source", f"unknown connector {k.source!r}", "use python (default) or builtin")
+        raise ConfigError("kafka.source", f"unknown connector {k.source!r}", "use builtin (default) or python")
     if k.delivery not in ("at_least_once", "exactly_once"):
         raise ConfigError("kafka.delivery", f"unknown guarantee {k.delivery!r}", "use at_least_once or exactly_once")
     if k.delivery == "exactly_once" and k.source == "builtin":

@@ -98,8 +98,8 @@ def process_tree(pid: int) -> dict[int, tuple[int, int, int]]:
 def write_serve_config(path: Path, work: Path, bootstrap: str, kafka: Mapping[str, Any] | None = None) -> Path:
     """A serve config for benchmark and test runs: local[2], checkpoint and metrics under ``work``, the
     registry's promoted demo model, sequential CPU scoring, metrics on a free port, and ``[kafka]`` keys
-    ``kafka`` on top of: topics ``events`` -> ``predictions`` / ``predictions-dlq``, ``source = "python"``."""
-    table = {"bootstrap_servers": bootstrap, "subscribe": "events", "source": "python", **(kafka or {})}
+    ``kafka`` on top of: topics ``events`` -> ``predictions`` / ``predictions-dlq``, ``source = "builtin"``."""
+    table = {"bootstrap_servers": bootstrap, "subscribe": "events", "source": "builtin", **(kafka or {})}
     keys = "".join(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
     path.write_text(
         f"""[spark]

@@ -137,3 +137,12 @@ def test_scram_broker_refuses_a_wrong_password_and_admits_the_right_one(scram_ka
     admin = AdminClient(wrong.as_dict())
     with pytest.raises(KafkaException):
         admin.list_topics(timeout=5)
+
+
+def test_cluster_ids_never_start_with_a_dash(monkeypatch):
+    """The storage tool reads an id starting with "-" as an option and refuses to format (seen 1 run in 64)."""
+    from streamhydro.brokers import apache
+
+    draws = iter([bytes([0xF8]) + bytes(15), bytes(16)])
+    monkeypatch.setattr(apache.uuid, "uuid4", lambda: type("U", (), {"bytes": next(draws)})())
+    assert apache.new_cluster_id() == "A" * 22

@@ -34,7 +34,7 @@ def test_no_event_is_lost_or_scored_wrong_under_faults(delivery, faults):
     command = [
         sys.executable, str(ROOT / "benchmarks" / "faults.py"),
         "--events", "20000", "--faults", str(faults), "--rate", "100", "--stall-seconds", "10", "--seed", "11",
-        "--delivery", delivery,
+        "--delivery", delivery, "--source", "python" if delivery == "exactly_once" else "builtin",
     ]
     # On a timeout subprocess.run SIGKILLs the benchmark; its broker and serve die with it (parent-death signal).
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_PER_FAULT_S * faults, check=False)

@@ -145,7 +145,7 @@ class ApacheKafkaBroker(BrokerProcess):
         server.write_text("".join(f"{key}={value}\n" for key, value in self._properties().items()))
         if (self.work_dir / "logs" / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         scram = [
             arg
             for user, password in self.scram_users.items()
@@ -169,3 +169,12 @@ class ApacheKafkaBroker(BrokerProcess):
         super().__exit__(*exc_info)
         if self._owns_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def new_cluster_id() -> str:
+    """A random cluster id as Kafka makes them: a UUID in URL-safe base64, never starting with "-"
+    (the storage tool would read it as an option; Kafka's ``Uuid.randomUuid`` draws again too)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id

@@ -51,7 +51,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--rate", type=float, default=None, help="events per second (default: 2000 interactive, unthrottled with --events)")
     add_event_arguments(parser)
     parser.add_argument("--broker", choices=("kafka", "tansu"), default="kafka", help="local broker: Apache Kafka (Java, the jar cache) or Tansu (no Java, in memory, not for live streams of small batches) (default %(default)s)")
-    parser.add_argument("--source", choices=("python", "builtin"), default="python", help="Kafka connector, as kafka.source in serve's config (default %(default)s)")
+    parser.add_argument("--source", choices=("builtin", "python"), default="builtin", help="Kafka connector, as kafka.source in serve's config (default %(default)s)")
     parser.add_argument("--master", default="local[2]", help="Spark master (default %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=9108, help="port of the metrics endpoint; 0 = any free port (default %(default)s)")
     parser.set_defaults(run=_run)
@@ -84,7 +84,7 @@ def run_demo(
     master: str,
     metrics_port: int = 9108,
     broker: str = "kafka",
-    source: str = "python",
+    source: str = "builtin",
 ) -> dict[str, Any]:
     """Run the demo; returns the summary. ``events=None`` runs until SIGINT/SIGTERM."""
     from streamhydro.brokers import BROKERS
@@ -96,8 +96,8 @@ def run_demo(
     kafka_settings = {"subscribe": INPUT_TOPIC, "source": source}
     if broker == "tansu":
         if source == "builtin":
-            raise ConfigError("--source", "builtin cannot read from Tansu: its ListOffsets answer is wrong", "use --source python, or --broker kafka")
-        kafka_settings.update(source="python", end_offsets_from="fetch")
+            raise ConfigError("--source", "builtin cannot read from Tansu: its ListOffsets answer is wrong", "add --source python, or use --broker kafka")
+        kafka_settings.update(end_offsets_from="fetch")
     stop = threading.Event()
     with tempfile.TemporaryDirectory(prefix="streamhydro-demo-") as work, BROKERS[broker]() as running:
         config = Config().replace(
