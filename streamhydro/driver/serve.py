@@ -161,19 +161,19 @@ class Service:
                 .foreachBatch(self._process_batch)
                 .start()
             )
+            self._query_started.set()
+            log.info(
+                "%s: %s via %s connector -> %s (dead letters -> %s), checkpoint %s",
+                QUERY_STARTED,
+                c.kafka.subscribe or c.kafka.subscribe_pattern or c.kafka.assign,
+                "Spark's built-in" if self.connector == "builtin" else "streamhydro's Python",
+                c.kafka.output_topic, c.kafka.dead_letter_topic, c.spark.checkpoint_location,
+            )
             try:
                 warming.result()
             except BaseException:
                 self.query.stop()
                 raise
-        self._query_started.set()
-        log.info(
-            "%s: %s via %s connector -> %s (dead letters -> %s), checkpoint %s",
-            QUERY_STARTED,
-            c.kafka.subscribe or c.kafka.subscribe_pattern or c.kafka.assign,
-            "Spark's built-in" if self.connector == "builtin" else "streamhydro's Python",
-            c.kafka.output_topic, c.kafka.dead_letter_topic, c.spark.checkpoint_location,
-        )
         return self.query
 
     def run(self) -> int:
