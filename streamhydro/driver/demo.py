@@ -101,7 +101,9 @@ def run_demo(
     stop = threading.Event()
     with tempfile.TemporaryDirectory(prefix="streamhydro-demo-") as work, BROKERS[broker]() as running:
         config = Config().replace(
-            spark={"master": master, "app_name": "streamhydro-demo", "checkpoint_location": f"{work}/checkpoint"},
+            # Spark's console progress bar would interleave with the demo's own progress line.
+            spark={"master": master, "app_name": "streamhydro-demo", "checkpoint_location": f"{work}/checkpoint",
+                   "conf": {"spark.ui.showConsoleProgress": "false"}},
             kafka={"bootstrap_servers": running.bootstrap_servers, **kafka_settings},
             model={"registry": registry, "name": model, "version": "promoted", "payload": payload},
             # local Spark assigns no GPUs, so scoring runs on the CPU, where pipelining does not pay.
