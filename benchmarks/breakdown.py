@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from end_to_end import wait_until
 
 from streamhydro.brokers import ApacheKafkaBroker
 from streamhydro.config import Config
@@ -112,7 +113,7 @@ def run_connector(connector: str, bootstrap: str, args: argparse.Namespace) -> d
             warm_up = LoadGenerator(client_for(bootstrap), source, model.manifest, seed=1)
             warm_up.run(200, None, threading.Event())
             warm_up.close()
-            _wait(lambda: reader.distinct >= 200, "warm-up predictions")
+            wait_until(lambda: reader.distinct >= 200, DEADLINE_S, "warm-up predictions")
             for rate in (float(r) for r in args.rates.split(",")):
                 count = int(rate * args.seconds)
                 phases[f"live_{rate:g}"] = phase(service, reader, bootstrap, source, model.manifest, count, rate)
@@ -131,7 +132,7 @@ def phase(service: Service, reader: OutputReader, bootstrap: str, source: str, m
     started = time.monotonic()
     producer.run(count, rate, threading.Event())
     producer.close()
-    _wait(lambda: reader.distinct >= seen + count, f"{count} predictions")
+    wait_until(lambda: reader.distinct >= seen + count, DEADLINE_S, f"{count} predictions")
     elapsed = time.monotonic() - started
     progress = [p for p in service.query.recentProgress if p["batchId"] > before_batch]
     return {
@@ -209,14 +210,6 @@ def _millis(timestamp: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp() * 1000
-
-
-def _wait(condition, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"deadline: {what} not reached within {DEADLINE_S} s")
-        time.sleep(0.1)
 
 
 if __name__ == "__main__":

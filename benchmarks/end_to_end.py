@@ -65,16 +65,27 @@ CONTENDERS = ("ceiling", "serve_python", "serve_builtin", "peer")
 IDLE_POLL_S = 0.005
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str, latency_rate: float, max_offsets: int) -> argparse.ArgumentParser:
+    """The options every end-to-end benchmark takes (this one and ``delivery.py``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=400_000)
-    parser.add_argument("--latency-rate", type=float, default=5000.0)
+    parser.add_argument("--latency-rate", type=float, default=latency_rate)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
-    parser.add_argument("--max-offsets-per-trigger", type=int, default=100_000)
+    parser.add_argument("--max-offsets-per-trigger", type=int, default=max_offsets)
     parser.add_argument("--deadline-seconds", type=float, default=600.0)
     parser.add_argument("--registry", default="models")
     parser.add_argument("--model", default="breast_cancer")
-    args = parser.parse_args()
+    return parser
+
+
+def backlog(bootstrap: str, manifest, events: int) -> None:
+    """``events`` events in topic ``events`` (the throughput phase's input), before any query starts."""
+    ensure_topics(client_for(bootstrap), {"events": PARTITIONS})
+    LoadGenerator(client_for(bootstrap), "events", manifest).run(events, None, threading.Event())
+
+
+def main() -> None:
+    args = arguments(__doc__, latency_rate=5000.0, max_offsets=100_000).parse_args()
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
     model = Registry(args.registry).get(args.model, "promoted")
@@ -84,8 +95,7 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     with ApacheKafkaBroker() as broker, tempfile.TemporaryDirectory(prefix="streamhydro-bench-") as work:
         bootstrap = broker.bootstrap_servers
-        ensure_topics(client_for(bootstrap), {"events": PARTITIONS})
-        LoadGenerator(client_for(bootstrap), "events", model.manifest).run(args.events, None, threading.Event())
+        backlog(bootstrap, model.manifest, args.events)
         for name in CONTENDERS:
             start = contender(name, spark, bootstrap, model, args, work)
             rows[name] = {
@@ -96,14 +106,8 @@ def main() -> None:
     result: dict[str, Any] = {"events": args.events, "max_offsets_per_trigger": args.max_offsets_per_trigger,
                               "latency_rate_per_s": args.latency_rate, "cpus": os.cpu_count(), **rows}
     for name in ("serve_python", "serve_builtin"):
-        mine = rows[name]
         for other in ("peer", "ceiling"):
-            theirs = rows[other]
-            result[f"{name}_vs_{other}"] = {
-                "steady_throughput": ratio(mine["steady_events_per_s"], theirs["steady_events_per_s"]),
-                "latency_p50": ratio(mine["latency_p50_ms"], theirs["latency_p50_ms"]),
-                "latency_p99": ratio(mine["latency_p99_ms"], theirs["latency_p99_ms"]),
-            }
+            result[f"{name}_vs_{other}"] = compared(rows[name], rows[other])
     for key, value in result.items():
         print(f"{key:>28}  {value}", file=sys.stderr)
     print(json.dumps(result))
@@ -113,26 +117,21 @@ def ratio(mine: float | None, theirs: float | None) -> float | None:
     return round(mine / theirs, 3) if mine and theirs else None
 
 
+def compared(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> dict[str, float | None]:
+    """One row's throughput and latency as ratios to another's."""
+    return {
+        "steady_throughput": ratio(mine["steady_events_per_s"], theirs["steady_events_per_s"]),
+        "latency_p50": ratio(mine["latency_p50_ms"], theirs["latency_p50_ms"]),
+        "latency_p99": ratio(mine["latency_p99_ms"], theirs["latency_p99_ms"]),
+    }
+
+
 Starter = Callable[[str, str, str], Callable[[], None]]
 
 
 def contender(name: str, spark, bootstrap: str, model, args: argparse.Namespace, work: str) -> Starter:
     """A function that starts ``name`` reading ``input`` and writing ``output`` (checkpoint under ``tag``)
     and returns the function that stops it."""
-
-    def start_serve(input_topic: str, output_topic: str, tag: str) -> Callable[[], None]:
-        config = Config().replace(
-            spark={"master": "local[2]", "app_name": f"bench-{name}", "checkpoint_location": f"{work}/{name}-{tag}"},
-            kafka={"bootstrap_servers": bootstrap, "subscribe": input_topic, "output_topic": output_topic,
-                   "dead_letter_topic": f"{output_topic}-dlq", "source": name.removeprefix("serve_"),
-                   "max_offsets_per_trigger": args.max_offsets_per_trigger},
-            model={"registry": args.registry, "name": args.model},
-            inference={"providers": ["CPUExecutionProvider"], "pipeline_depth": 0, "batch_size": BATCH_SIZE},
-            metrics={"enabled": False},
-        )
-        service = Service(config)
-        service.start()
-        return service.stop
 
     def start_peer(input_topic: str, output_topic: str, tag: str) -> Callable[[], None]:
         query = peer_query(spark, bootstrap, input_topic, output_topic, f"{work}/{name}-{tag}", model, args.max_offsets_per_trigger)
@@ -141,7 +140,31 @@ def contender(name: str, spark, bootstrap: str, model, args: argparse.Namespace,
     def start_ceiling(input_topic: str, output_topic: str, tag: str) -> Callable[[], None]:
         return ceiling(bootstrap, model, input_topic, output_topic, args.max_offsets_per_trigger // PARTITIONS)
 
-    return {"peer": start_peer, "ceiling": start_ceiling}.get(name, start_serve)
+    if name == "peer":
+        return start_peer
+    if name == "ceiling":
+        return start_ceiling
+    return serve_starter(name, bootstrap, args, work, {"source": name.removeprefix("serve_")})
+
+
+def serve_starter(name: str, bootstrap: str, args: argparse.Namespace, work: str, kafka: Mapping[str, str]) -> Starter:
+    """A Starter of ``serve`` in this process: CPU scoring, sequential, metrics off; ``kafka`` keys on top."""
+
+    def start(input_topic: str, output_topic: str, tag: str) -> Callable[[], None]:
+        config = Config().replace(
+            spark={"master": "local[2]", "app_name": f"bench-{name}", "checkpoint_location": f"{work}/{name}-{tag}"},
+            kafka={"bootstrap_servers": bootstrap, "subscribe": input_topic, "output_topic": output_topic,
+                   "dead_letter_topic": f"{output_topic}-dlq", "max_offsets_per_trigger": args.max_offsets_per_trigger,
+                   **kafka},
+            model={"registry": args.registry, "name": args.model},
+            inference={"providers": ["CPUExecutionProvider"], "pipeline_depth": 0, "batch_size": BATCH_SIZE},
+            metrics={"enabled": False},
+        )
+        service = Service(config)
+        service.start()
+        return service.stop
+
+    return start
 
 
 def ceiling(bootstrap: str, model, input_topic: str, output_topic: str, max_per_range: int) -> Callable[[], None]:
@@ -250,7 +273,8 @@ def peer_query(spark, bootstrap: str, input_topic: str, output_topic: str, check
     )
 
 
-def _wait(condition: Callable[[], bool], seconds: float, what: str) -> None:
+def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    """Poll ``condition`` until it holds; exit the benchmark naming ``what`` after ``seconds``."""
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
@@ -268,7 +292,7 @@ def throughput(start: Starter, bootstrap: str, name: str, args: argparse.Namespa
     started = time.monotonic()
     stop = start("events", output, "backlog")
     try:
-        _wait(lambda: reader.distinct >= args.events, args.deadline_seconds, f"{name}: {args.events} predictions")
+        wait_until(lambda: reader.distinct >= args.events, args.deadline_seconds, f"{name}: {args.events} predictions")
     finally:
         stop()
         reader.stop()
@@ -293,10 +317,10 @@ def latency(start: Starter, bootstrap: str, name: str, manifest, args: argparse.
     count = int(args.latency_rate * args.latency_seconds)
     try:
         warm_up.run(100, None, threading.Event())
-        _wait(lambda: reader.distinct >= 100, args.deadline_seconds, f"{name}: warm-up predictions")
+        wait_until(lambda: reader.distinct >= 100, args.deadline_seconds, f"{name}: warm-up predictions")
         warm = reader.distinct
         live.run(count, args.latency_rate, threading.Event())
-        _wait(lambda: reader.distinct >= warm + count, args.deadline_seconds, f"{name}: live predictions")
+        wait_until(lambda: reader.distinct >= warm + count, args.deadline_seconds, f"{name}: live predictions")
     finally:
         stop()
         warm_up.close()

@@ -13,6 +13,8 @@ from pyspark.sql.types import ArrayType, BinaryType, IntegerType, LongType, Stri
 
 from streamhydro.errors import ConfigError
 from streamhydro.kafka.options import (
+    EMIT_RANGES,
+    EMIT_RECORDS,
     ClientConfig,
     check_jvm_options,
     client_config,
@@ -28,6 +30,7 @@ from streamhydro.kafka.options import (
 from streamhydro.kafka.planning import OffsetRange, admit, cap, ranges, regressions, split_limit
 from streamhydro.kafka.reading import reader_config
 from streamhydro.kafka.records import (
+    ARROW_RANGE_SCHEMA,
     ARROW_SCHEMA,
     HEADER_TYPE,
     KAFKA_SCHEMA,
@@ -35,6 +38,8 @@ from streamhydro.kafka.records import (
     headers_array,
     headers_lists,
     outgoing,
+    range_batch,
+    ranges_of,
     to_record_batch,
     validate_sink_schema,
 )
@@ -372,3 +377,18 @@ def test_split_limit_invariants_over_random_inputs():
         assert all(0 <= shares[tp] <= available[tp] for tp in available)
         if sum(1 for n in available.values() if n > 0) <= max_rows:
             assert all(shares[tp] >= 1 for tp, n in available.items() if n > 0)
+
+
+def test_the_source_emits_records_by_default_or_ranges_and_refuses_anything_else():
+    assert parse_source_options({**BOOT, "subscribe": "t"}).emit == EMIT_RECORDS
+    assert parse_source_options({**BOOT, "subscribe": "t", "emit": "Ranges"}).emit == EMIT_RANGES
+    with pytest.raises(ConfigError) as refused:
+        parse_source_options({**BOOT, "subscribe": "t", "emit": "rows"})
+    assert refused.value.key == "emit"
+
+
+def test_ranges_travel_as_rows_and_back():
+    offsets = [OffsetRange("events", 0, 10, 250), OffsetRange("other", 3, 0, 1)]
+    batch = range_batch(offsets)
+    assert batch.schema == ARROW_RANGE_SCHEMA
+    assert ranges_of(batch) == offsets

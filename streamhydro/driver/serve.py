@@ -30,7 +30,7 @@ from typing import Any
 
 from streamhydro.config import Config, load, reference
 from streamhydro.errors import ConfigError, StreamhydroError
-from streamhydro.kafka.options import EMIT_RANGES, EXACTLY_ONCE
+from streamhydro.kafka.options import EMIT, EMIT_RANGES, EXACTLY_ONCE
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ JARS = "spark.jars"
 PACKAGES = "spark.jars.packages"
 STOP_POLL_SECONDS = 0.2
 SPECULATION = "spark.speculation"
-EMIT = "emit"
 # The log line that says the query runs; supervisors and tests wait for it.
 QUERY_STARTED = "query started"
 

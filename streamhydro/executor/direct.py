@@ -23,6 +23,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 
 import pyarrow as pa
+from pyspark.sql.types import LongType, StructField, StructType
 
 from streamhydro.executor.scoring import ScoringPlan, score_partition
 from streamhydro.executor.sessions import TaskResources
@@ -30,23 +31,15 @@ from streamhydro.kafka import clients
 from streamhydro.kafka.options import ClientConfig
 from streamhydro.kafka.planning import OffsetRange
 from streamhydro.kafka.reading import read_range, reader_config
-from streamhydro.kafka.records import ranges_of
+from streamhydro.kafka.records import ARROW_RANGE_SCHEMA, RANGE_SCHEMA, ranges_of
 from streamhydro.kafka.transactions import produce_exactly_once
 from streamhydro.kafka.writing import produce_batches
 from streamhydro.metrics.executor import observe_delivery_wait
 
 # One row per task: the range it read and how many records it wrote (0 for a range an earlier attempt
 # had written transactionally).
-SUMMARY_SCHEMA = "topic string, partition int, from_offset long, until_offset long, written long"
-_ARROW_SUMMARY = pa.schema(
-    [
-        pa.field("topic", pa.string()),
-        pa.field("partition", pa.int32()),
-        pa.field("from_offset", pa.int64()),
-        pa.field("until_offset", pa.int64()),
-        pa.field("written", pa.int64()),
-    ]
-)
+SUMMARY_SCHEMA = StructType([*RANGE_SCHEMA.fields, StructField("written", LongType())])
+_ARROW_SUMMARY = ARROW_RANGE_SCHEMA.append(pa.field("written", pa.int64()))
 
 
 @dataclasses.dataclass(frozen=True)

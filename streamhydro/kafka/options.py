@@ -401,6 +401,8 @@ def _bool(lowered: Mapping[str, str], key: str, display: str, default: bool) -> 
 
 END_OFFSETS_FETCH = "fetch"
 END_OFFSETS_LIST = "listOffsets"
+# The source option that chooses its rows (lowercase, as options are compared) and its values.
+EMIT = "emit"
 EMIT_RECORDS = "records"
 EMIT_RANGES = "ranges"
 
@@ -441,9 +443,9 @@ def parse_source_options(options: Mapping[str, str]) -> SourceOptions:
     end_offsets = lowered.get("endoffsetsfrom", END_OFFSETS_LIST)
     if end_offsets.lower() not in (END_OFFSETS_FETCH.lower(), END_OFFSETS_LIST.lower()):
         raise ConfigError("endOffsetsFrom", f"{end_offsets!r} is unknown", "use listOffsets (default) or fetch")
-    emit = lowered.get("emit", EMIT_RECORDS).strip().lower()
+    emit = lowered.get(EMIT, EMIT_RECORDS).strip().lower()
     if emit not in (EMIT_RECORDS, EMIT_RANGES):
-        raise ConfigError("emit", f"{emit!r} is unknown", f"use {EMIT_RECORDS} (default) or {EMIT_RANGES}")
+        raise ConfigError(EMIT, f"{emit!r} is unknown", f"use {EMIT_RECORDS} (default) or {EMIT_RANGES}")
     return SourceOptions(
         client=client_config(options),
         subscription=parse_subscription(options),
