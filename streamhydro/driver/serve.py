@@ -71,7 +71,7 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="TOML configuration (defaults apply to missing keys)")
-    parser.set_defaults(run=_run)
+    parser.set_defaults(run=_run, third_party_log="streamhydro-serve.log")
 
 
 def _run(args: argparse.Namespace) -> int:
