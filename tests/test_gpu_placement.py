@@ -305,3 +305,15 @@ def test_preload_runs_once_before_sessions_on_cuda_builds_only(caplog):
         sessions._preload_gpu_libraries(cpu)
     assert calls == [cuda]
     assert "libcudnn.so.9" in caplog.text
+
+
+def test_gpu_tests_skip_without_a_gpu_or_the_gpu_build_and_fail_when_the_cpu_build_shadows_it():
+    from test_gpu import verdict
+
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert verdict(0, ["onnxruntime-gpu 1.31.1"], cuda)[0] == "skip"
+    assert verdict(1, ["onnxruntime 1.32.0"], ["CPUExecutionProvider"])[0] == "skip"
+    assert verdict(1, [], None)[0] == "skip"
+    action, why = verdict(2, ["onnxruntime 1.32.0", "onnxruntime-gpu 1.31.1"], ["CPUExecutionProvider"])
+    assert action == "fail" and "shadows" in why and "streamhydro[gpu]" in why
+    assert verdict(1, ["onnxruntime-gpu 1.31.1"], cuda) == ("run", "")
