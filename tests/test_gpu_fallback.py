@@ -164,3 +164,13 @@ def test_tf32_differences_need_the_tf32_tolerance_and_float32_ones_do_not():
     assert FLOAT32.close(exact, cpu).all()
     assert not FLOAT32.close(tf32, cpu).all()
     assert TF32.close(tf32, cpu).all() and TF32.excess(tf32, cpu) <= 0 < FLOAT32.excess(tf32, cpu)
+
+
+def test_a_session_made_under_other_gpu_settings_is_not_reused(cuda_that_fails_to_load):
+    data, manifest = softmax_model([feature_spec("x", 4)])
+    allowed = dataclasses.replace(CUDA_FIRST, allow_cpu_fallback=True)
+    first = sessions.get_session(manifest, Holder(data), "json", _gpu_task(allowed), allowed)
+    tf32 = dataclasses.replace(allowed, allow_tf32=True)
+    assert sessions.get_session(manifest, Holder(data), "json", _gpu_task(tf32), tf32) is not first
+    with pytest.raises(CpuFallbackError):
+        sessions.get_session(manifest, Holder(data), "json", _gpu_task(CUDA_FIRST), CUDA_FIRST)

@@ -264,7 +264,8 @@ def get_session(manifest: Manifest, model_bytes: Any, payload: str, placement: P
     read when the session has to be created.
     """
     key = (manifest.sha256, placement.device, placement.providers, placement.intra_op_threads, settings.gpu_mem_limit_bytes,
-           settings.gpu_share)
+           settings.gpu_share, settings.allow_tf32, settings.allow_cpu_fallback, settings.tensorrt_cache_dir,
+           settings.batch_size if TENSORRT_PROVIDER in placement.providers else None)
     with _lock:
         cached = _sessions.get(key)
         if cached is not None:
