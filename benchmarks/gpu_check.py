@@ -11,8 +11,8 @@ and, for the all-reduce, torch; it imports nothing that imports pyspark. Prints 
 * ``models``: for the demo model (``models/breast_cancer/1``) and a compute-bound model made here (a wide
   MLP whose hidden layers share one weight matrix: hundreds of MFLOP per row, a small file), on the CPU
   and on GPU 0: rows/s sequential (``pipeline_depth`` 0) and pipelined (2), seconds per engine stage
-  (decode, h2d, compute, d2h, encode, from the engine's BatchStats), and on the GPU its busy % and peak
-  memory used (NVML, sampled every 50 ms); ``gpu_over_cpu``; GPU vs CPU scores on the same rows against
+  (decode, h2d, compute, d2h, encode, from the engine's BatchStats), and on the GPU its busy % and memory
+  used before and at peak (NVML, whole device, sampled every 50 ms); ``gpu_over_cpu``; GPU vs CPU scores on the same rows against
   :func:`streamhydro.precision.score_tolerance`.
 * ``gpu_tests``: ``pytest -m gpu`` on the test files that hold GPU tests.
 * ``allreduce``: the trainer's nccl group (2 ranks, one GPU each) summing a tensor, when 2 GPUs exist.
@@ -164,7 +164,8 @@ class GpuSampler:
         device = dict(spark_addresses(pynvml.nvmlDeviceGetCount()))[address]
         self._handle = nvml_handle(pynvml, device)
         self._busy: list[int] = []
-        self.peak_memory_bytes = 0
+        self.memory_before_bytes = int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+        self.peak_memory_bytes = self.memory_before_bytes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -209,6 +210,7 @@ def measure(data: bytes, manifest: Any, table: pa.Table, providers: tuple[str, .
         }
         if sampler is not None:
             result[name]["gpu_busy_percent"] = sampler.busy_percent
+            result[name]["memory_used_before_bytes"] = sampler.memory_before_bytes
             result[name]["peak_memory_used_bytes"] = sampler.peak_memory_bytes
     result["pipelined_over_sequential"] = round(result["pipelined"]["rows_per_s"] / result["sequential"]["rows_per_s"], 3)
     return result, scores
