@@ -51,6 +51,7 @@ from typing import Any
 
 from streamhydro.audit import OutcomeLedger, check_events
 from streamhydro.brokers import ApacheKafkaBroker, BrokerConfig
+from streamhydro.config import load
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.options import client_for
 from streamhydro.outputs import topic_ends
@@ -234,7 +235,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         ledger.stop()
         read_to_end = ledger.catch_up(idle_s=5.0, timeout_s=READ_BACK_S)
-        check = check_events(client, EVENTS, ends, ledger, model, READ_BACK_S)
+        # Scores are held to the tolerance of the service's own inference.allow_tf32.
+        check = check_events(client, EVENTS, ends, ledger, model, READ_BACK_S, load(serve.config).inference.allow_tf32)
         bad_sent = sum(sum(g.bad.values()) for g in generators)
         result = {
             "events": total,

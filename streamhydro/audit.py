@@ -33,14 +33,12 @@ import numpy as np
 from streamhydro.kafka.options import ClientConfig
 from streamhydro.payload import HEADER_ERROR_CLASS, HEADER_ORIGIN_OFFSET, HEADER_ORIGIN_PARTITION, HEADER_ORIGIN_TOPIC
 from streamhydro.payload.decoding import MAX_VALUE_BYTES
+from streamhydro.precision import Tolerance, score_tolerance
 from streamhydro.registry import Manifest, ModelVersion
 
 NONE, PREDICTION, DEAD_LETTER = 0, 1, 2
 _POLL_S = 0.2
 _BATCH = 10_000
-# Scores are written as JSON numbers from float32: compare with a float32-sized tolerance.
-RTOL = 1e-4
-ATOL = 1e-5
 
 
 def _digest(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None) -> int:
@@ -252,9 +250,13 @@ class EventCheck:
     unexpected_dead_letters: int = 0
 
 
-def check_events(client: ClientConfig, topic: str, ends: Mapping[tuple[str, int], int], ledger: OutcomeLedger, model: ModelVersion, timeout_s: float) -> EventCheck:
+def check_events(
+    client: ClientConfig, topic: str, ends: Mapping[tuple[str, int], int], ledger: OutcomeLedger, model: ModelVersion, timeout_s: float,
+    allow_tf32: bool = False,
+) -> EventCheck:
     """Read the events below ``ends`` in chunks and check each one's outcome in ``ledger`` (see the module
-    docstring). Raises TimeoutError when the events could not be read within ``timeout_s``."""
+    docstring). Scores are compared within :func:`streamhydro.precision.score_tolerance` of the service's
+    ``inference.allow_tf32``. Raises TimeoutError when the events could not be read within ``timeout_s``."""
     import onnxruntime as ort
     from confluent_kafka import Consumer, TopicPartition
 
@@ -277,7 +279,7 @@ def check_events(client: ClientConfig, topic: str, ends: Mapping[tuple[str, int]
                 if message.error() is None and tp in remaining and message.offset() < ends[tp]:
                     by_partition.setdefault(tp, []).append(message)
             for tp, messages in by_partition.items():
-                _check_chunk(tp, messages, ledger, manifest, session, check)
+                _check_chunk(tp, messages, ledger, manifest, session, check, score_tolerance(allow_tf32))
                 if messages[-1].offset() + 1 >= ends[tp]:
                     del remaining[tp]
     finally:
@@ -285,7 +287,10 @@ def check_events(client: ClientConfig, topic: str, ends: Mapping[tuple[str, int]
     return check
 
 
-def _check_chunk(position: tuple[str, int], messages: list[Any], ledger: OutcomeLedger, manifest: Manifest, session: Any, check: EventCheck) -> None:
+def _check_chunk(
+    position: tuple[str, int], messages: list[Any], ledger: OutcomeLedger, manifest: Manifest, session: Any, check: EventCheck,
+    tolerance: Tolerance,
+) -> None:
     offsets = np.array([m.offset() for m in messages], np.int64)
     outcome, scores = ledger.outcomes(position, offsets)
     inputs = [reference_inputs(m.value(), manifest) for m in messages]
@@ -302,6 +307,6 @@ def _check_chunk(position: tuple[str, int], messages: list[Any], ledger: Outcome
         for spec in manifest.inputs
     }
     expected = session.run([manifest.scores_output.name], feeds)[0].reshape(len(predicted), -1)
-    same = np.isclose(scores[predicted], expected, rtol=RTOL, atol=ATOL, equal_nan=True).all(axis=1)
+    same = tolerance.close(scores[predicted], expected).all(axis=1)
     check.compared += len(predicted)
     check.wrong_predictions += int(np.count_nonzero(~same))

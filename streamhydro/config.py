@@ -160,6 +160,21 @@ class InferenceSettings:
         "GPU memory arena limit per session in MiB; 0 = the task's share: spark.task_gpus x the GPU's memory x 0.8.",
         default=0,
     )
+    allow_tf32: bool = doc(
+        "Let the CUDA provider use TF32 for float32 matrix products: faster on Ampere and later GPUs, but scores "
+        "then agree with the CPU to about three decimals (docs/inference.md, Precision).",
+        default=False,
+    )
+    allow_cpu_fallback: bool = doc(
+        "When Spark assigned a GPU but ONNX Runtime cannot use it (CPU build installed, CUDA libraries missing), "
+        "score on the CPU with a warning and a metric per batch instead of failing the task (and serve's start).",
+        default=False,
+    )
+    tensorrt_cache_dir: str = doc(
+        "Where the TensorRT provider keeps the engines it builds (one build per model and batch-size profile); "
+        "\"\" = streamhydro-tensorrt under the executors' temp dir.",
+        default="",
+    )
 
 
 @dataclasses.dataclass(frozen=True)

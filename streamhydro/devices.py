@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from streamhydro.errors import StreamhydroError
 
@@ -96,26 +97,56 @@ def nvml_uuids() -> list[str]:
         pynvml.nvmlShutdown()
 
 
-def device_memory_bytes(ordinal: int, environ: Mapping[str, str] | None = None) -> int | None:
-    """Total memory of CUDA device ``ordinal`` of this process, read through NVML; None without NVML."""
-    import pynvml
+def device_memory_bytes(ordinal: int, environ: Mapping[str, str] | None = None, nvml: Any = None) -> int | None:
+    """Total memory of CUDA device ``ordinal`` of this process, read through NVML; None without NVML.
+
+    A MIG instance is measured on its own NVML handle (:func:`nvml_handle`), not on its parent GPU's.
+    """
+    if nvml is None:
+        import pynvml as nvml
 
     environ = os.environ if environ is None else environ
     visible = visible_entries(environ)
     try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
+        nvml.nvmlInit()
+    except nvml.NVMLError:
         return None
     try:
         entry: int | str = ordinal if visible is None else visible[ordinal]
         if isinstance(entry, str) and entry.isdigit():
             entry = int(entry)
-        handle = pynvml.nvmlDeviceGetHandleByIndex(entry) if isinstance(entry, int) else pynvml.nvmlDeviceGetHandleByUUID(entry)
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
-    except (pynvml.NVMLError, IndexError):
+        return int(nvml.nvmlDeviceGetMemoryInfo(nvml_handle(nvml, entry)).total)
+    except (nvml.NVMLError, IndexError, LookupError):
         return None
     finally:
-        pynvml.nvmlShutdown()
+        nvml.nvmlShutdown()
+
+
+def nvml_handle(nvml: Any, device: int | str) -> Any:
+    """The NVML handle of ``device``: an NVML index, a GPU UUID, or a MIG instance UUID (``MIG-...``).
+
+    A MIG instance's handle comes from its parent's MIG device list, matched by UUID: that handle reports the
+    slice's memory, where a lookup by UUID may answer with the parent GPU. Raises LookupError for a MIG UUID
+    no GPU of this host holds.
+    """
+    if isinstance(device, int):
+        return nvml.nvmlDeviceGetHandleByIndex(device)
+    if not device.startswith("MIG-"):
+        return nvml.nvmlDeviceGetHandleByUUID(device)
+    for index in range(nvml.nvmlDeviceGetCount()):
+        parent = nvml.nvmlDeviceGetHandleByIndex(index)
+        try:
+            slots = nvml.nvmlDeviceGetMaxMigDeviceCount(parent)
+        except nvml.NVMLError:
+            continue
+        for slot in range(slots):
+            try:
+                instance = nvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, slot)
+            except nvml.NVMLError:
+                continue
+            if _text(nvml.nvmlDeviceGetUUID(instance)) == device:
+                return instance
+    raise LookupError(f"no GPU of this host has MIG instance {device}")
 
 
 def spark_addresses(count: int, environ: Mapping[str, str] | None = None) -> list[tuple[str, int | str]]:

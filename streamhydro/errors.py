@@ -29,6 +29,21 @@ class ModelError(StreamhydroError):
         super().__init__(f"model {model}: {problem}")
 
 
+class CpuFallbackError(StreamhydroError):
+    """A task Spark assigned a GPU got an ONNX Runtime session without a GPU provider, and
+    ``inference.allow_cpu_fallback`` is off: scoring on the CPU would hold the GPU and leave it idle."""
+
+    def __init__(self, requested_device: str, providers: tuple[str, ...], available: tuple[str, ...], cause: str, fix: str) -> None:
+        self.requested_device = requested_device
+        self.providers = providers
+        self.available = available
+        self.cause = cause
+        self.fix = fix
+        super().__init__(
+            f"task assigned {requested_device} but its ONNX Runtime session runs on {list(providers)}: {cause}. Fix: {fix}"
+        )
+
+
 class KafkaError(StreamhydroError):
     """The Kafka connector could not read or deliver records."""
 

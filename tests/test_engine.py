@@ -209,7 +209,7 @@ def test_cuda_request_on_a_cpu_build_falls_back_visibly(model, caplog, monkeypat
         pytest.skip("this onnxruntime build has CUDA: the fallback cannot be seen here (test_gpu covers the real path)")
     monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     data, manifest = model
-    settings_ = EngineSettings(providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    settings_ = EngineSettings(providers=("CUDAExecutionProvider", "CPUExecutionProvider"), allow_cpu_fallback=True)
     placement = sessions.place(settings_, sessions.TaskResources(gpu_addresses=("1",), cpus=1))
     sessions.clear_sessions()
     with caplog.at_level(logging.WARNING, logger="streamhydro.executor.sessions"):

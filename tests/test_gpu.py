@@ -1,4 +1,9 @@
-"""The engine on a real NVIDIA GPU. Skips cleanly without one; needs no pyspark (GPU hosts have none)."""
+"""The engine on a real NVIDIA GPU. No pyspark (GPU hosts have none).
+
+Skips cleanly on a host without an NVIDIA GPU, and on one without onnxruntime-gpu. Fails, rather than skips,
+where a GPU is present and onnxruntime-gpu is installed but the imported ``onnxruntime`` has no CUDA provider:
+the CPU build shadows the GPU build, and serving there would silently score on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -15,17 +20,58 @@ pytestmark = pytest.mark.gpu
 CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+def nvidia_gpus() -> int:
+    """GPUs NVML (or, without nvidia-ml-py, nvidia-smi) lists on this host."""
+    try:
+        import pynvml
+    except ImportError:
+        if shutil.which("nvidia-smi") is None:
+            return 0
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True)
+        return len(listed.stdout.split()) if listed.returncode == 0 else 0
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def verdict(gpus: int, installed: list[str], providers: list[str] | None) -> tuple[str, str]:
+    """("skip" | "fail" | "run", why) for a host with ``gpus`` GPUs, these ONNX Runtime distributions installed, and
+    the imported onnxruntime offering ``providers`` (None: onnxruntime does not import)."""
+    if not gpus:
+        return "skip", "no NVIDIA GPU on this host"
+    if providers is None or not any(build.startswith("onnxruntime-gpu ") for build in installed):
+        return "skip", f"onnxruntime-gpu is not installed (found {installed or 'no ONNX Runtime'}): pip install 'streamhydro[gpu]'"
+    if "CUDAExecutionProvider" not in providers:
+        return "fail", (
+            f"{gpus} GPU(s) and onnxruntime-gpu are here, but the imported onnxruntime offers {providers}: the CPU build "
+            f"shadows the GPU build (installed: {installed}). Fix: pip uninstall -y onnxruntime onnxruntime-gpu, then "
+            "pip install 'streamhydro[gpu]'"
+        )
+    return "run", ""
+
+
 @pytest.fixture(scope="module")
 def gpu_count() -> int:
-    ort = pytest.importorskip("onnxruntime")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU host)")
-    if shutil.which("nvidia-smi") is None:
-        pytest.skip("no nvidia-smi: no NVIDIA GPU on this host")
-    listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True)
-    if listed.returncode != 0 or not listed.stdout.split():
-        pytest.skip("nvidia-smi lists no GPU")
-    return len(listed.stdout.split())
+    from streamhydro.executor.sessions import installed_builds
+
+    count = nvidia_gpus()
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        providers = None
+    else:
+        providers = ort.get_available_providers()
+    action, why = verdict(count, installed_builds(), providers)
+    if action == "skip":
+        pytest.skip(why)
+    if action == "fail":
+        pytest.fail(why)
+    return count
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +80,7 @@ def pci_order(monkeypatch):
     monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
 
 
-def _score(providers, addresses, depth):
+def _score(providers, addresses, depth, allow_tf32=False):
     from streamhydro.executor.engine import EngineSettings
     from streamhydro.executor.scoring import ScoringPlan, score_partition
     from streamhydro.executor.sessions import TaskResources
@@ -42,7 +88,8 @@ def _score(providers, addresses, depth):
     data, manifest = softmax_model([feature_spec("x", 16)], seed=4)
     rows = np.random.default_rng(0).normal(size=(5000, 16)).astype(np.float32)
     batches = [kafka_batch(json_values(manifest, rows[i : i + 700]), first_offset=i) for i in range(0, 5000, 700)]
-    settings = EngineSettings(providers=providers, batch_size=512, pipeline_depth=depth, gpu_mem_limit_bytes=1 << 30)
+    settings = EngineSettings(providers=providers, batch_size=512, pipeline_depth=depth, gpu_mem_limit_bytes=1 << 30,
+                              allow_tf32=allow_tf32)
     plan = ScoringPlan(manifest, Holder(data), "json", "o", "d", settings)
     stats = []
     out = list(score_partition(plan, iter(batches), stats.append, resources=TaskResources(addresses, 2)))
@@ -51,21 +98,38 @@ def _score(providers, addresses, depth):
     return np.array([list(d["prediction"]["scores"].values()) for d in docs]), stats[0]
 
 
-@pytest.mark.parametrize("depth", [0, 2])
-def test_cuda_provider_is_used_on_the_requested_device_and_matches_cpu(gpu_count, depth):
+@pytest.mark.parametrize(("depth", "allow_tf32"), [(0, False), (2, False), (2, True)])
+def test_cuda_provider_is_used_on_the_requested_device_and_matches_cpu(gpu_count, depth, allow_tf32):
     from streamhydro.executor import sessions
+    from streamhydro.precision import score_tolerance
 
     device = str(gpu_count - 1)
-    gpu_scores, gpu_stats = _score(CUDA, (device,), depth)
+    gpu_scores, gpu_stats = _score(CUDA, (device,), depth, allow_tf32)
     cpu_scores, cpu_stats = _score(("CPUExecutionProvider",), (), depth)
     assert gpu_stats.providers[0] == "CUDAExecutionProvider"
     assert gpu_stats.requested_device == gpu_stats.device == f"cuda:{device}"
     assert cpu_stats.device == "cpu"
     cached = [s for s in sessions._sessions.values() if s.device == f"cuda:{device}"]
-    assert cached and cached[0].session.get_provider_options()["CUDAExecutionProvider"]["device_id"] == device
-    np.testing.assert_allclose(gpu_scores, cpu_scores, rtol=1e-4, atol=1e-6)
+    options = cached[-1].session.get_provider_options()["CUDAExecutionProvider"]
+    assert options["device_id"] == device and options["use_tf32"] == str(int(allow_tf32))
+    tolerance = score_tolerance(allow_tf32)
+    worst = float(np.abs(gpu_scores - cpu_scores).max())
+    assert tolerance.excess(gpu_scores, cpu_scores) <= 0, f"max |GPU - CPU| = {worst:.3g} beyond {tolerance}"
 
 
 def test_no_assignment_stays_off_the_gpu(gpu_count):
     _, stats = _score(CUDA, (), 2)
     assert stats.device == "cpu" and "CUDAExecutionProvider" not in stats.providers
+
+
+def test_a_session_that_lost_the_gpu_fails_the_task(gpu_count, monkeypatch):
+    """A GPU task whose session ends up on the CPU (here: only the CPU provider offered) fails by default."""
+    import onnxruntime as ort
+
+    from streamhydro.errors import CpuFallbackError
+    from streamhydro.executor import sessions
+
+    sessions.clear_sessions()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(CpuFallbackError):
+        _score(CUDA, ("0",), 0)

@@ -18,11 +18,16 @@ from streamhydro.devices import DeviceError, cuda_ordinal
 from streamhydro.executor import sessions
 from streamhydro.executor.engine import EngineSettings
 from streamhydro.executor.sessions import Placement, TaskResources
+from streamhydro.registry import TensorSpec
 
 DISCOVERY = Path(__file__).parent.parent / "deploy" / "gpu" / "get_gpus_resources.sh"
 PCI = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 HOST_UUIDS = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]
-GPU_SETTINGS = EngineSettings(providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"))
+# The fake GPU build below runs every session on the CPU: these tests look at the options asked for, so the
+# fallback that follows is allowed (tests/test_gpu_fallback.py covers refusing it).
+GPU_SETTINGS = EngineSettings(
+    providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"), allow_cpu_fallback=True
+)
 
 
 def test_ordinals_need_pci_order():
@@ -117,7 +122,7 @@ def test_every_gpu_provider_gets_the_tasks_device(gpu_build):
     sessions._create(manifest, data, "json", _placement("1"), GPU_SETTINGS)
     (asked,) = gpu_build.asked
     options = _by_name(asked)
-    assert options["TensorrtExecutionProvider"] == {"device_id": 1}
+    assert options["TensorrtExecutionProvider"]["device_id"] == 1
     assert options["CUDAExecutionProvider"]["device_id"] == 1
     assert "CPUExecutionProvider" in options
 
@@ -166,10 +171,149 @@ def test_trainer_refuses_more_than_one_gpu_per_rank():
 
 def test_gpu_extra_does_not_bring_the_cpu_build():
     """Both builds write the package ``onnxruntime``: the base dependencies must not name either."""
+    import re
     import tomllib
 
     project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
     assert not [d for d in project["dependencies"] if d.startswith("onnxruntime")]
     extras = project["optional-dependencies"]
-    assert [d.split(">")[0] for d in extras["cpu"]] == ["onnxruntime"]
-    assert [d.split(">")[0] for d in extras["gpu"]] == ["onnxruntime-gpu"]
+    name = lambda requirement: re.split(r"[\[<>=~ ;]", requirement)[0]  # noqa: E731
+    assert [name(d) for d in extras["cpu"]] == ["onnxruntime"]
+    assert [name(d) for d in extras["gpu"] if name(d).startswith("onnxruntime")] == ["onnxruntime-gpu"]
+
+
+def test_gpu_extra_brings_the_cuda_and_cudnn_wheels():
+    """onnxruntime-gpu's own extras ``cuda`` and ``cudnn`` carry the CUDA runtime and cuDNN; cuBLAS comes with cuDNN."""
+    import tomllib
+
+    gpu = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    (ort,) = [d for d in gpu if d.startswith("onnxruntime-gpu")]
+    assert ort.startswith("onnxruntime-gpu[cuda,cudnn]")
+    assert any(d.startswith("nvidia-cublas") for d in gpu)
+
+
+def test_only_one_onnx_runtime_build_is_installed():
+    """onnxruntime and onnxruntime-gpu install the same package; with both, the last installed wins silently."""
+    installed = sessions.installed_builds()
+    assert len(installed) <= 1, f"both ONNX Runtime builds are installed ({installed}): pip uninstall -y onnxruntime onnxruntime-gpu, then install one"
+
+
+def test_tf32_is_off_unless_allowed(gpu_build):
+    data, manifest = softmax_model([feature_spec("x", 4)])
+    sessions._create(manifest, data, "json", _placement("0"), GPU_SETTINGS)
+    assert _by_name(gpu_build.asked[-1])["CUDAExecutionProvider"]["use_tf32"] == 0
+    tf32 = dataclasses.replace(GPU_SETTINGS, allow_tf32=True)
+    sessions._create(manifest, data, "json", _placement("0", tf32), tf32)
+    assert _by_name(gpu_build.asked[-1])["CUDAExecutionProvider"]["use_tf32"] == 1
+
+
+def test_tensorrt_gets_an_engine_cache_and_one_profile_up_to_the_batch_size(gpu_build, tmp_path):
+    data, manifest = softmax_model([feature_spec("x", 4), TensorSpec("img", "float32", (-1, 2, 3))])
+    settings = dataclasses.replace(GPU_SETTINGS, batch_size=512, tensorrt_cache_dir=str(tmp_path / "engines" / "trt"))
+    sessions._create(manifest, data, "json", _placement("1", settings), settings)
+    trt = _by_name(gpu_build.asked[-1])["TensorrtExecutionProvider"]
+    assert trt == {
+        "device_id": 1,
+        "trt_engine_cache_enable": 1,
+        "trt_engine_cache_path": str(tmp_path / "engines" / "trt"),
+        "trt_profile_min_shapes": "x:1x4,img:1x2x3",
+        "trt_profile_opt_shapes": "x:512x4,img:512x2x3",
+        "trt_profile_max_shapes": "x:512x4,img:512x2x3",
+    }
+    assert (tmp_path / "engines" / "trt").is_dir()
+
+
+def test_tensorrt_cache_defaults_under_the_temp_dir_and_skips_profiles_it_cannot_state(monkeypatch, tmp_path):
+    monkeypatch.setattr(sessions.tempfile, "gettempdir", lambda: str(tmp_path))
+    _, manifest = softmax_model([feature_spec("x", 4)])
+    placement = Placement("cuda:0", 0, GPU_SETTINGS.providers, 1, "test")
+    assert sessions.tensorrt_options(placement, GPU_SETTINGS)["trt_engine_cache_path"] == str(tmp_path / "streamhydro-tensorrt")
+    ragged = dataclasses.replace(manifest, inputs=(TensorSpec("x", "float32", (-1, -1)),))
+    assert sessions.tensorrt_profiles(ragged, 64) == {}
+    assert sessions.tensorrt_profiles(dataclasses.replace(manifest, inputs=(TensorSpec("a:b", "float32", (-1, 4)),)), 64) == {}
+
+
+class MigNvml:
+    """Fake pynvml: GPU 0 whole, GPU 1 split into two MIG slices; a lookup by UUID answers with the parent GPU."""
+
+    class NVMLError(Exception):
+        pass
+
+    GPUS = {"GPU-0": 80 << 30, "GPU-1": 80 << 30}
+    SLICES = {"GPU-1": {0: ("MIG-aaaa", 10 << 30), 2: ("MIG-bbbb", 20 << 30)}}
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return list(self.GPUS)[index]
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return next((gpu for gpu, slices in self.SLICES.items() if any(s[0] == uuid for s in slices.values())), uuid)
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle):
+        if handle not in self.SLICES:
+            raise self.NVMLError("not supported")
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle, index):
+        if index not in self.SLICES[handle]:
+            raise self.NVMLError("not found")
+        return self.SLICES[handle][index]
+
+    def nvmlDeviceGetUUID(self, handle):
+        return handle[0].encode() if isinstance(handle, tuple) else handle.encode()
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        total = handle[1] if isinstance(handle, tuple) else self.GPUS[handle]
+        return type("Memory", (), {"total": total, "used": 0})()
+
+
+def test_a_mig_slice_is_sized_from_the_slice_not_its_gpu():
+    nvml = MigNvml()
+    mig = {"CUDA_VISIBLE_DEVICES": "MIG-bbbb,MIG-aaaa"}
+    assert devices.device_memory_bytes(0, mig, nvml=nvml) == 20 << 30
+    assert devices.device_memory_bytes(1, mig, nvml=nvml) == 10 << 30
+    assert devices.device_memory_bytes(0, {"CUDA_VISIBLE_DEVICES": "MIG-ffff"}, nvml=nvml) is None
+    assert devices.device_memory_bytes(1, {}, nvml=nvml) == 80 << 30
+
+
+def test_preload_runs_once_before_sessions_on_cuda_builds_only(caplog):
+    calls = []
+
+    class FakeOrt:
+        def __init__(self, providers):
+            self.providers = providers
+
+        def get_available_providers(self):
+            return self.providers
+
+        def preload_dlls(self):
+            calls.append(self)
+            print("Failed to load libcudnn.so.9: not found")
+
+    cuda, cpu = FakeOrt(["CUDAExecutionProvider", "CPUExecutionProvider"]), FakeOrt(["CPUExecutionProvider"])
+    with caplog.at_level("WARNING", logger="streamhydro.executor.sessions"):
+        sessions._preload_gpu_libraries(cuda)
+        sessions._preload_gpu_libraries(cuda)
+        sessions._preload_gpu_libraries(cpu)
+    assert calls == [cuda]
+    assert "libcudnn.so.9" in caplog.text
+
+
+def test_gpu_tests_skip_without_a_gpu_or_the_gpu_build_and_fail_when_the_cpu_build_shadows_it():
+    from test_gpu import verdict
+
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert verdict(0, ["onnxruntime-gpu 1.31.1"], cuda)[0] == "skip"
+    assert verdict(1, ["onnxruntime 1.32.0"], ["CPUExecutionProvider"])[0] == "skip"
+    assert verdict(1, [], None)[0] == "skip"
+    action, why = verdict(2, ["onnxruntime 1.32.0", "onnxruntime-gpu 1.31.1"], ["CPUExecutionProvider"])
+    assert action == "fail" and "shadows" in why and "streamhydro[gpu]" in why
+    assert verdict(1, ["onnxruntime-gpu 1.31.1"], cuda) == ("run", "")

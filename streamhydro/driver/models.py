@@ -36,6 +36,9 @@ def engine_settings(config: Config) -> EngineSettings:
         intra_op_threads=i.intra_op_threads or None,
         gpu_mem_limit_bytes=i.gpu_mem_limit_mb * 1024 * 1024 or None,
         gpu_share=config.spark.task_gpus or 1.0,
+        allow_tf32=i.allow_tf32,
+        allow_cpu_fallback=i.allow_cpu_fallback,
+        tensorrt_cache_dir=i.tensorrt_cache_dir,
     )
 
 

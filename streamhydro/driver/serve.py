@@ -105,7 +105,8 @@ class Service:
         exists (PySpark installs its own SIGINT handler when the SparkContext starts, so handlers
         set before that would be replaced).
         """
-        from streamhydro.driver.models import ModelFollower
+        from streamhydro.driver.models import ModelFollower, engine_settings
+        from streamhydro.executor.sessions import check_gpu_build
         from streamhydro.kafka.admin import ensure_topics
         from streamhydro.metrics.driver import start_driver_metrics
         from streamhydro.metrics.multiprocess import executor_conf
@@ -113,6 +114,7 @@ class Service:
 
         c = self.config
         s = c.spark
+        check_gpu_build(engine_settings(c), s.task_gpus)
         master = resolve_master(s.master)
         conf = {
             **gpu_conf(master, s.executor_gpus, s.gpu_discovery_script),

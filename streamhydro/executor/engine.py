@@ -65,6 +65,11 @@ class EngineSettings:
     ``intra_op_threads``: ORT threads per session; None = the task's CPUs (``spark.task.cpus``).
     ``gpu_mem_limit_bytes``: ORT CUDA arena limit per session; None = the task's share of the GPU.
     ``gpu_share``: the fraction of a GPU each task gets (``spark.task_gpus``), which sizes that share.
+    ``allow_tf32``: let the CUDA provider use TF32 in float32 matrix products (faster, about three decimals;
+    :func:`streamhydro.precision.score_tolerance`).
+    ``allow_cpu_fallback``: a task assigned a GPU whose session did not get a GPU provider scores on the CPU
+    (a warning and a metric per batch) instead of failing.
+    ``tensorrt_cache_dir``: where the TensorRT provider keeps built engines; "" = a folder under the temp dir.
     """
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
@@ -73,6 +78,9 @@ class EngineSettings:
     intra_op_threads: int | None = None
     gpu_mem_limit_bytes: int | None = None
     gpu_share: float = 1.0
+    allow_tf32: bool = False
+    allow_cpu_fallback: bool = False
+    tensorrt_cache_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -153,6 +153,8 @@ class _Stages:
         self.encoder = encoder
         self.clock = clock
         self.batch_size = batch_size
+        # Only with inference.allow_cpu_fallback: otherwise such a session fails to be created.
+        self.fell_back = model.requested_device != model.device
 
     def front(self, batches: Iterator[pa.RecordBatch]) -> Iterator[_Staged | pa.RecordBatch]:
         rebatcher = Rebatcher(self.batch_size)
@@ -194,6 +196,12 @@ class _Stages:
 
     def _stage(self, seq: int, meta: pa.Table, inputs: dict[str, Any]) -> _Staged:
         self.clock.batch_sizes.append(meta.num_rows)
+        if self.fell_back:
+            log.warning(
+                "batch %d (%d rows) of %s:%d scored on %s, not on the task's %s (inference.allow_cpu_fallback = true)",
+                seq, meta.num_rows, self.model.manifest.name, self.model.manifest.version, self.model.device,
+                self.model.requested_device,
+            )
         with self.clock.stage("h2d", seq):
             staged = self.model.to_device(inputs)
         return _Staged(seq, meta, staged)

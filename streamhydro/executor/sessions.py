@@ -15,7 +15,12 @@ Placement rules:
   not silently take device 0 from the tasks that were given it.
 * ORT falls back to CPU without raising when the CUDA provider cannot load; the session's actual
   providers are read back and logged (one line per session), and :class:`ModelSession` records
-  both the requested and the actual device.
+  both the requested and the actual device. A task assigned a GPU whose session got no GPU provider
+  fails with :class:`~streamhydro.errors.CpuFallbackError` (cause and fix in one line) unless
+  ``inference.allow_cpu_fallback``; :func:`check_gpu_build` refuses the same on the driver at start.
+* The CUDA provider gets ``use_tf32 = 0`` unless ``inference.allow_tf32`` (see
+  :mod:`streamhydro.precision`); the TensorRT provider an engine cache and one shape profile
+  (1 to ``batch_size`` rows), so it builds each engine once instead of once per batch shape.
 
 Cache caveats: sessions live in module state of the Python worker. With
 ``spark.python.worker.reuse=true`` (streamhydro's default) a worker serves many tasks, so later
@@ -33,18 +38,22 @@ worker exits.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import io
 import logging
 import os
+import tempfile
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from streamhydro.devices import cuda_ordinal, device_memory_bytes
-from streamhydro.errors import ModelError, StreamhydroError
+from streamhydro.errors import ConfigError, CpuFallbackError, ModelError, StreamhydroError
 from streamhydro.executor.engine import EngineSettings
 from streamhydro.payload.decoding import check_payload_fits
 from streamhydro.registry import Manifest
@@ -60,6 +69,9 @@ MAX_SESSIONS = 4
 # Share of the task's part of the GPU memory that the arena may take: the rest is left for the CUDA
 # context, cuDNN/cuBLAS workspaces and allocations ORT makes outside its arena.
 ARENA_FRACTION = 0.8
+# What users install for GPU scoring: onnxruntime-gpu with the CUDA and cuDNN wheels (pyproject.toml).
+GPU_EXTRA = "streamhydro[gpu]"
+TENSORRT_CACHE_DIR = "streamhydro-tensorrt"
 
 _ORT_DTYPES = {
     "tensor(float)": np.dtype("float32"),
@@ -88,12 +100,32 @@ def onnxruntime() -> Any:
             "or 'streamhydro[gpu]' (onnxruntime-gpu) on NVIDIA hosts -- one of the two, not both"
         ) from exc
     _warn_if_both_builds()
+    _preload_gpu_libraries(ort)
     return ort
 
 
 @functools.cache
-def _warn_if_both_builds() -> None:
-    """Once per process: a warning when both ONNX Runtime distributions are installed."""
+def _preload_gpu_libraries(ort: Any) -> None:
+    """Once per process, before the first session: load the CUDA and cuDNN libraries that the ``gpu`` extra
+    installs as wheels (``onnxruntime.preload_dlls``, in builds from 1.21 on; CUDA builds only).
+
+    ``preload_dlls`` reports what it could not load by printing; that text goes to the log instead.
+    """
+    if not hasattr(ort, "preload_dlls") or CUDA_PROVIDER not in ort.get_available_providers():
+        return
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            ort.preload_dlls()
+    except Exception as exc:  # noqa: BLE001 -- a failed preload leaves ORT to find the libraries itself
+        log.warning("onnxruntime.preload_dlls() failed (%s); ONNX Runtime will look for CUDA on the library path", exc)
+    text = printed.getvalue().strip()
+    if text:
+        log.warning("onnxruntime.preload_dlls(): %s", " | ".join(text.splitlines()))
+
+
+def installed_builds() -> list[str]:
+    """The ONNX Runtime distributions installed in this interpreter, as "name version"."""
     from importlib import metadata
 
     installed = []
@@ -102,6 +134,13 @@ def _warn_if_both_builds() -> None:
             installed.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
             continue
+    return installed
+
+
+@functools.cache
+def _warn_if_both_builds() -> None:
+    """Once per process: a warning when both ONNX Runtime distributions are installed."""
+    installed = installed_builds()
     if len(installed) == 2:
         log.warning(
             "both %s and %s are installed; they share one package and the last installed wins. "
@@ -225,7 +264,8 @@ def get_session(manifest: Manifest, model_bytes: Any, payload: str, placement: P
     read when the session has to be created.
     """
     key = (manifest.sha256, placement.device, placement.providers, placement.intra_op_threads, settings.gpu_mem_limit_bytes,
-           settings.gpu_share)
+           settings.gpu_share, settings.allow_tf32, settings.allow_cpu_fallback, settings.tensorrt_cache_dir,
+           settings.batch_size if TENSORRT_PROVIDER in placement.providers else None)
     with _lock:
         cached = _sessions.get(key)
         if cached is not None:
@@ -281,12 +321,13 @@ def _create(manifest: Manifest, model_bytes: bytes, payload: str, placement: Pla
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = set(ort.get_available_providers())
-    providers = provider_options(placement, settings, available)
+    providers = provider_options(placement, settings, available, manifest)
     try:
         session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers or [CPU_PROVIDER])
     except Exception as exc:  # noqa: BLE001 -- ORT raises its own untyped errors for a bad model
         raise ModelError(label, f"ONNX Runtime cannot load the model: {exc}") from exc
     actual = tuple(session.get_providers())
+    check_gpu_used(placement, actual, available, settings)
     on_gpu = any(p in actual for p in GPU_PROVIDERS) and placement.device_id is not None
     device = f"cuda:{placement.device_id}" if on_gpu else DEVICE_CPU
     output_name = _check_session(manifest, session, label)
@@ -310,8 +351,8 @@ def _create(manifest: Manifest, model_bytes: bytes, payload: str, placement: Pla
 
 
 def gpu_options(placement: Placement, settings: EngineSettings) -> dict[str, Any]:
-    """Provider options of a GPU provider: the task's device and a bounded arena."""
-    options: dict[str, Any] = {"device_id": placement.device_id}
+    """Options of the CUDA provider: the task's device, a bounded arena, TF32 only when allowed."""
+    options: dict[str, Any] = {"device_id": placement.device_id, "use_tf32": int(settings.allow_tf32)}
     limit = arena_limit_bytes(placement, settings)
     if limit is not None:
         options["gpu_mem_limit"] = limit
@@ -319,7 +360,39 @@ def gpu_options(placement: Placement, settings: EngineSettings) -> dict[str, Any
     return options
 
 
-def provider_options(placement: Placement, settings: EngineSettings, available: set[str]) -> list[Any]:
+def tensorrt_options(placement: Placement, settings: EngineSettings, manifest: Manifest | None = None) -> dict[str, Any]:
+    """Options of the TensorRT provider: the task's device, an engine cache, and a shape profile from 1 to
+    ``batch_size`` rows for every input (:func:`tensorrt_profiles`), so that a task's last, shorter batch
+    runs on the engine already built instead of building another."""
+    options: dict[str, Any] = {
+        "device_id": placement.device_id,
+        "trt_engine_cache_enable": 1,
+        "trt_engine_cache_path": settings.tensorrt_cache_dir or os.path.join(tempfile.gettempdir(), TENSORRT_CACHE_DIR),
+    }
+    if manifest is not None:
+        options.update(tensorrt_profiles(manifest, settings.batch_size))
+    return options
+
+
+def tensorrt_profiles(manifest: Manifest, batch_size: int) -> dict[str, str]:
+    """``trt_profile_{min,opt,max}_shapes`` for the manifest's inputs: batch axis 1 / ``batch_size`` / ``batch_size``.
+
+    Empty (TensorRT then sizes engines by the shapes it meets) when an input has another dynamic axis or a name
+    the option's ``name:AxBxC,...`` syntax cannot carry.
+    """
+    shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
+    batch_size = max(batch_size, 2)  # the test run on zeros that checks every new session has 2 rows
+    for spec in manifest.inputs:
+        rest = tuple(spec.shape[1:])
+        if any(dim < 1 for dim in rest) or any(c in spec.name for c in ":,"):
+            log.info("input %r of %s: no TensorRT shape profile (shape %s)", spec.name, manifest.name, list(spec.shape))
+            return {}
+        for kind, rows in (("min", 1), ("opt", batch_size), ("max", batch_size)):
+            shapes[kind].append(f"{spec.name}:" + "x".join(str(d) for d in (rows, *rest)))
+    return {f"trt_profile_{kind}_shapes": ",".join(parts) for kind, parts in shapes.items()}
+
+
+def provider_options(placement: Placement, settings: EngineSettings, available: set[str], manifest: Manifest | None = None) -> list[Any]:
     """What ORT is given as ``providers``: the placement's providers this build has, GPU ones with their options."""
     providers: list[Any] = []
     for name in placement.providers:
@@ -328,10 +401,70 @@ def provider_options(placement: Placement, settings: EngineSettings, available: 
         if name == CUDA_PROVIDER:
             providers.append((name, gpu_options(placement, settings)))
         elif name == TENSORRT_PROVIDER:
-            providers.append((name, {"device_id": placement.device_id}))
+            options = tensorrt_options(placement, settings, manifest)
+            os.makedirs(options["trt_engine_cache_path"], exist_ok=True)
+            providers.append((name, options))
         else:
             providers.append(name)
     return providers
+
+
+def check_gpu_used(placement: Placement, actual: tuple[str, ...], available: Iterable[str], settings: EngineSettings) -> None:
+    """Raise :class:`CpuFallbackError` when the task was assigned a GPU (``placement.device_id``) but the session's
+    providers ``actual`` hold no GPU provider, unless ``settings.allow_cpu_fallback``."""
+    if placement.device_id is None or any(p in GPU_PROVIDERS for p in actual) or settings.allow_cpu_fallback:
+        return
+    cause, fix = fallback_cause(placement.providers, available)
+    raise CpuFallbackError(placement.device, actual, tuple(sorted(available)), cause, fix)
+
+
+def fallback_cause(requested: Iterable[str], available: Iterable[str]) -> tuple[str, str]:
+    """Why a session asked for ``requested`` providers got no GPU one, and the fix, from what the ORT build offers."""
+    wanted = [p for p in requested if p in GPU_PROVIDERS]
+    escape = "or set inference.allow_cpu_fallback = true to score on the CPU while holding the GPU"
+    if not set(wanted) & set(available):
+        return (
+            f"this ONNX Runtime build has none of {wanted} (the CPU build 'onnxruntime' is installed, alone or over "
+            "'onnxruntime-gpu')",
+            f"pip uninstall -y onnxruntime onnxruntime-gpu, then pip install '{GPU_EXTRA}'; {escape}",
+        )
+    return (
+        f"this ONNX Runtime build has {wanted} but could not load it (CUDA 13 or cuDNN 9 libraries not found; "
+        "ONNX Runtime's own error is logged above)",
+        f"pip install '{GPU_EXTRA}' (it brings the CUDA and cuDNN wheels) or put the CUDA 13 and cuDNN 9 libraries on "
+        f"LD_LIBRARY_PATH; {escape}",
+    )
+
+
+def check_gpu_build(settings: EngineSettings, task_gpus: float, available: Iterable[str] | None = None) -> None:
+    """On the driver, once at ``serve`` start: refuse to reserve GPUs (``spark.task_gpus``) that scoring would not use.
+
+    ``available`` defaults to this interpreter's ONNX Runtime build; the executors are expected to run the
+    same installation. Loading CUDA is left to the executors (a driver may have no GPU), where
+    :func:`check_gpu_used` checks each session.
+    """
+    if task_gpus <= 0 or settings.allow_cpu_fallback:
+        return
+    wanted = [p for p in settings.providers if p in GPU_PROVIDERS]
+    escape = "or set inference.allow_cpu_fallback = true to score on the CPU anyway"
+    if not wanted:
+        raise ConfigError(
+            "inference.providers",
+            f"lists no GPU provider ({list(settings.providers)}) while spark.task_gpus = {task_gpus} reserves GPUs",
+            f'put "{CUDA_PROVIDER}" first, set spark.task_gpus = 0, {escape}',
+        )
+    if available is None:
+        ort = onnxruntime()
+        available, build = ort.get_available_providers(), f"onnxruntime {ort.__version__}"
+    else:
+        build = "ONNX Runtime"
+    if not set(wanted) & set(available):
+        raise ConfigError(
+            "spark.task_gpus",
+            f"is {task_gpus}, but this {build} build has none of {wanted} (it offers {sorted(available)})",
+            f"install '{GPU_EXTRA}' (onnxruntime-gpu with its CUDA and cuDNN wheels, never next to 'onnxruntime'), "
+            f"{escape}",
+        )
 
 
 def arena_limit_bytes(placement: Placement, settings: EngineSettings, total: int | None = None) -> int | None:

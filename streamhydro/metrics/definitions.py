@@ -146,6 +146,13 @@ class ExecutorMetricSet:
             ("requested", "device"),
             registry=registry,
         )
+        self.cpu_fallback_batches = Counter(
+            "streamhydro_inference_cpu_fallback_batches_total",
+            "Inference batches scored on the CPU by tasks Spark assigned a GPU (only with inference.allow_cpu_fallback "
+            "= true; without it such a task fails).",
+            ("requested", "device"),
+            registry=registry,
+        )
         self.dead_letters = Counter(
             "streamhydro_dead_letters_total",
             "Records sent to the dead-letter topic, by error class.",

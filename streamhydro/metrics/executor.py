@@ -60,6 +60,7 @@ def record(metrics: ExecutorMetricSet, stats: BatchStats) -> None:
     metrics.partitions.labels(device).inc()
     if stats.requested_device != device:
         metrics.device_fallbacks.labels(stats.requested_device, device).inc()
+        metrics.cpu_fallback_batches.labels(stats.requested_device, device).inc(len(stats.batch_sizes))
     for error_class, count in stats.dead_letters.items():
         metrics.dead_letters.labels(error_class).inc(count)
 

@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from streamhydro.devices import spark_addresses
+from streamhydro.devices import nvml_handle, spark_addresses
 from streamhydro.metrics.definitions import (
     GPU_LABELS,
     GPU_MEMORY_TOTAL,
@@ -61,9 +61,9 @@ class GpuCollector(Collector):
                     (GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_TEMPERATURE, GPU_POWER)}
         for address, device in spark_addresses(self.count, self._environ):
             try:
-                handle = nvml.nvmlDeviceGetHandleByIndex(device) if isinstance(device, int) else nvml.nvmlDeviceGetHandleByUUID(device)
+                handle = nvml_handle(nvml, device)
                 name = _text(nvml.nvmlDeviceGetName(handle))
-            except nvml.NVMLError as exc:
+            except (nvml.NVMLError, LookupError) as exc:
                 log.warning("GPU %s (NVML %s): no readings this scrape (%s)", address, device, exc)
                 continue
             readings = {
