@@ -122,7 +122,9 @@ def add_model(
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as exc:
-            raise ModelError(name, f"the rewritten graph fails onnx.checker ({exc}); rewrites: {rewrites}") from exc
+            raise ModelError(
+                name, f"the graph fails onnx.checker after {rewrites} ({exc}); convert the model with the zipmap option off"
+            ) from exc
         data = model.SerializeToString()
 
     inputs = [_tensor(value, "input", name) for value in _graph_inputs(model)]
@@ -320,7 +322,9 @@ def _resolve_output_dims(data: bytes, name: str, inputs: list[_Tensor], outputs:
     for o in outputs:
         shape = got[o.name].shape
         if len(shape) != len(o.dims):
-            raise ModelError(name, f"output '{o.name}' has rank {len(shape)} in a run but {len(o.dims)} in the graph")
+            raise ModelError(
+                name, f"output '{o.name}' has rank {len(shape)} in a run but {len(o.dims)} in the graph; export static output shapes"
+            )
         resolved.append(dataclasses.replace(o, dims=(None, *shape[1:])))
     return resolved
 

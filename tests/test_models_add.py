@@ -259,3 +259,13 @@ def test_cli_add_refuses_a_malformed_flag(registry, tmp_path, capsys):
     assert "config key '--feature': 'x' is not INPUT=PATH" in capsys.readouterr().err
     assert models(registry.root, "add", str(tmp_path / "missing.onnx"), "--name", "m") == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_dynamic_output_sizes_are_read_from_a_run_on_zeros(registry):
+    data = tiny_graph(
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "w"])],
+        [helper.make_node("Identity", ["x"], ["y"])],
+    )
+    m = add_model(registry, data, "dynamic", kind="embedding").manifest
+    assert [(o.name, o.shape) for o in m.outputs] == [("y", (-1, 3))]
