@@ -62,7 +62,7 @@ MAX_SESSIONS = 4
 ARENA_FRACTION = 0.8
 
 # ONNX Runtime's type names of the tensor types a manifest may name (streamhydro.registry.DTYPES).
-ORT_DTYPES = {
+_ORT_DTYPES = {
     "tensor(float16)": "float16",
     "tensor(float)": "float32",
     "tensor(double)": "float64",
@@ -384,7 +384,7 @@ def _check_session(manifest: Manifest, session: Any, label: str) -> None:
 
 
 def _check_tensor(role: str, spec: TensorSpec, actual: Any, label: str) -> None:
-    if ORT_DTYPES.get(actual.type) != spec.dtype:
+    if _ORT_DTYPES.get(actual.type) != spec.dtype:
         raise ModelError(label, f"{role} '{spec.name}' is {actual.type} in the model but {spec.dtype} in the manifest")
     if not _shape_fits(actual.shape, spec.shape):
         raise ModelError(label, f"{role} '{spec.name}' has shape {actual.shape} in the model but {list(spec.shape)} in the manifest")

@@ -36,9 +36,10 @@ def values_json(values: np.ndarray) -> pa.Array:
         return pc.binary_join_element_wise('"', json_string_body(text), '"', "")
     array = pa.array(values.astype(np.float32) if values.dtype == np.float16 else values)
     text = pc.cast(array, pa.string())
-    if values.dtype.kind == "f":
-        return pc.if_else(pc.is_finite(array), text, "null")
-    return text
+    if values.dtype.kind != "f":
+        return text
+    finite = pc.is_finite(array)
+    return text if pc.all(finite).as_py() else pc.if_else(finite, text, "null")
 
 
 def rows_json(matrix: np.ndarray) -> pa.Array:
