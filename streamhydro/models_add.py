@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -78,6 +79,7 @@ LABELS_PROP = "streamhydro.labels"
 FEATURES_PROP = "streamhydro.features."
 MAPPING_KEYS = ("features", "field")
 BATCH_DIM = "N"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a registry directory name: no path separators, no dot files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,10 @@ class _Tensor:
     name: str
     dtype: str
     dims: tuple[int | None, ...]
+
+    def spec(self) -> TensorSpec:
+        """The manifest's spec of this tensor (every dimension after the batch axis known by now)."""
+        return TensorSpec(self.name, self.dtype, (-1, *(d for d in self.dims[1:] if d is not None)))
 
 
 def add_model(
@@ -109,6 +115,8 @@ def add_model(
     argument, or the mapping key, and the fix) and :class:`ModelError` for a graph that cannot be
     served as it is. Nothing is written unless every check passes.
     """
+    if not NAME.fullmatch(name):
+        raise ConfigError("--name", f"'{name}' is not a model name", "use letters, digits, '.', '_' and '-', starting with a letter or digit")
     if kind is not None and kind not in KINDS:
         raise ConfigError("--kind", f"'{kind}' is not a model kind", f"use one of {', '.join(KINDS)}")
     model = _parse(onnx_bytes, name)
@@ -138,7 +146,7 @@ def add_model(
         version=0,
         sha256=sha256_bytes(data),
         inputs=tuple(specs),
-        outputs=tuple(TensorSpec(o.name, o.dtype, (-1, *o.dims[1:])) for o in chosen),  # type: ignore[arg-type]
+        outputs=tuple(o.spec() for o in chosen),
         labels=labels,
         targets=targets,
         kind=kind,
@@ -312,7 +320,7 @@ def _resolve_output_dims(data: bytes, name: str, inputs: list[_Tensor], outputs:
     ort = onnxruntime()
     try:
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        feeds = {t.name: zero_rows(TensorSpec(t.name, t.dtype, (-1, *t.dims[1:])), 2) for t in inputs}  # type: ignore[arg-type]
+        feeds = {t.name: zero_rows(t.spec(), 2) for t in inputs}
         got = dict(zip([o.name for o in outputs], session.run([o.name for o in outputs], feeds)))
     except Exception as exc:  # noqa: BLE001 -- ORT raises its own untyped errors for a bad model
         raise ModelError(
@@ -406,7 +414,7 @@ def _mapped_inputs(
     specs: list[TensorSpec] = []
     fed_by: dict[str, str] = {}
     for tensor in inputs:
-        spec = TensorSpec(tensor.name, tensor.dtype, (-1, *tensor.dims[1:]))  # type: ignore[arg-type]
+        spec = tensor.spec()
         if spec.width == 1:
             spec = dataclasses.replace(spec, features=(tensor.name,), field="")
         features = _prop_list(props, FEATURES_PROP + tensor.name, name)

@@ -189,6 +189,7 @@ def test_a_regressor_with_named_targets(registry):
         (lambda: identity_model(["n", 2]), {"kind": "regressor", "targets": ["a"]}, ConfigError, "'--targets'"),
         (lambda: identity_model(["n", 2]), {"kind": "embedding", "targets": ["a", "b"]}, ConfigError, "drop --targets"),
         (lambda: identity_model(["n", 2]), {"kind": "sorter"}, ConfigError, "'--kind'"),
+        (lambda: identity_model(["n", 2]), {"name": "../up"}, ConfigError, r"'--name': '../up' is not a model name"),
         (lambda: identity_model(["n", 2]), {"kind": "embedding", "mapping": {"nope": {"field": "a"}}}, ConfigError,
          r"'inputs.nope'.*has no input 'nope'.*map one of its inputs: x"),
         (lambda: identity_model(["n", 2]), {"kind": "embedding", "mapping": {"x": {"features": ["a"]}}}, ConfigError,
@@ -202,7 +203,7 @@ def test_a_regressor_with_named_targets(registry):
 )
 def test_refusals_name_the_key_and_the_fix(registry, make, kwargs, error, message):
     with pytest.raises(error, match=message):
-        add_model(registry, make(), "refused", **kwargs)
+        add_model(registry, make(), **{"name": "refused", **kwargs})
     assert registry.versions("refused") == []
 
 
