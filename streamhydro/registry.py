@@ -68,6 +68,13 @@ _MANIFEST_KEYS = {
 }
 
 
+def _strings(value: Any, key: str) -> tuple[str, ...]:
+    """A JSON list of strings as a tuple; ValueError naming ``key`` for anything else."""
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"'{key}' must be a list of strings, not {value!r}")
+    return tuple(value)
+
+
 def numpy_dtype(dtype: str) -> np.dtype:
     """The numpy dtype of arrays holding manifest dtype ``dtype`` (strings are object arrays of ``str``)."""
     return DTYPES[dtype]
@@ -116,12 +123,15 @@ class TensorSpec:
         unknown = set(data) - _SPEC_KEYS
         if unknown:
             raise ValueError(f"tensor {data.get('name')!r} has unknown key(s) {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}")
+        field = data.get("field", "")
+        if not isinstance(field, str):
+            raise ValueError(f"tensor {data.get('name')!r}: 'field' must be a string, not {field!r}")
         return cls(
             name=data["name"],
             dtype=data.get("dtype", "float32"),
             shape=tuple(int(d) for d in data["shape"]),
-            features=tuple(data.get("features", ())),
-            field=data.get("field", ""),
+            features=_strings(data.get("features", []), "features"),
+            field=field,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -268,13 +278,13 @@ class Manifest:
                 sha256=data["sha256"],
                 inputs=tuple(TensorSpec.from_json(i) for i in data["inputs"]),
                 outputs=tuple(TensorSpec.from_json(o) for o in data["outputs"]),
-                labels=tuple(data.get("labels", ())),
+                labels=_strings(data.get("labels", []), "labels"),
                 created=data["created"],
                 description=data.get("description", ""),
                 provenance=dict(data.get("provenance", {})),
                 metrics=dict(data.get("metrics", {})),
                 kind=data.get("kind", KIND_CLASSIFIER),
-                targets=tuple(data.get("targets", ())),
+                targets=_strings(data.get("targets", []), "targets"),
             )
         except KeyError as exc:
             raise ModelError(name, f"manifest is malformed: key {exc} is missing") from exc

@@ -167,6 +167,8 @@ def test_kind_field_and_targets_round_trip():
          r"path 'a' feeds both 'f' and 'g'"),
         ({"inputs": [{"name": "f", "shape": [-1, 1], "fields": "a"}]}, r"unknown key\(s\) \['fields'\]"),
         ({"outputs": []}, r"manifest key 'outputs' is empty"),
+        ({"labels": "ab"}, r"'labels' must be a list of strings, not 'ab'"),
+        ({"inputs": [{"name": "f", "shape": [-1, 1], "features": "a"}]}, r"'features' must be a list of strings"),
     ],
 )
 def test_malformed_manifests_name_the_key_and_the_fix(change, message):
