@@ -5,11 +5,14 @@ Pure: no Spark."""
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import _converted_models as converted
@@ -18,6 +21,7 @@ from streamhydro.cli import main
 from streamhydro.errors import ConfigError, ModelError
 from streamhydro.executor.sessions import validate_model
 from streamhydro.models_add import add_model
+from streamhydro.models_command import input_mapping
 from streamhydro.payload.encoding import Encoder
 from streamhydro.registry import Manifest, ModelVersion, Registry, TensorSpec
 
@@ -270,3 +274,46 @@ def test_dynamic_output_sizes_are_read_from_a_run_on_zeros(registry):
     )
     m = add_model(registry, data, "dynamic", kind="embedding").manifest
     assert [(o.name, o.shape) for o in m.outputs] == [("y", (-1, 3))]
+
+
+def test_cli_add_refuses_a_mapping_file_with_other_tables(registry, tmp_path, capsys):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(identity_model(["n", 2]))
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text('[input.x]\nfield = "a"\n')
+    assert models(registry.root, "add", str(path), "--name", "m", "--kind", "embedding", "--mapping", str(mapping)) == 2
+    assert "config key '--mapping'" in capsys.readouterr().err and registry.versions("m") == []
+
+
+paths = st.text(alphabet="ab.x _", max_size=6)
+entries = st.one_of(
+    st.fixed_dictionaries({"features": st.one_of(st.lists(paths, max_size=3), paths, st.integers())}),
+    st.fixed_dictionaries({"field": st.one_of(paths, st.integers(), st.none())}),
+    st.dictionaries(st.sampled_from(["features", "field", "fields"]), paths, max_size=2),
+    st.lists(paths, max_size=2),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(["x", "y", "z"]), entries, max_size=2))
+def test_any_mapping_is_applied_or_refused_with_a_config_error(mapping):
+    registry = Registry(tempfile.mkdtemp())
+    try:
+        version = add_model(registry, identity_model(["n", 2]), "m", kind="embedding", mapping=mapping)
+    except ConfigError as exc:
+        assert exc.key.startswith("inputs.")
+        assert registry.versions("m") == []
+        return
+    spec = version.manifest.inputs[0]
+    assert spec.paths == (tuple(mapping["x"]["features"]) if "features" in mapping.get("x", {}) else (mapping.get("x", {}).get("field", "x"),))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(alphabet="xy=,.a ", max_size=8), max_size=3), st.lists(st.text(alphabet="xy=,.a ", max_size=8), max_size=2))
+def test_any_feature_and_field_flags_parse_or_are_refused_naming_the_flag(features, fields):
+    try:
+        mapping = input_mapping(None, features, fields)
+    except ConfigError as exc:
+        assert exc.key in ("--feature", "--field")
+        return
+    assert set(mapping) == {flag.partition("=")[0] for flag in features + fields}
