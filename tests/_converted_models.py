@@ -29,10 +29,10 @@ class Converted:
 
 
 @functools.cache
-def sklearn_pipeline() -> Converted:
+def sklearn_pipeline(zipmap: bool = True) -> Converted:
     """ColumnTransformer(OneHotEncoder on the string column "city", StandardScaler on "age" and
-    "amount") -> LogisticRegression over 3 string classes, via skl2onnx with one input per column
-    (ZipMap on, as skl2onnx writes by default)."""
+    "amount") -> LogisticRegression over 3 string classes, via skl2onnx with one input per column;
+    ZipMap on (skl2onnx's default) or off (a label and a probabilities tensor)."""
     import pandas as pd
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType, StringTensorType
@@ -62,6 +62,7 @@ def sklearn_pipeline() -> Converted:
         initial_types=[("city", StringTensorType([None, 1])), ("age", FloatTensorType([None, 1])),
                        ("amount", FloatTensorType([None, 1]))],
         target_opset={"": 17, "ai.onnx.ml": 3},
+        options={LogisticRegression: {"zipmap": zipmap}},
     )
     inputs = {
         "city": frame["city"].to_numpy(dtype=object).reshape(-1, 1),

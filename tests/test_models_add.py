@@ -317,3 +317,13 @@ def test_any_feature_and_field_flags_parse_or_are_refused_naming_the_flag(featur
         assert exc.key in ("--feature", "--field")
         return
     assert set(mapping) == {flag.partition("=")[0] for flag in features + fields}
+
+
+def test_sklearn_pipeline_without_zipmap_takes_labels_from_the_classifier_node(registry):
+    with_zipmap = add_model(registry, converted.sklearn_pipeline().onnx, "a")
+    plain = converted.sklearn_pipeline(zipmap=False)
+    version = add_model(registry, plain.onnx, "b")
+    m = version.manifest
+    assert (m.kind, m.labels, [o.name for o in m.outputs]) == ("classifier", with_zipmap.manifest.labels, ["probabilities"])
+    assert m.provenance["rewrites"] == [] and m.sha256 == m.provenance["original_sha256"]
+    np.testing.assert_array_equal(run_stored(version, plain.inputs)["probabilities"], run_stored(with_zipmap, plain.inputs)["probabilities"])
