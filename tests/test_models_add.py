@@ -327,3 +327,22 @@ def test_sklearn_pipeline_without_zipmap_takes_labels_from_the_classifier_node(r
     assert (m.kind, m.labels, [o.name for o in m.outputs]) == ("classifier", with_zipmap.manifest.labels, ["probabilities"])
     assert m.provenance["rewrites"] == [] and m.sha256 == m.provenance["original_sha256"]
     np.testing.assert_array_equal(run_stored(version, plain.inputs)["probabilities"], run_stored(with_zipmap, plain.inputs)["probabilities"])
+
+
+def test_scoring_a_task_partition_writes_every_output_of_an_added_model(registry):
+    pytest.importorskip("torch")
+    from _inference_models import Holder
+    from streamhydro.executor.scoring import EngineSettings, ScoringPlan, score_partition
+
+    model = converted.torch_two_outputs()
+    version = add_model(registry, model.onnx, "ranker")
+    rows = model.inputs["x"]
+    values = [json.dumps({"x": row.tolist()}).encode() for row in rows]
+    plan = ScoringPlan(version.manifest, Holder(version.read_bytes()), "json", "preds", "dead",
+                       EngineSettings(batch_size=16, pipeline_depth=2))
+    out = [batch for batch in score_partition(plan, iter([kafka_batch(values)]))]
+    docs = [json.loads(v) for batch in out for v in batch.column("value").to_pylist()]
+    score, embedding = ort.InferenceSession(model.onnx).run(["score", "embedding"], {"x": rows})
+    assert [doc["source"]["offset"] for doc in docs] == list(range(len(rows)))
+    np.testing.assert_allclose([doc["prediction"]["score"] for doc in docs], score[:, 0], rtol=1e-6)
+    np.testing.assert_allclose([doc["prediction"]["embedding"] for doc in docs], embedding, rtol=1e-6)
