@@ -258,11 +258,10 @@ def _remove_zipmap(model: onnx.ModelProto, name: str, rewrites: list[str]) -> tu
     made, source = node.output[0], node.input[0]
     outputs = [value.name for value in graph.output]
     if made not in outputs or any(made in other.input for other in graph.node):
-        raise ModelError(name, f"ZipMap output '{made}' feeds other nodes; convert the model with the zipmap option off")
-    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    labels = tuple(
-        label.decode("utf-8") for label in attributes.get("classlabels_strings", ())
-    ) or tuple(str(label) for label in attributes.get("classlabels_int64s", ()))
+        raise ModelError(
+            name, f"ZipMap output '{made}' is not just a graph output (other nodes read it); convert the model with the zipmap option off"
+        )
+    labels = _class_labels(node)
     if not labels:
         raise ModelError(name, f"ZipMap '{node.name or made}' has no class labels; convert it with the zipmap option off")
     graph.node.remove(node)
@@ -283,22 +282,25 @@ def _classifier_nodes(model: onnx.ModelProto) -> tuple[tuple[str, ...], set[str]
     """Labels of the graph's one classifier node (() when none or several), and the graph outputs that are label outputs."""
     graph = model.graph
     classifiers = [node for node in graph.node if node.op_type in CLASSIFIER_OPS and node.domain == ML_DOMAIN]
-    labels: tuple[str, ...] = ()
-    if len(classifiers) == 1:
-        attributes = {a.name: helper.get_attribute_value(a) for a in classifiers[0].attribute}
-        labels = tuple(label.decode("utf-8") for label in attributes.get("classlabels_strings", ())) or tuple(
-            str(label) for label in attributes.get("classlabels_int64s", ())
-        )
+    labels = _class_labels(classifiers[0]) if len(classifiers) == 1 else ()
     label_tensors = {node.output[0] for node in classifiers}
     producers = {output: node for node in graph.node for output in node.output}
     label_outputs = set()
     for value in graph.output:
-        tensor = value.name
-        while tensor in producers and producers[tensor].op_type in PASS_THROUGH_OPS and producers[tensor].input:
+        tensor, seen = value.name, set()
+        while tensor not in seen and tensor in producers and producers[tensor].op_type in PASS_THROUGH_OPS:
+            seen.add(tensor)
             tensor = producers[tensor].input[0]
         if tensor in label_tensors:
             label_outputs.add(value.name)
     return labels, label_outputs
+
+
+def _class_labels(node: onnx.NodeProto) -> tuple[str, ...]:
+    """A ZipMap's or classifier node's class labels, as strings (int64 labels in decimal)."""
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    strings = attributes.get("classlabels_strings", ())
+    return tuple(label.decode("utf-8") for label in strings) or tuple(str(label) for label in attributes.get("classlabels_int64s", ()))
 
 
 def _prop_list(props: Mapping[str, str], key: str, model: str) -> tuple[str, ...]:
