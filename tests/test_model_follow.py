@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from _inference_models import softmax_model
+from _inference_models import feature_spec, softmax_model
 from conftest import client
 from streamhydro.config import Config
 from streamhydro.driver.models import ModelFollower
@@ -92,10 +92,9 @@ def test_pinned_version_is_kept(spark, registry):
 
 
 def test_a_model_that_does_not_fit_the_payload_is_refused_at_start(spark, registry):
-    manifest = registry.get("iris_like").manifest
-    two_inputs = dataclasses.replace(manifest, version=0, inputs=manifest.inputs * 2)
-    registry.publish(two_inputs, registry.get("iris_like").path.read_bytes())
-    with pytest.raises(ModelError):
+    data, two_inputs = softmax_model([feature_spec("a", 2), feature_spec("b", 2)], registry.get("iris_like").manifest.labels)
+    registry.publish(dataclasses.replace(two_inputs, name="iris_like", version=0), data)
+    with pytest.raises(ModelError, match="feeds exactly one input"):
         ModelFollower(spark, follower_config(registry, payload="tensor"))
 
 

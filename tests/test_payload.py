@@ -185,7 +185,7 @@ def test_predictions_match_onnx_runtime_and_carry_source(model):
     rows = np.random.default_rng(3).normal(size=(5, 3)).astype(np.float32)
     batch = kafka_batch(json_values(manifest, rows), first_offset=40)
     scores = ort.InferenceSession(data).run(None, {"x": rows})[0]
-    out, rejected = Encoder(manifest, "preds", "dlq").predictions(batch, scores)
+    out, rejected = Encoder(manifest, "preds", "dlq").predictions(batch, {"scores": scores})
     assert rejected.rows.size == 0
     assert out.schema == p.OUTPUT_ARROW_SCHEMA
     assert out.column("key").to_pylist() == batch.column("key").to_pylist()
@@ -206,7 +206,7 @@ def test_awkward_keys_and_scores_stay_valid_json(model):
     keys = [b'quote"back\\slash', b"tab\tnewline\n\x01", None, b"\xff\xfe not utf8", "ünïcode".encode()]
     batch = kafka_batch([b"{}"] * 5, keys=keys)
     scores = np.array([[0.1, 0.2, 0.7], [np.nan, 0.5, 0.5], [np.inf, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32)
-    out, _ = Encoder(manifest, "o", "d").predictions(batch, scores)
+    out, _ = Encoder(manifest, "o", "d").predictions(batch, {"scores": scores})
     docs = [json.loads(v) for v in out.column("value").to_pylist()]
     assert docs[0]["key"] == 'quote"back\\slash'
     assert docs[1]["key"] == "tab\tnewline\n\x01"

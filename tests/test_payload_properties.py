@@ -234,7 +234,7 @@ def test_encoded_predictions_are_always_valid_json(rows, topic):
     batch = kafka_batch([b"{}"] * len(rows), keys=[key for key, _, _ in rows], topic=topic)
     batch = batch.set_column(batch.schema.get_field_index("headers"), "headers", pa.array([h for _, h, _ in rows], p.HEADERS_TYPE))
     matrix = np.array([s for _, _, s in rows], np.float32).reshape(-1, 3)
-    out, rejected = Encoder(FEATURE_MODEL, "out", "dead").predictions(batch, matrix)
+    out, rejected = Encoder(FEATURE_MODEL, "out", "dead").predictions(batch, {"scores": matrix})
     assert rejected.rows.size == 0
     assert out.column("key").to_pylist() == [key for key, _, _ in rows]
     assert out.column("headers").to_pylist() == [h for _, h, _ in rows]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +126,57 @@ def test_directories_without_versions_are_not_models(registry):
     registry.publish(manifest(), b"1")
     (registry.root / "training").mkdir()
     assert registry.models() == ["m"]
+
+
+def test_a_manifest_without_kind_targets_or_field_still_loads_as_a_classifier():
+    stored = json.loads((Path(__file__).parents[1] / "models" / "breast_cancer" / "1" / MANIFEST_FILE).read_text())
+    assert not {"kind", "targets"} & set(stored) and "field" not in stored["inputs"][0]
+    loaded = Manifest.from_json(stored)
+    assert (loaded.kind, loaded.targets, loaded.labels) == ("classifier", (), ("malignant", "benign"))
+    assert loaded.inputs[0].paths == tuple(stored["inputs"][0]["features"])
+    vector = Manifest.from_json({**stored, "inputs": [{"name": "v", "shape": [-1, 3]}]})
+    assert vector.inputs[0].field == "v" and vector.inputs[0].paths == ("v",)
+
+
+def test_kind_field_and_targets_round_trip():
+    made = Manifest(
+        name="m", version=1, sha256="", created="2026-01-01T00:00:00+00:00", kind="regressor", labels=(),
+        inputs=(TensorSpec("text", "string", (-1, 1), features=("doc.title",)), TensorSpec("vec", "float16", (-1, 4), field="doc.vec")),
+        outputs=(TensorSpec("y", "float64", (-1, 2)),), targets=("low", "high"),
+    )
+    stored = made.to_json()
+    assert stored["inputs"][1] == {"name": "vec", "dtype": "float16", "shape": [-1, 4], "field": "doc.vec"}
+    assert Manifest.from_json(json.loads(json.dumps(stored))) == made
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kind": "ranker"}, r"manifest key 'kind' is 'ranker'; use one of classifier"),
+        ({"labels": ["no"]}, r"manifest key 'labels': a classifier needs one distinct label per score column"),
+        ({"labels": ["no", "no"]}, r"one distinct label per score column"),
+        ({"lables": ["no", "yes"]}, r"unknown key\(s\) \['lables'\]"),
+        ({"targets": ["a", "b"]}, r"manifest key 'targets' is for kind regressor"),
+        ({"kind": "score", "labels": []}, r"kind score needs width 1; 'scores' has 2: use kind embedding or regressor"),
+        ({"inputs": [{"name": "f", "dtype": "uint8", "shape": [-1, 1]}]}, r"'f' has dtype 'uint8'; supported: float16"),
+        ({"inputs": [{"name": "f", "shape": [-1, 0]}]}, r"must be \[-1, d1, ...\]"),
+        ({"inputs": [{"name": "f", "shape": [-1, 2], "features": ["a"]}]}, r"names 1 features but its width"),
+        ({"inputs": [{"name": "f", "shape": [-1, 1], "features": ["a"], "field": "b"}]}, r"both features and field"),
+        ({"inputs": [{"name": "f", "shape": [-1, 1], "field": "a..b"}]}, r"reads from \['a..b'\]; a path is names joined by dots"),
+        ({"inputs": [{"name": "f", "shape": [-1, 1], "field": "a"}, {"name": "g", "shape": [-1, 1], "features": ["a"]}]},
+         r"path 'a' feeds both 'f' and 'g'"),
+        ({"inputs": [{"name": "f", "shape": [-1, 1], "fields": "a"}]}, r"unknown key\(s\) \['fields'\]"),
+        ({"outputs": []}, r"manifest key 'outputs' is empty"),
+        ({"labels": "ab"}, r"'labels' must be a list of strings, not 'ab'"),
+        ({"inputs": [{"name": "f", "shape": [-1, 1], "features": "a"}]}, r"'features' must be a list of strings"),
+    ],
+)
+def test_malformed_manifests_name_the_key_and_the_fix(change, message):
+    with pytest.raises(ModelError, match=message):
+        Manifest.from_json({**manifest().to_json(), **change})
+
+
+def test_publish_refuses_a_manifest_that_fails_its_checks(registry):
+    with pytest.raises(ModelError, match="manifest key 'labels'"):
+        registry.publish(dataclasses.replace(manifest(), labels=("only",)), b"1")
+    assert registry.versions("m") == []

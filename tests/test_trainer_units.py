@@ -20,7 +20,7 @@ from streamhydro.trainer.config import from_mapping, load
 from streamhydro.trainer.errors import ClusterError, ExportError
 from streamhydro.trainer.launch import session_settings
 from streamhydro.trainer.model import mlp
-from streamhydro.trainer.publish import manifest
+from streamhydro.trainer.publish import metrics, provenance, publish
 from streamhydro.trainer.rank import statistics
 from streamhydro.trainer.rank.arrays import PartitionArrays, partition_arrays
 from streamhydro.trainer.rank.checkpoint import RunDirectory
@@ -291,7 +291,20 @@ def test_the_driver_and_the_start_of_a_rank_do_not_import_torch():
 def test_manifest_takes_the_statistics_and_torch_version_from_the_ranks_report():
     report = {"attempt": 0, "torch": "2.13.0", "feature_mean": [1.0, 2.0], "feature_std": [0.5, 1.0],
               "validation_accuracy": 0.9, "train_rows": 10, "rank_seconds": 1.0}
-    made = manifest(config(), report, "test", "run-1")
-    assert made.provenance["torch"] == "2.13.0"
-    assert made.provenance["feature_stats"] == {"mean": [1.0, 2.0], "std": [0.5, 1.0]}
-    assert made.metrics == {"validation_accuracy": 0.9, "train_rows": 10}
+    made = provenance(config(), report, "test", "run-1")
+    assert made["torch"] == "2.13.0"
+    assert made["feature_stats"] == {"mean": [1.0, 2.0], "std": [0.5, 1.0]}
+    assert metrics(report) == {"validation_accuracy": 0.9, "train_rows": 10}
+
+
+def test_publish_adds_the_exported_model_as_a_classifier_over_the_configured_features(tmp_path):
+    net = mlp([0.0, 0.0], [1.0, 1.0], [4], 2)
+    report = {"attempt": 1, "torch": torch.__version__, "feature_mean": [0.0, 0.0], "feature_std": [1.0, 1.0],
+              "validation_accuracy": 0.5}
+    version = publish(config(model={"registry": str(tmp_path)}), export_onnx(net, 2), report, "test", "run-1")
+    m = version.manifest
+    assert (m.kind, m.labels, m.version) == ("classifier", ("no", "yes"), 1)
+    assert [(s.name, s.shape, s.features) for s in m.inputs] == [("features", (-1, 2), ("a", "b"))]
+    assert [(s.name, s.shape) for s in m.outputs] == [("scores", (-1, 2))]
+    assert m.provenance["attempts"] == 2 and m.provenance["converter"]["name"] == "pytorch"
+    assert m.provenance["rewrites"] == [] and m.metrics == {"validation_accuracy": 0.5}

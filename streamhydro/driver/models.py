@@ -1,9 +1,10 @@
 """Which model version scores the next micro-batch. Runs on the driver, at micro-batch boundaries.
 
 The registry is checked every ``refresh_seconds``. A new version is read, checked against its
-checksum, loaded into ONNX Runtime and checked against its manifest and the configured payload
-before it is used; one that fails any check is refused (a log line and a metric) and the version
-in use keeps serving. The model bytes travel to executors as a broadcast variable, so executors
+checksum, loaded into ONNX Runtime and checked against its manifest (every input and output: name,
+dtype, shape, and a run on zeros) and the configured payload before it is used; one that fails any
+check is refused (a log line and a metric, the reason naming the input or output that does not fit)
+and the version in use keeps serving. The model bytes travel to executors as a broadcast variable, so executors
 need no access to the registry's filesystem.
 """
 

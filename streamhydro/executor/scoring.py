@@ -141,7 +141,7 @@ class _Staged:
 class _Computed:
     seq: int
     meta: pa.Table
-    scores: Any
+    outputs: Any
 
 
 class _Stages:
@@ -178,17 +178,17 @@ class _Stages:
         if not isinstance(item, _Staged):
             return item
         with self.clock.stage("compute", item.seq):
-            scores = self.model.compute(item.inputs)
-        return _Computed(item.seq, item.meta, scores)
+            outputs = self.model.compute(item.inputs)
+        return _Computed(item.seq, item.meta, outputs)
 
     def back(self, item: _Computed | pa.RecordBatch) -> Iterator[pa.RecordBatch]:
         if not isinstance(item, _Computed):
             yield item
             return
         with self.clock.stage("d2h", item.seq):
-            scores = self.model.to_host(item.scores)
+            outputs = self.model.to_host(item.outputs)
         with self.clock.stage("encode", item.seq):
-            out, rejected = self.encoder.predictions(item.meta, scores)
+            out, rejected = self.encoder.predictions(item.meta, outputs)
         self.clock.rows_scored += out.num_rows
         yield out
         if len(rejected.rows):

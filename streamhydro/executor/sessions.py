@@ -56,7 +56,7 @@ from streamhydro.devices import cuda_ordinal, device_memory_bytes
 from streamhydro.errors import ConfigError, CpuFallbackError, ModelError, StreamhydroError
 from streamhydro.executor.engine import EngineSettings
 from streamhydro.payload.decoding import check_payload_fits
-from streamhydro.registry import Manifest
+from streamhydro.registry import Manifest, TensorSpec, numpy_dtype
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,15 @@ ARENA_FRACTION = 0.8
 GPU_EXTRA = "streamhydro[gpu]"
 TENSORRT_CACHE_DIR = "streamhydro-tensorrt"
 
+# ONNX Runtime's type names of the tensor types a manifest may name (streamhydro.registry.DTYPES).
 _ORT_DTYPES = {
-    "tensor(float)": np.dtype("float32"),
-    "tensor(double)": np.dtype("float64"),
-    "tensor(float16)": np.dtype("float16"),
-    "tensor(int64)": np.dtype("int64"),
-    "tensor(int32)": np.dtype("int32"),
+    "tensor(float16)": "float16",
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+    "tensor(string)": "string",
 }
 
 
@@ -211,9 +214,12 @@ def place(settings: EngineSettings, resources: TaskResources) -> Placement:
 class ModelSession:
     """An ORT session bound to one device, with the three device-facing stages of the engine.
 
-    On CUDA, inputs are copied host->device explicitly (:meth:`to_device`), the run is bound with
-    IOBinding so its output stays on the device (:meth:`compute`), and :meth:`to_host` copies it back.
-    On CPU the copies are no-ops and :meth:`compute` is a plain ``run``.
+    :meth:`compute` runs every manifest output; :meth:`to_host` gives them as ``{output name:
+    array}``, batch axis first. On CUDA, inputs are copied host->device explicitly
+    (:meth:`to_device`), the run is bound with IOBinding so each output stays on the device
+    (:meth:`compute`), and :meth:`to_host` copies them back. On CPU the copies are no-ops and
+    :meth:`compute` is a plain ``run``; so is a model with a string input or output (ORT keeps
+    strings on the host and cannot make a device OrtValue of them).
     """
 
     session: Any
@@ -222,14 +228,19 @@ class ModelSession:
     device: str
     device_id: int | None
     providers: tuple[str, ...]
-    output_name: str
 
     @property
     def on_gpu(self) -> bool:
         return self.device != DEVICE_CPU
 
+    @property
+    def bound(self) -> bool:
+        """Whether runs go through IOBinding with device-resident inputs and outputs."""
+        specs = (*self.manifest.inputs, *self.manifest.outputs)
+        return self.on_gpu and all(spec.dtype != "string" for spec in specs)
+
     def to_device(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        if not self.on_gpu:
+        if not self.bound:
             return inputs
         ort = onnxruntime()
         return {
@@ -237,20 +248,24 @@ class ModelSession:
             for name, array in inputs.items()
         }
 
-    def compute(self, staged: dict[str, Any]) -> Any:
-        if not self.on_gpu:
-            return self.session.run([self.output_name], staged)[0]
+    def compute(self, staged: dict[str, Any]) -> dict[str, Any]:
+        names = [spec.name for spec in self.manifest.outputs]
+        if not self.bound:
+            return dict(zip(names, self.session.run(names, staged)))
         binding = self.session.io_binding()
         for name, value in staged.items():
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output(self.output_name, "cuda", self.device_id)
+        for name in names:
+            binding.bind_output(name, "cuda", self.device_id)
         binding.synchronize_inputs()
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
-        return binding.get_outputs()[0]
+        return dict(zip(names, binding.get_outputs()))
 
-    def to_host(self, output: Any) -> np.ndarray:
-        return output if not self.on_gpu else output.numpy()
+    def to_host(self, outputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        if not self.bound:
+            return outputs
+        return {name: value.numpy() for name, value in outputs.items()}
 
 
 _lock = threading.Lock()
@@ -298,23 +313,25 @@ def clear_sessions() -> None:
         _sessions.clear()
 
 
-def validate_model(manifest: Manifest, model_bytes: bytes, payload: str) -> None:
-    """Load the model on CPU and check it against its manifest and the payload kind.
+def validate_model(manifest: Manifest, model_bytes: bytes, payload: str | None = None) -> None:
+    """Load the model on CPU and check it against its manifest (and the payload kind, when given).
 
-    Runs on the driver before a model version is served, and (through :func:`get_session`) in
-    every executor session. Raises :class:`ModelError` naming what does not fit.
+    Runs on the driver before a model version is served or added to the registry, and (through
+    :func:`get_session`) in every executor session. Raises :class:`ModelError` naming what does
+    not fit.
     """
     placement = Placement(DEVICE_CPU, None, (CPU_PROVIDER,), 1, "validation")
     _create(manifest, model_bytes, payload, placement, EngineSettings())
 
 
-def _create(manifest: Manifest, model_bytes: bytes, payload: str, placement: Placement, settings: EngineSettings) -> ModelSession:
+def _create(manifest: Manifest, model_bytes: bytes, payload: str | None, placement: Placement, settings: EngineSettings) -> ModelSession:
     ort = onnxruntime()
     label = f"{manifest.name}:{manifest.version}"
     digest = hashlib.sha256(model_bytes).hexdigest()
     if digest != manifest.sha256:
         raise ModelError(label, f"model bytes have sha256 {digest}, manifest says {manifest.sha256}; republish the model")
-    check_payload_fits(manifest, payload)
+    if payload is not None:
+        check_payload_fits(manifest, payload)
     options = ort.SessionOptions()
     options.intra_op_num_threads = placement.intra_op_threads
     options.inter_op_num_threads = 1
@@ -330,7 +347,7 @@ def _create(manifest: Manifest, model_bytes: bytes, payload: str, placement: Pla
     check_gpu_used(placement, actual, available, settings)
     on_gpu = any(p in actual for p in GPU_PROVIDERS) and placement.device_id is not None
     device = f"cuda:{placement.device_id}" if on_gpu else DEVICE_CPU
-    output_name = _check_session(manifest, session, label)
+    _check_session(manifest, session, label)
     level = logging.WARNING if device != placement.device else logging.INFO
     log.log(
         level,
@@ -345,7 +362,7 @@ def _create(manifest: Manifest, model_bytes: bytes, payload: str, placement: Pla
         sorted(available),
         placement.intra_op_threads,
     )
-    created = ModelSession(session, manifest, placement.device, device, placement.device_id, actual, output_name)
+    created = ModelSession(session, manifest, placement.device, device, placement.device_id, actual)
     _smoke_run(created, label)
     return created
 
@@ -484,27 +501,26 @@ def _described(placement: Placement, settings: EngineSettings) -> str:
     return f"{list(placement.providers)} with device_id {placement.device_id}"
 
 
-def _check_session(manifest: Manifest, session: Any, label: str) -> str:
+def _check_session(manifest: Manifest, session: Any, label: str) -> None:
+    """Raise :class:`ModelError` unless every manifest input and output is in the graph, typed and shaped alike."""
     model_inputs = {i.name: i for i in session.get_inputs()}
     wanted = {spec.name for spec in manifest.inputs}
     if set(model_inputs) != wanted:
         raise ModelError(label, f"model inputs {sorted(model_inputs)} differ from manifest inputs {sorted(wanted)}")
     for spec in manifest.inputs:
-        actual = model_inputs[spec.name]
-        dtype = _ORT_DTYPES.get(actual.type)
-        if dtype is None or dtype != np.dtype(spec.dtype):
-            raise ModelError(label, f"input '{spec.name}' is {actual.type} in the model but {spec.dtype} in the manifest")
-        if not _shape_fits(actual.shape, spec.shape):
-            raise ModelError(label, f"input '{spec.name}' has shape {actual.shape} in the model but {list(spec.shape)} in the manifest")
-    scores = manifest.scores_output
-    outputs = {o.name: o for o in session.get_outputs()}
-    if scores.name not in outputs:
-        raise ModelError(label, f"manifest output '{scores.name}' is not a model output (model has {sorted(outputs)})")
-    if scores.width != len(manifest.labels):
-        raise ModelError(label, f"output '{scores.name}' has width {scores.width} but the manifest lists {len(manifest.labels)} labels")
-    if not _shape_fits(outputs[scores.name].shape, scores.shape):
-        raise ModelError(label, f"output '{scores.name}' has shape {outputs[scores.name].shape} in the model but {list(scores.shape)} in the manifest")
-    return scores.name
+        _check_tensor("input", spec, model_inputs[spec.name], label)
+    model_outputs = {o.name: o for o in session.get_outputs()}
+    for spec in manifest.outputs:
+        if spec.name not in model_outputs:
+            raise ModelError(label, f"manifest output '{spec.name}' is not a model output (model has {sorted(model_outputs)})")
+        _check_tensor("output", spec, model_outputs[spec.name], label)
+
+
+def _check_tensor(role: str, spec: TensorSpec, actual: Any, label: str) -> None:
+    if _ORT_DTYPES.get(actual.type) != spec.dtype:
+        raise ModelError(label, f"{role} '{spec.name}' is {actual.type} in the model but {spec.dtype} in the manifest")
+    if not _shape_fits(actual.shape, spec.shape):
+        raise ModelError(label, f"{role} '{spec.name}' has shape {actual.shape} in the model but {list(spec.shape)} in the manifest")
 
 
 def _shape_fits(model_shape: list[Any], manifest_shape: tuple[int, ...]) -> bool:
@@ -513,12 +529,24 @@ def _shape_fits(model_shape: list[Any], manifest_shape: tuple[int, ...]) -> bool
     return all(not isinstance(m, int) or m == d for m, d in zip(model_shape[1:], manifest_shape[1:]))
 
 
+def zero_rows(spec: TensorSpec, n: int) -> np.ndarray:
+    """``n`` rows of an input filled with zeros ("" for strings, False for bools)."""
+    if spec.dtype == "string":
+        return np.full((n, *spec.shape[1:]), "", dtype=object)
+    return np.zeros((n, *spec.shape[1:]), dtype=numpy_dtype(spec.dtype))
+
+
 def _smoke_run(model: ModelSession, label: str) -> None:
-    """Run two zero rows through the session and check the scores' shape."""
-    inputs = {spec.name: np.zeros((2, *spec.shape[1:]), dtype=np.dtype(spec.dtype)) for spec in model.manifest.inputs}
+    """Run two zero rows through the session and check every output's rows and width."""
+    inputs = {spec.name: zero_rows(spec, 2) for spec in model.manifest.inputs}
     try:
-        scores = model.to_host(model.compute(model.to_device(inputs)))
+        outputs = model.to_host(model.compute(model.to_device(inputs)))
     except Exception as exc:  # noqa: BLE001 -- ORT raises its own untyped errors for a bad model
         raise ModelError(label, f"a test run on zeros failed: {exc}") from exc
-    if scores.reshape(2, -1).shape[1] != len(model.manifest.labels):
-        raise ModelError(label, f"scores have shape {list(scores.shape)} for 2 rows; expected {len(model.manifest.labels)} per row")
+    for spec in model.manifest.outputs:
+        got = outputs[spec.name]
+        if got.ndim == 0 or got.shape[0] != 2 or got.size != 2 * spec.width:
+            raise ModelError(
+                label,
+                f"output '{spec.name}' has shape {list(got.shape)} for 2 rows; the manifest says {spec.width} value(s) per row",
+            )

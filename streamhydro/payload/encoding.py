@@ -7,7 +7,7 @@ Arrow batch with bad records (dead letters). Both return batches in the sink's s
 Prediction values are compact UTF-8 JSON, built column-wise with Arrow string kernels::
 
     {"key": <input key as a JSON string, or null>,
-     "prediction": {"label": "<labels[argmax]>", "scores": {"<label>": <float>, ...}},
+     "prediction": <the model kind's prediction object, see streamhydro.payload.predictions>,
      "model": {"name": "...", "version": N},
      "source": {"topic": "...", "partition": P, "offset": O, "timestamp_ms": T},
      "idempotency_key": "<topic>/<partition>/<offset>"}
@@ -15,7 +15,7 @@ Prediction values are compact UTF-8 JSON, built column-wise with Arrow string ke
 A key that is not valid UTF-8 cannot be a JSON string: such a record gets ``"key": null`` followed
 by ``"key_base64": "<standard base64 of the key bytes>"``, so the output is always valid JSON and the
 key bytes are recoverable; the Kafka key of the output record is the original bytes either way.
-A score that is NaN or infinite is written as ``null``.
+A float output that is NaN or infinite is written as ``null``.
 
 A dead letter keeps the record's key, value and headers and adds its origin and error as headers
 (``HEADER_*``); the value of a ``ValueTooLarge`` record is not copied (null), so that the dead
@@ -47,58 +47,65 @@ from streamhydro.payload import (
     Rejections,
     isolate,
 )
+from streamhydro.payload.jsontext import json_string_body
+from streamhydro.payload.predictions import prediction_for
 from streamhydro.registry import Manifest
 
 
 class Encoder:
     """Builds output records for scored rows and dead letters. Built once per session.
 
-    ``scores`` given to :meth:`predictions` are the model's first output, one column per label.
+    ``outputs`` given to :meth:`predictions` are the model's manifest outputs by name, batch axis first.
     """
 
     def __init__(self, manifest: Manifest, output_topic: str, dead_letter_topic: str) -> None:
-        self.labels = manifest.labels
+        self.manifest = manifest
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
-        self._label_json = pa.array([json.dumps(label) for label in manifest.labels], pa.string())
-        self._score_prefixes = [
-            ("" if j == 0 else ",") + json.dumps(label) + ":" for j, label in enumerate(manifest.labels)
-        ]
+        self.prediction = prediction_for(manifest)
         model = json.dumps({"name": manifest.name, "version": manifest.version}, separators=(",", ":"))
-        self._model_part = '}},"model":' + model + ',"source":{"topic":'
+        self._model_part = ',"model":' + model + ',"source":{"topic":'
 
-    def predictions(self, meta: pa.RecordBatch | pa.Table, scores: np.ndarray) -> tuple[pa.RecordBatch, Rejected]:
+    def predictions(self, meta: pa.RecordBatch | pa.Table, outputs: dict[str, np.ndarray]) -> tuple[pa.RecordBatch, Rejected]:
         """Output records for scored rows, and the rows whose encoding raised (see ``isolate``).
 
         ``meta`` has the Kafka source columns of those rows, in order; a rejected row is meant for
-        :meth:`dead_letters` with the same ``meta``. A model whose scores do not match its labels
-        raises :class:`ModelError`: that is no record's fault.
+        :meth:`dead_letters` with the same ``meta``. Outputs that do not match the manifest (a
+        missing output, another number of rows or values per row) raise :class:`ModelError`:
+        that is no record's fault.
         """
         n = meta.num_rows
-        scores = scores.reshape(n, -1)
-        if scores.shape[1] != len(self.labels):
-            raise ModelError(
-                "scores", f"model output has {scores.shape[1]} columns per row but the manifest has {len(self.labels)} labels"
-            )
+        matrices = {spec.name: self._matrix(outputs, spec.name, spec.width, n) for spec in self.manifest.outputs}
         rejections = Rejections()
-        parts = isolate(lambda lo, hi: self._predictions(meta.slice(lo, hi - lo), scores[lo:hi]), n, rejections)
+        parts = isolate(
+            lambda lo, hi: self._predictions(meta.slice(lo, hi - lo), {k: v[lo:hi] for k, v in matrices.items()}),
+            n,
+            rejections,
+        )
         if len(parts) == 1:
             return parts[0][1], rejections.result()
         table = pa.Table.from_batches([batch for _, batch in parts], schema=OUTPUT_ARROW_SCHEMA)
         columns = [column.combine_chunks() for column in table.columns]
         return pa.RecordBatch.from_arrays(columns, schema=OUTPUT_ARROW_SCHEMA), rejections.result()
 
-    def _predictions(self, meta: pa.RecordBatch | pa.Table, scores: np.ndarray) -> pa.RecordBatch:
+    def _matrix(self, outputs: dict[str, np.ndarray], name: str, width: int, n: int) -> np.ndarray:
+        label = f"{self.manifest.name}:{self.manifest.version}"
+        if name not in outputs:
+            raise ModelError(label, f"the run returned no output '{name}' (got {sorted(outputs)})")
+        values = np.asarray(outputs[name])
+        if values.ndim == 0 or values.shape[0] != n or values.size != n * width:
+            raise ModelError(
+                label, f"output '{name}' has shape {list(values.shape)} for {n} rows; the manifest says {width} value(s) per row"
+            )
+        return values.reshape(n, width)
+
+    def _predictions(self, meta: pa.RecordBatch | pa.Table, outputs: dict[str, np.ndarray]) -> pa.RecordBatch:
         n = meta.num_rows
         keys = _column(meta, "key")
-        topic = _json_string_body(_column(meta, "topic").cast(pa.string()))
+        topic = json_string_body(_column(meta, "topic").cast(pa.string()))
         partition = pc.cast(_column(meta, "partition"), pa.string())
         offset = pc.cast(_column(meta, "offset"), pa.string())
-        parts: list[pa.Array | str] = ['{"key":', _key_json(keys), ',"prediction":{"label":']
-        parts.append(self._label_json.take(pa.array(np.argmax(scores, axis=1) if n else np.zeros(0, np.int64))))
-        parts.append(',"scores":{')
-        for j, prefix in enumerate(self._score_prefixes):
-            parts += [prefix, _number_json(scores[:, j])]
+        parts: list[pa.Array | str] = ['{"key":', _key_json(keys), ',"prediction":', *self.prediction.parts(outputs)]
         parts += [self._model_part, '"', topic, '","partition":', partition, ',"offset":', offset]
         parts += [',"timestamp_ms":', _timestamp_ms_json(_column(meta, "timestamp")), '},"idempotency_key":"']
         parts += [topic, "/", partition, "/", offset, '"}']
@@ -169,18 +176,6 @@ def _headers(meta: pa.RecordBatch | pa.Table, n: int) -> pa.Array:
     return pc.if_else(headers.is_null(), pa.scalar([], HEADERS_TYPE), headers)
 
 
-def _json_string_body(text: pa.Array) -> pa.Array:
-    """Escape a UTF-8 string array for use between JSON quotes (backslash, quote, control chars)."""
-    escaped = pc.replace_substring(pc.replace_substring(text, "\\", "\\\\"), '"', '\\"')
-    controls = pc.fill_null(pc.match_substring_regex(escaped, r"[\x00-\x1f]"), False)
-    if not pc.any(controls).as_py():
-        return escaped
-    rows = escaped.to_pylist()
-    for i in np.flatnonzero(controls.to_numpy(zero_copy_only=False)):
-        rows[i] = json.dumps(text[int(i)].as_py())[1:-1]
-    return pa.array(rows, pa.string())
-
-
 def _key_json(keys: pa.Array) -> pa.Array:
     """The JSON text after ``"key":`` for each key: a string, null, or null plus ``"key_base64"``."""
     binary = keys.cast(pa.binary())
@@ -188,7 +183,7 @@ def _key_json(keys: pa.Array) -> pa.Array:
         text = binary.cast(pa.string())
     except pa.ArrowInvalid:
         return _key_json_mixed(binary)
-    quoted = pc.binary_join_element_wise('"', _json_string_body(text), '"', "")
+    quoted = pc.binary_join_element_wise('"', json_string_body(text), '"', "")
     return pc.fill_null(quoted, "null")
 
 
@@ -204,12 +199,6 @@ def _key_json_mixed(binary: pa.Array) -> pa.Array:
         except UnicodeDecodeError:
             out.append('null,"key_base64":"' + base64.b64encode(raw).decode("ascii") + '"')
     return pa.array(out, pa.string())
-
-
-def _number_json(values: np.ndarray) -> pa.Array:
-    array = pa.array(values)
-    text = pc.cast(array, pa.string())
-    return pc.if_else(pc.is_finite(array), text, "null")
 
 
 def _timestamp_ms(stamps: pa.Array) -> pa.Array:
