@@ -57,7 +57,7 @@ class QueryFailed(StreamhydroError):
 
     def __init__(self, cause: str) -> None:
         self.cause = cause
-        super().__init__(f"streaming query failed: {cause} (full trace in the log above; a restart resumes from the checkpoint)")
+        super().__init__(f"streaming query failed: {cause} (Spark's full trace is in its log; a restart resumes from the checkpoint)")
 
 
 def add_parser(subparsers: Any) -> None:
