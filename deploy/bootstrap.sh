@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine and run streamhydro: `bash deploy/bootstrap.sh demo` or `bash deploy/bootstrap.sh test`.
-#   demo  -- a virtualenv in .venv with streamhydro, the JVM jars (Apache Kafka, Spark's Kafka connector)
+#   demo  -- a virtualenv in .venv with streamhydro, the JVM jars (Apache Kafka, Spark's Kafka connector,
+#            Apicurio Registry)
 #            from Maven Central, then `streamhydro demo` (extra arguments are passed on)
 #   test  -- the same plus the test extras and the Debian packages the integration tests use, then pytest
 # Needs Python >= 3.11, Java 17 (Spark, Kafka) and Maven (installed from Debian when missing).
@@ -37,7 +38,8 @@ setup_java() {
   command -v mvn >/dev/null || apt_install maven
 }
 
-# Apache Kafka (the local broker) and Spark's Kafka connector, resolved once into the jar cache.
+# Apache Kafka (the local broker), Spark's Kafka connector and Apicurio Registry (the tests' schema registry),
+# resolved or built once into the jar cache.
 setup_jars() {
   "$venv/bin/streamhydro" --log-level WARNING jars >/dev/null
 }
