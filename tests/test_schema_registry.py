@@ -129,6 +129,17 @@ def test_unknown_id_is_not_found(registry):
     assert raised.value.error_code == 40403
 
 
+def test_start_failure_is_a_broker_error_with_the_log():
+    from streamhydro.brokers import BrokerConfig, SchemaRegistryServer
+    from streamhydro.errors import BrokerError
+
+    server = SchemaRegistryServer(BrokerConfig(start_timeout_s=0.5, port_attempts=1))
+    with pytest.raises(BrokerError, match="did not answer GET /apis/ccompat/v7/subjects") as raised:
+        server.start()
+    assert str(server.log_path) in str(raised.value)
+    assert not server.running()
+
+
 def _descriptor(text: str):
     from google.protobuf import descriptor_pb2
 
