@@ -206,7 +206,12 @@ def _make(
         if done.returncode != 0:
             raise ConfigError("jars", f"{problem}: {(done.stdout + done.stderr).strip()[-1500:]}", fix)
         keep(Path(work), out)
-        out.rename(target)
+        try:
+            out.rename(target)
+        except OSError:
+            if _jars_in(target) is None:
+                raise
+            log.info("%s was filled meanwhile by another process; keeping that one", target)
     jars = _jars_in(target)
     if jars is None:
         raise ConfigError("jars", f"Maven left no jar in {target}", f"remove {target} and run `streamhydro jars` again")

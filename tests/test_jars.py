@@ -11,9 +11,11 @@ import pytest
 from streamhydro import jars
 from streamhydro.errors import ConfigError
 
-# Writes what quarkus-maven-plugin's legacy-jar packaging leaves in target/, or fails when told to.
+# Writes what quarkus-maven-plugin's legacy-jar packaging leaves in target/, or fails when told to, or
+# meanwhile fills the cache folder itself, as a second process building at the same time would.
 FAKE_MVN = """#!/bin/sh
 [ -n "$FAKE_MVN_FAIL" ] && { echo "could not resolve io.example:missing"; exit 1; }
+[ -n "$FAKE_MVN_RACE" ] && { mkdir -p "$FAKE_MVN_RACE"; echo other > "$FAKE_MVN_RACE/app-1-runner.jar"; }
 project=$(dirname "$4")
 mkdir -p "$project/target/lib"
 echo runner > "$project/target/app-1-runner.jar"
@@ -47,6 +49,13 @@ def test_failed_build_leaves_nothing_and_says_why(fake_mvn, monkeypatch):
     with pytest.raises(ConfigError, match="io.example:missing"):
         jars.build(jars.QuarkusApp("app-1", "<project/>"))
     assert not any(fake_mvn.iterdir())
+
+
+def test_build_finished_meanwhile_by_another_process_is_used(fake_mvn, monkeypatch):
+    monkeypatch.setenv("FAKE_MVN_RACE", str(fake_mvn / "app-1"))
+    runner = jars.build(jars.QuarkusApp("app-1", "<project/>"))
+    assert runner.read_text() == "other\n"
+    assert [p.name for p in fake_mvn.iterdir()] == ["app-1"]
 
 
 def test_apicurio_pom_is_valid_maven_xml():
