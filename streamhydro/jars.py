@@ -1,11 +1,13 @@
-"""JVM jars from Maven Central: Apache Kafka for the local broker, Spark's Kafka connector for ``serve``.
+"""JVM jars from Maven Central: Apache Kafka for the local broker, Spark's Kafka connector for ``serve``,
+Apicurio Registry for the tests' schema registry.
 
 Runs on the driver machine: once at set-up (``streamhydro jars``, which ``deploy/bootstrap.sh`` runs),
 and again only when a bundle is missing from the cache. Each :class:`Bundle` is a set of Maven
 coordinates resolved with their runtime dependencies by ``mvn dependency:copy-dependencies`` into
-``<cache>/<bundle name>/``; the folder is filled under a temporary name and renamed when complete, so
-a half-resolved bundle is never used. The cache is ``$STREAMHYDRO_JAR_CACHE``, else
-``~/.cache/streamhydro/jars``.
+``<cache>/<bundle name>/``; each :class:`QuarkusApp` is a Quarkus application that Maven builds
+(``quarkus-maven-plugin``) into ``<cache>/<name>/``: its runner jar beside ``lib/``. Either folder is
+filled under a temporary name and renamed when complete, so a half-made one is never used. The cache
+is ``$STREAMHYDRO_JAR_CACHE``, else ``~/.cache/streamhydro/jars``.
 
 Spark's connector must match the running Spark exactly (it links against Spark internals), so its
 version is pyspark's own. Jars that pyspark already ships (Scala, Hadoop client, slf4j...) are left
@@ -21,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,10 @@ CACHE_ENV = "STREAMHYDRO_JAR_CACHE"
 KAFKA_VERSION = "4.4.0"
 # Kafka logs through slf4j 1.7; this binding routes it to the log4j2 that Kafka ships.
 LOG4J_SLF4J = ("org.apache.logging.log4j", "log4j-slf4j-impl", "2.25.5")
+# The newest Apicurio Registry whose whole dependency tree Maven Central serves: 2.5.x and later lack
+# apicurio-registry-schema-util-provider there; 2.4.2 builds with Quarkus 2.16 and runs on Java 17.
+APICURIO_VERSION = "2.4.2.Final"
+APICURIO_QUARKUS_VERSION = "2.16.4.Final"
 _MVN_TIMEOUT_S = 900
 
 
@@ -62,54 +69,153 @@ def spark_kafka_connector() -> Bundle:
     )
 
 
+@dataclass(frozen=True)
+class QuarkusApp:
+    """A Quarkus application built by Maven from ``pom`` (packaging ``legacy-jar``): ``<cache>/<name>/``
+    holds its runner jar, which finds ``lib/`` beside it."""
+
+    name: str
+    pom: str
+
+
+def apicurio_registry() -> QuarkusApp:
+    """Apicurio Registry (in-memory H2 storage; Confluent-compatible API under ``/apis/ccompat/v7``).
+
+    Maven Central has the application jar but no runnable build of it, so the pom below builds one,
+    as Apicurio's own ``app`` module does: its parent POM is the BOM (the versions Apicurio tested), the
+    application jar is indexed for CDI (it ships no Jandex index) and its ``application.properties``
+    is the build's own. Two artifacts are not on Maven Central and are replaced: the JSON Schema library
+    ``org.everit.json.schema`` (the same code is published as ``com.github.erosb:everit-json-schema``)
+    and ``apicurio-common-app-components-config-index-deployment`` 0.1.18 (0.1.10 is taken, runtime and
+    deployment alike).
+    """
+    return QuarkusApp(
+        f"apicurio-registry-{APICURIO_VERSION}",
+        f"""<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>
+  <groupId>streamhydro</groupId><artifactId>apicurio-registry</artifactId><version>{APICURIO_VERSION}</version>
+  <properties><project.build.sourceEncoding>UTF-8</project.build.sourceEncoding></properties>
+  <dependencyManagement><dependencies>
+    <dependency><groupId>io.apicurio</groupId><artifactId>apicurio-common-app-components-config-index</artifactId><version>0.1.10.Final</version></dependency>
+    <dependency><groupId>io.apicurio</groupId><artifactId>apicurio-registry</artifactId><version>{APICURIO_VERSION}</version><type>pom</type><scope>import</scope></dependency>
+  </dependencies></dependencyManagement>
+  <dependencies>
+    <dependency><groupId>io.apicurio</groupId><artifactId>apicurio-registry-app</artifactId><version>{APICURIO_VERSION}</version>
+      <exclusions><exclusion><groupId>com.github.everit-org.json-schema</groupId><artifactId>org.everit.json.schema</artifactId></exclusion></exclusions></dependency>
+    <dependency><groupId>com.github.erosb</groupId><artifactId>everit-json-schema</artifactId><version>1.14.2</version></dependency>
+  </dependencies>
+  <build><plugins>
+    <plugin><groupId>org.apache.maven.plugins</groupId><artifactId>maven-dependency-plugin</artifactId><version>3.6.1</version>
+      <executions><execution><id>application-properties</id><phase>generate-resources</phase><goals><goal>unpack</goal></goals>
+        <configuration><artifactItems><artifactItem><groupId>io.apicurio</groupId><artifactId>apicurio-registry-app</artifactId><version>{APICURIO_VERSION}</version>
+          <includes>application.properties</includes><outputDirectory>${{project.build.outputDirectory}}</outputDirectory></artifactItem></artifactItems></configuration>
+      </execution></executions></plugin>
+    <plugin><groupId>io.quarkus</groupId><artifactId>quarkus-maven-plugin</artifactId><version>{APICURIO_QUARKUS_VERSION}</version>
+      <executions><execution><goals><goal>build</goal></goals></execution></executions>
+      <configuration><properties>
+        <quarkus.index-dependency.registry.group-id>io.apicurio</quarkus.index-dependency.registry.group-id>
+        <quarkus.index-dependency.registry.artifact-id>apicurio-registry-app</quarkus.index-dependency.registry.artifact-id>
+      </properties></configuration></plugin>
+  </plugins></build>
+</project>
+""",
+    )
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "streamhydro" / "jars")
 
 
-def cached(bundle: Bundle) -> list[Path] | None:
-    """The bundle's jars when it was resolved before, else None. No network."""
-    folder = cache_dir() / bundle.name
+def cached(bundle: Bundle | QuarkusApp) -> list[Path] | None:
+    """The bundle's jars (an application's runner jar) when it was made before, else None. No network."""
+    return _jars_in(cache_dir() / bundle.name)
+
+
+def _jars_in(folder: Path) -> list[Path] | None:
     jars = sorted(folder.glob("*.jar")) if folder.is_dir() else []
     return jars or None
 
 
 def resolve(bundle: Bundle) -> list[Path]:
     """The bundle's jars, resolved from Maven Central into the cache when they are not there yet."""
-    jars = cached(bundle)
+
+    def copy_dependencies(mvn: str, pom: Path, out: Path) -> list[str]:
+        pom.write_text(_pom(bundle))
+        return [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies", f"-DoutputDirectory={out}", "-DincludeScope=runtime"]
+
+    def keep(work: Path, out: Path) -> None:
+        if bundle.skip_pyspark_jars:
+            _drop_pyspark_jars(out)
+
+    return _make(
+        bundle.name,
+        copy_dependencies,
+        keep,
+        f"Maven could not resolve {bundle.name} {[':'.join(c) for c in bundle.coordinates]}",
+        "check that Maven Central is reachable; for Spark's connector the pyspark version must be published there",
+    )
+
+
+def build(app: QuarkusApp) -> Path:
+    """The application's runner jar, built from Maven Central into the cache when it is not there yet."""
+
+    def package(mvn: str, pom: Path, out: Path) -> list[str]:
+        pom.write_text(app.pom)
+        return [mvn, "-q", "-B", "-f", str(pom), "package", "-DskipTests"]
+
+    def keep(work: Path, out: Path) -> None:
+        target = work / "target"
+        out.mkdir()
+        (target / "lib").rename(out / "lib")
+        for runner in target.glob("*-runner.jar"):
+            runner.rename(out / runner.name)
+
+    return _make(app.name, package, keep, f"Maven could not build {app.name}", "check that Maven Central is reachable")[0]
+
+
+def _make(
+    name: str,
+    command: Callable[[str, Path, Path], list[str]],
+    keep: Callable[[Path, Path], None],
+    problem: str,
+    fix: str,
+) -> list[Path]:
+    """Fill ``<cache>/<name>/`` once: run Maven's ``command(mvn, pom, out)`` in a temporary folder, let
+    ``keep(work, out)`` put what stays into ``out``, then rename ``out`` into place."""
+    target = cache_dir() / name
+    jars = _jars_in(target)
     if jars is not None:
         return jars
     mvn = shutil.which("mvn")
     if mvn is None:
         raise ConfigError(
             "jars",
-            f"{bundle.name} is not in {cache_dir()} and Maven (mvn) is not installed to fetch it",
+            f"{name} is not in {cache_dir()} and Maven (mvn) is not installed to fetch it",
             "install Maven (apt-get install maven) and run `streamhydro jars`, or copy the jars into that folder",
         )
-    target = cache_dir() / bundle.name
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{bundle.name}-", dir=target.parent) as work:
-        pom = Path(work) / "pom.xml"
-        pom.write_text(_pom(bundle))
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as work:
         out = Path(work) / "jars"
-        log.info("resolving %s from Maven Central into %s", bundle.name, target)
+        log.info("fetching %s from Maven Central into %s", name, target)
         done = subprocess.run(
-            [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies", f"-DoutputDirectory={out}", "-DincludeScope=runtime"],
+            command(mvn, Path(work) / "pom.xml", out),
             capture_output=True,
             text=True,
             timeout=_MVN_TIMEOUT_S,
             check=False,
         )
         if done.returncode != 0:
-            raise ConfigError(
-                "jars",
-                f"Maven could not resolve {bundle.name} {[':'.join(c) for c in bundle.coordinates]}: "
-                f"{(done.stdout + done.stderr).strip()[-1500:]}",
-                "check that Maven Central is reachable; for Spark's connector the pyspark version must be published there",
-            )
-        if bundle.skip_pyspark_jars:
-            _drop_pyspark_jars(out)
-        out.rename(target)
-    return resolve(bundle)
+            raise ConfigError("jars", f"{problem}: {(done.stdout + done.stderr).strip()[-1500:]}", fix)
+        keep(Path(work), out)
+        try:
+            out.rename(target)
+        except OSError:
+            if _jars_in(target) is None:
+                raise
+            log.info("%s was filled meanwhile by another process; keeping that one", target)
+    jars = _jars_in(target)
+    if jars is None:
+        raise ConfigError("jars", f"Maven left no jar in {target}", f"remove {target} and run `streamhydro jars` again")
+    return jars
 
 
 def _pom(bundle: Bundle) -> str:
@@ -143,15 +249,17 @@ def _drop_pyspark_jars(folder: Path) -> None:
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "jars",
-        help="fetch the JVM jars (Apache Kafka, Spark's Kafka connector) into the cache",
+        help="fetch the JVM jars (Apache Kafka, Spark's Kafka connector, Apicurio Registry) into the cache",
         description="Resolve Apache Kafka (for `demo --broker kafka` and the tests) and Spark's Kafka connector "
-        f"matching the installed pyspark from Maven Central into ${CACHE_ENV} (default ~/.cache/streamhydro/jars). "
-        "Prints where they are as JSON.",
+        "matching the installed pyspark from Maven Central, and build Apicurio Registry (the tests' schema "
+        f"registry) from it, into ${CACHE_ENV} (default ~/.cache/streamhydro/jars). Prints where they are as JSON.",
     )
     parser.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     found = {bundle.name: str(resolve(bundle)[0].parent) for bundle in (kafka_broker(), spark_kafka_connector())}
+    registry = apicurio_registry()
+    found[registry.name] = str(build(registry).parent)
     print(json.dumps(found))
     return 0

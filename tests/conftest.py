@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from streamhydro.brokers import ApacheKafkaBroker
 
 BOOTSTRAP_ENV = "STREAMHYDRO_TEST_BOOTSTRAP"
+SCHEMA_REGISTRY_ENV = "STREAMHYDRO_TEST_SCHEMA_REGISTRY"
 SCRAM_USER = "scorer"
 SCRAM_PASSWORD = "scram-Secret-4711"
 
@@ -60,6 +61,25 @@ def kafka_bootstrap() -> Iterator[str]:
     with ApacheKafkaBroker() as broker:
         yield broker.bootstrap_servers
         clients.close_all()
+
+
+@pytest.fixture(scope="session")
+def schema_registry_url() -> Iterator[str]:
+    """The base URL of a schema registry with the Confluent REST API, for the whole test session (tests
+    keep apart by subject name).
+
+    An external registry named by $STREAMHYDRO_TEST_SCHEMA_REGISTRY (its base URL, as clients take it),
+    else Apicurio Registry from the jar cache (:class:`~streamhydro.brokers.SchemaRegistryServer`, built
+    from Maven Central on first use).
+    """
+    external = os.environ.get(SCHEMA_REGISTRY_ENV)
+    if external:
+        yield external
+        return
+    from streamhydro.brokers import SchemaRegistryServer
+
+    with SchemaRegistryServer() as registry:
+        yield registry.url
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from streamhydro import jars
-from streamhydro.brokers.process import BrokerConfig, BrokerProcess, free_port
+from streamhydro.brokers.process import BrokerConfig, BrokerProcess, free_port, java_binary
 from streamhydro.errors import BrokerError
 
 SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -132,11 +132,8 @@ class ApacheKafkaBroker(BrokerProcess):
         return properties
 
     def _java(self) -> list[str]:
-        java = Path(os.environ["JAVA_HOME"]) / "bin" / "java" if os.environ.get("JAVA_HOME") else shutil.which("java")
-        if java is None:
-            raise BrokerError("Java is not installed. Fix: install Java 17 (apt-get install openjdk-17-jre-headless)")
         classpath = os.pathsep.join(str(jar) for jar in jars.resolve(jars.kafka_broker()))
-        return [str(java), f"-Xmx{self.heap_mb}m", "-XX:+UseSerialGC", f"-Dlog4j2.configurationFile={self.work_dir / 'log4j2.yaml'}", "-cp", classpath]
+        return [java_binary(), f"-Xmx{self.heap_mb}m", "-XX:+UseSerialGC", f"-Dlog4j2.configurationFile={self.work_dir / 'log4j2.yaml'}", "-cp", classpath]
 
     def _prepare(self) -> None:
         """Write the configuration; format the storage once (with the SCRAM users) before the first start."""

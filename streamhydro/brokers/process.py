@@ -2,7 +2,8 @@
 
 Runs on the driver (the demo), in test fixtures and in benchmarks, once per broker. :class:`BrokerProcess`
 holds what every local broker shares; :mod:`streamhydro.brokers.apache` and :mod:`streamhydro.brokers.tansu`
-say how each one is started.
+say how each one is started. The tests' schema registry (:mod:`streamhydro.brokers.schema_registry`) is
+such a child process too, ready when its HTTP API answers.
 
 A broker never outlives its parent:
 
@@ -24,6 +25,7 @@ import atexit
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,6 +71,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def java_binary() -> str:
+    """``$JAVA_HOME/bin/java``, else ``java`` on the PATH. Raises BrokerError when there is none."""
+    java = Path(os.environ["JAVA_HOME"]) / "bin" / "java" if os.environ.get("JAVA_HOME") else shutil.which("java")
+    if java is None:
+        raise BrokerError("Java is not installed. Fix: install Java 17 (apt-get install openjdk-17-jre-headless)")
+    return str(java)
+
+
 def die_with_parent() -> None:
     """preexec_fn: ask the kernel to SIGKILL the child when the thread that started it dies."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -102,6 +112,7 @@ class BrokerProcess:
 
     kind: ClassVar[str]
     stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
+    readiness: ClassVar[str] = "a metadata request"
 
     def __init__(self, config: BrokerConfig | None, work_dir: Path) -> None:
         self.config = config or BrokerConfig()
@@ -129,7 +140,7 @@ class BrokerProcess:
         return self._process is not None and self._process.poll() is None
 
     def start(self) -> BrokerProcess:
-        """Start the broker and return once it answers a metadata request. Raises BrokerError otherwise."""
+        """Start the broker and return once it answers (:meth:`_ready`). Raises BrokerError otherwise."""
         if self.running():
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +155,7 @@ class BrokerProcess:
             log.warning("%s broker did not start (attempt %d of %d)", self.kind, attempt, self.config.port_attempts)
             self._forget_ports()
         raise BrokerError(
-            f"the {self.kind} broker did not answer a metadata request within {self.config.start_timeout_s} s "
+            f"the {self.kind} broker did not answer {self.readiness} within {self.config.start_timeout_s} s "
             f"after {self.config.port_attempts} attempts; log {self.log_path} ends with:\n{self.log_tail()}\n"
             "Fix: raise BrokerConfig.start_timeout_s on a loaded machine, or read the log above"
         )
@@ -166,6 +177,10 @@ class BrokerProcess:
     def _environment(self) -> dict[str, str] | None:
         return None
 
+    def _ready(self) -> bool:
+        """Whether the started process serves: it answers :attr:`readiness`, within about a second."""
+        return answers_metadata({"bootstrap.servers": self.bootstrap_servers, **self.client_settings})
+
     def _start_once(self) -> bool:
         self._choose_ports()
         self._prepare()
@@ -181,12 +196,11 @@ class BrokerProcess:
             )
         with _RUNNING_LOCK:
             _RUNNING.add(self)
-        settings = {"bootstrap.servers": self.bootstrap_servers, **self.client_settings}
         deadline = time.monotonic() + self.config.start_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 break
-            if answers_metadata(settings):
+            if self._ready():
                 return True
             time.sleep(0.1)
         self._end(signal.SIGKILL)
