@@ -4,7 +4,8 @@
 #            jars (Apache Kafka, Spark's Kafka connector) from Maven Central, then `streamhydro demo`
 #            (extra arguments are passed on)
 #   test  -- the same plus the trainer's PyTorch (PyPI's torch is the CUDA build: about 4 GB with its
-#            nvidia-* wheels), the test extras and the Debian packages the integration tests use, then pytest
+#            nvidia-* wheels), the test extras, Apicurio Registry (the tests' schema registry, built from
+#            Maven Central into the jar cache) and the Debian packages the integration tests use, then pytest
 # Needs Python >= 3.11, Java 17 (Spark, Kafka) and Maven (installed from Debian when missing).
 # Re-running skips what is already installed.
 set -euo pipefail
@@ -38,9 +39,12 @@ setup_java() {
   command -v mvn >/dev/null || apt_install maven
 }
 
-# Apache Kafka (the local broker) and Spark's Kafka connector, resolved once into the jar cache.
+# Apache Kafka (the local broker) and Spark's Kafka connector, resolved once into the jar cache; with
+# "registry", Apicurio Registry too (the tests' schema registry).
 setup_jars() {
-  "$venv/bin/streamhydro" --log-level WARNING jars >/dev/null
+  local skip=(--without-registry)
+  [ "${1:-}" != registry ] || skip=()
+  "$venv/bin/streamhydro" --log-level WARNING jars "${skip[@]}" >/dev/null
 }
 
 setup_debs() {
@@ -62,7 +66,7 @@ case "$mode" in
     setup_java
     setup_debs
     setup_python cpu,train,test
-    setup_jars
+    setup_jars registry
     exec "$venv/bin/python" -m pytest "$@"
     ;;
   *)

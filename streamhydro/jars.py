@@ -254,12 +254,17 @@ def add_parser(subparsers: Any) -> None:
         "matching the installed pyspark from Maven Central, and build Apicurio Registry (the tests' schema "
         f"registry) from it, into ${CACHE_ENV} (default ~/.cache/streamhydro/jars). Prints where they are as JSON.",
     )
+    parser.add_argument(
+        "--without-registry", action="store_true",
+        help="skip Apicurio Registry (only the tests start it; its first build takes minutes)",
+    )
     parser.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     found = {bundle.name: str(resolve(bundle)[0].parent) for bundle in (kafka_broker(), spark_kafka_connector())}
-    registry = apicurio_registry()
-    found[registry.name] = str(build(registry).parent)
+    if not args.without_registry:
+        registry = apicurio_registry()
+        found[registry.name] = str(build(registry).parent)
     print(json.dumps(found))
     return 0
