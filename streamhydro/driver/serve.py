@@ -20,6 +20,7 @@ offsets are not committed), so nothing is lost or half-written, and the process 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import threading
@@ -288,7 +289,7 @@ class Service:
         from streamhydro.kafka.records import KAFKA_SCHEMA
         from streamhydro.producer import make_values
 
-        plan = self.follower.plan
+        plan = dataclasses.replace(self.follower.plan, recorded=False)
         parallelism = self.spark.sparkContext.defaultParallelism
         value = make_values(plan.manifest, plan.payload, count=1)[0]
         rows = [(b"warm-up", value, "warm-up", 0, i, None, 0, []) for i in range(parallelism)]

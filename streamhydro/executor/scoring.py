@@ -49,6 +49,8 @@ class ScoringPlan:
     ``model_bytes`` is any object whose ``.value`` is the ONNX bytes: a pyspark Broadcast on the
     driver (read by an executor only when its worker has no session for the model yet).
     ``max_value_bytes``: larger JSON values are rejected unparsed (``model.max_value_bytes``).
+    ``recorded``: whether tasks report to the metrics module; False for serve's warm-up job, whose
+    made-up row is no event.
     """
 
     manifest: Manifest
@@ -58,6 +60,7 @@ class ScoringPlan:
     dead_letter_topic: str
     engine: EngineSettings = EngineSettings()
     max_value_bytes: int = MAX_VALUE_BYTES
+    recorded: bool = True
 
 
 def score_batches(
@@ -105,7 +108,8 @@ def score_partition(
         providers=model.providers,
         pipeline_depth=plan.engine.pipeline_depth,
     )
-    publish_stats(stats)
+    if plan.recorded:
+        publish_stats(stats)
     if observe is not None:
         observe(stats)
 
