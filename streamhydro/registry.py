@@ -42,15 +42,16 @@ SELECTORS = ("latest", "promoted")
 class TensorSpec:
     """One model input or output.
 
-    ``features`` names the JSON fields that make up a 2-D input, column by column; an input
-    without ``features`` is read from one JSON field named like the input, holding a list of
-    ``width`` numbers.
+    An input is fed from event fields named by dotted paths ("user.age" is event["user"]["age"]):
+    ``features`` names one scalar field per column, in column order; otherwise ``field`` names
+    one field holding an array of ``width`` values (default: the input's name).
     """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     features: tuple[str, ...] = ()
+    field: str = ""
 
     @property
     def width(self) -> int:
@@ -67,12 +68,15 @@ class TensorSpec:
             dtype=data.get("dtype", "float32"),
             shape=tuple(int(d) for d in data["shape"]),
             features=tuple(data.get("features", ())),
+            field=data.get("field", ""),
         )
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
         if self.features:
             out["features"] = list(self.features)
+        if self.field:
+            out["field"] = self.field
         return out
 
 

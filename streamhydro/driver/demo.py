@@ -105,7 +105,8 @@ def run_demo(
             spark={"master": master, "app_name": "streamhydro-demo", "checkpoint_location": f"{work}/checkpoint",
                    "conf": {"spark.ui.showConsoleProgress": "false"}},
             kafka={"bootstrap_servers": running.bootstrap_servers, **kafka_settings},
-            model={"registry": registry, "name": model, "version": "promoted", "payload": payload},
+            model={"registry": registry, "name": model, "version": "promoted"},
+            payload={"format": payload},
             # local Spark assigns no GPUs, so scoring runs on the CPU, where pipelining does not pay.
             inference={"pipeline_depth": 0},
             metrics={"port": metrics_port, "multiprocess_dir": f"{work}/metrics"},
