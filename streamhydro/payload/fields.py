@@ -372,10 +372,13 @@ def _typed(array: pa.Array, dtype: str) -> tuple[np.ndarray, list[tuple[np.ndarr
     info = np.iinfo(target)
     problems = []
     if raw.dtype.kind == "f":
-        fraction = ~np.isfinite(raw) | (np.floor(raw) != raw)
-        problems.append((fraction, WRONG_TYPE, f"is not a whole number (the input is {dtype})"))
+        infinite = ~np.isfinite(raw)
         with np.errstate(invalid="ignore"):
-            outside = ~fraction & ((raw < info.min) | (raw > info.max))
+            fraction = ~infinite & (np.floor(raw) != raw)
+            outside = ~infinite & ~fraction & ((raw < info.min) | (raw > info.max))
+        problems.append((infinite, NON_FINITE, "is NaN or Infinity"))
+        problems.append((fraction, WRONG_TYPE, f"is not a whole number (the input is {dtype})"))
+        fraction |= infinite
     else:
         fraction = np.zeros(n, bool)
         outside = (raw < info.min) | (raw > info.max)
