@@ -245,20 +245,19 @@ def _from_python(values: list, item_kind: str, vector: bool) -> tuple[pa.Array, 
             [v is not None and (type(v) is not list or not _types_fit(set(map(type, v)), wanted)) for v in values], dtype=bool
         )
         cleaned = [None if bad else v for v, bad in zip(values, wrong)]
+        if item_kind == NUMBER:  # doubles: integers beyond int64 included
+            cleaned = [None if v is None else [float(x) for x in v] for v in cleaned]
         items = set(map(type, itertools.chain.from_iterable(v for v in cleaned if v is not None)))
         return pa.array(cleaned, pa.list_(_python_arrow_type(items, item_kind))), wrong
+    wrong = np.zeros(len(values), bool)
+    if not _types_fit(set(map(type, values)), wanted):
+        wrong = np.array([v is not None and type(v) not in wanted for v in values], dtype=bool)
+        values = [None if bad else v for v, bad in zip(values, wrong)]
     types = set(map(type, values))
-    if _types_fit(types, wanted):
-        try:
-            return pa.array(values, _python_arrow_type(types, item_kind)), np.zeros(len(values), bool)
-        except (OverflowError, pa.ArrowException):
-            types = {float} | types
-            values = [None if v is None else float(v) for v in values]
-            return pa.array(values, pa.float64()), np.zeros(len(values), bool)
-    wrong = np.array([v is not None and type(v) not in wanted for v in values], dtype=bool)
-    cleaned = [None if bad else v for v, bad in zip(values, wrong)]
-    types = set(map(type, cleaned))
-    return pa.array(cleaned, _python_arrow_type(types, item_kind)), wrong
+    try:
+        return pa.array(values, _python_arrow_type(types, item_kind)), wrong
+    except OverflowError:  # an integer beyond int64: every number as a double
+        return pa.array([None if v is None else float(v) for v in values], pa.float64()), wrong
 
 
 def _types_fit(types: set[type], wanted: tuple[type, ...]) -> bool:
