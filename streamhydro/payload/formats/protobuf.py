@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
+import operator
 import re
 import subprocess
 import sys
@@ -209,39 +211,53 @@ class _Reader:
                 kept.append(position)
                 messages.append(message)
             good = np.array(kept, dtype=np.int64)
-        return good, {path: _column(messages, steps) for path, steps in self.steps.items()}
+        return good, _columns(messages, self.steps)
 
 
-def _steps(descriptor: Descriptor, field: InputField) -> tuple[tuple[str, bool, Any], ...]:
-    """(attribute, has presence, enum names or None) for each part of a path the schema was checked to hold."""
-    steps = []
-    for part in field.parts:
-        found = descriptor.fields_by_name[part]
-        names = {v.number: v.name for v in found.enum_type.values} if found.enum_type is not None and field.kind == TEXT else None
-        steps.append((part, found.has_presence and not found.is_repeated, names))
-        if found.message_type is not None:
-            descriptor = found.message_type
-    return tuple(steps)
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """How to read one checked path: the sub-messages on the way, then the field itself."""
+
+    parents: tuple[str, ...]
+    name: str
+    presence: bool  # an unset value is missing (optional scalars; proto2)
+    repeated: bool
+    enum_names: Mapping[int, str] | None  # enum values read as their names (string inputs)
 
 
-def _column(messages: list[Any], steps: tuple[tuple[str, bool, Any], ...]) -> list[Any]:
-    *path, (name, presence, names) = steps
-    out = []
-    for message in messages:
-        for part, _, _ in path:
-            if message is None or not message.HasField(part):
-                message = None
-                break
-            message = getattr(message, part)
-        if message is None or (presence and not message.HasField(name)):
-            out.append(None)
-            continue
-        value = getattr(message, name)
+def _steps(descriptor: Descriptor, field: InputField) -> _Leaf:
+    for part in field.parts[:-1]:
+        descriptor = descriptor.fields_by_name[part].message_type
+    found = descriptor.fields_by_name[field.parts[-1]]
+    names = {v.number: v.name for v in found.enum_type.values} if found.enum_type is not None and field.kind == TEXT else None
+    return _Leaf(field.parts[:-1], found.name, found.has_presence and not found.is_repeated, found.is_repeated, names)
+
+
+def _columns(messages: list[Any], leaves: Mapping[str, _Leaf]) -> dict[str, list[Any]]:
+    """Each path's values (None where missing), one list comprehension per field."""
+    holders: dict[tuple[str, ...], list[Any]] = {(): messages}
+
+    def parents(path: tuple[str, ...]) -> list[Any]:
+        if path not in holders:
+            above, name = parents(path[:-1]), path[-1]
+            holders[path] = [None if m is None else (getattr(m, name) if m.HasField(name) else None) for m in above]
+        return holders[path]
+
+    out = {}
+    for path, leaf in leaves.items():
+        owners, get, name = parents(leaf.parents), operator.attrgetter(leaf.name), leaf.name
+        if leaf.repeated:
+            values = [None if m is None else (list(get(m)) or None) for m in owners]
+        elif leaf.presence:
+            values = [get(m) if m is not None and m.HasField(name) else None for m in owners]
+        else:
+            values = [None if m is None else get(m) for m in owners]
+        names = leaf.enum_names
         if names is not None:
-            value = [names.get(v, str(v)) for v in value] if not isinstance(value, int) else names.get(value, str(value))
-        elif not isinstance(value, (int, float, str, bool)):
-            value = list(value) or None
-        out.append(value)
+            values = [
+                None if v is None else ([names.get(x, str(x)) for x in v] if leaf.repeated else names.get(v, str(v))) for v in values
+            ]
+        out[path] = values
     return out
 
 
