@@ -422,3 +422,21 @@ def test_make_values_keeps_the_demo_models_json():
     manifest = Registry("models").get("breast_cancer").manifest
     values = make_values(manifest, "json", 3, np.random.default_rng(0))
     assert list(json.loads(values[0])) == list(manifest.inputs[0].features)
+
+
+def test_protobuf_enums_feed_strings_and_proto3_scalars_without_presence_read_as_defaults(tmp_path):
+    path = tmp_path / "events.proto"
+    path.write_text(
+        'syntax = "proto3";\npackage shop;\nenum City { OSLO = 0; BERGEN = 1; }\n'
+        "message Order {\n  message User { float age = 1; City city = 2; }\n  User user = 1;\n"
+        "  message Tx { double amount = 1; uint64 items = 2; }\n  Tx tx = 2;\n"
+        "  message Doc { repeated double embedding = 1; }\n  Doc doc = 3;\n  bool vip = 4;\n}\n"
+    )
+    cls = protobuf.message_class(path.read_text())
+    good = event(age=12.0, city="BERGEN", vip=False, items=2**62)
+    values = protobuf.encode([good, {**good, "user": {"age": 0.0, "city": "OSLO"}}, {**good, "doc": None}, {"vip": True}, event(items=2**63, city="OSLO")], cls)
+    decoded = decode(PayloadSettings(format="protobuf", schema=str(path)), values)
+    assert decoded.good.tolist() == [0, 1]
+    assert outcomes(decoded) == {2: p.MISSING_FEATURE, 3: p.MISSING_FEATURE, 4: p.NON_FINITE}
+    assert decoded.inputs["city"].ravel().tolist() == ["BERGEN", "OSLO"]
+    assert decoded.inputs["count"].dtype == np.int64 and decoded.inputs["num"][1].tolist() == [0.0, 2.5]

@@ -374,7 +374,7 @@ def _typed(array: pa.Array, dtype: str) -> tuple[np.ndarray, list[tuple[np.ndarr
         infinite = ~np.isfinite(raw)
         with np.errstate(invalid="ignore"):
             fraction = ~infinite & (np.floor(raw) != raw)
-            outside = ~infinite & ~fraction & ((raw < info.min) | (raw > info.max))
+            outside = ~infinite & ~fraction & ((raw < info.min) | (raw >= float(info.max) + 1))  # 2**63 is exact, 2**63 - 1 is not
         problems.append((infinite, NON_FINITE, "is NaN or Infinity"))
         problems.append((fraction, WRONG_TYPE, f"is not a whole number (the input is {dtype})"))
         fraction |= infinite
