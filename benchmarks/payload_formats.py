@@ -4,7 +4,8 @@
 
 The load generator's events for the model (``streamhydro.producer.EventFormat``) are written in every
 format: json, tensor (single float inputs only), avro and protobuf, the last two bare with the schema
-the load generator derives (the fixed-schema mode; the wire format adds a header split per batch).
+the load generator derives (the fixed-schema mode) and in the Confluent wire format (``avro_wire``,
+``protobuf_wire``: the schema put in the worker's cache as a fetch would, so no registry is involved).
 Each format's decoder (``make_decoder``, as a scoring task builds it) decodes them in batches of
 ``--batch-size`` three times; the best run counts. Prints one line per format, then one JSON line.
 """
@@ -21,9 +22,13 @@ import numpy as np
 import pyarrow as pa
 
 from streamhydro.config import PayloadSettings
+from streamhydro.payload import schemas
 from streamhydro.payload.formats import make_decoder
 from streamhydro.producer import EventFormat
 from streamhydro.registry import Registry
+
+URL = "http://registry.invalid"  # never contacted: the schema is in the cache
+SCHEMA_ID = 1
 
 
 def main() -> None:
@@ -34,18 +39,22 @@ def main() -> None:
     parser.add_argument("--model", default="breast_cancer")
     args = parser.parse_args()
     manifest = Registry(args.registry).get(args.model, "promoted").manifest
-    formats = ["json", "avro", "protobuf"]
+    formats = ["json", "avro", "avro_wire", "protobuf", "protobuf_wire"]
     if len(manifest.inputs) == 1 and manifest.inputs[0].dtype.startswith("float"):
         formats.insert(1, "tensor")
     results = {}
     with tempfile.TemporaryDirectory() as work:
         for name in formats:
-            source = EventFormat(manifest, name)
-            settings = PayloadSettings(format=name)
-            if source.schema:
-                path = Path(work, f"events.{'avsc' if name == 'avro' else 'proto'}")
+            payload, _, wire = name.partition("_")
+            source = EventFormat(manifest, payload, SCHEMA_ID if wire else None)
+            settings = PayloadSettings(format=payload)
+            if wire:
+                schemas.remember(URL, SCHEMA_ID, schemas.RegisteredSchema(payload.upper(), source.schema))
+                settings = PayloadSettings(format=payload, schema_registry_url=URL)
+            elif source.schema:
+                path = Path(work, f"events.{'avsc' if payload == 'avro' else 'proto'}")
                 path.write_text(source.schema)
-                settings = PayloadSettings(format=name, schema=str(path))
+                settings = PayloadSettings(format=payload, schema=str(path))
             values = source.values(args.events, np.random.default_rng(0))
             batches = [pa.array(values[i : i + args.batch_size], pa.binary()) for i in range(0, len(values), args.batch_size)]
             decoder = make_decoder(manifest, settings)
@@ -57,7 +66,7 @@ def main() -> None:
             if rows != args.events:
                 raise SystemExit(f"{name}: decoded {rows} of {args.events} generated events")
             results[name] = round(best)
-            print(f"{name:>9}: {best:>12,.0f} rows/s")
+            print(f"{name:>13}: {best:>12,.0f} rows/s")
     print(json.dumps({"model": args.model, "events": args.events, "batch_size": args.batch_size, "rows_per_s": results}))
 
 
