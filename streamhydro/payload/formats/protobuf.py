@@ -519,21 +519,4 @@ def encode(events: Iterable[Mapping[str, Any]], message: Any, schema_id: int | N
     if schema_id is not None:
         path = b"\x00" if list(indexes) == [0] else b"".join(_varint((i << 1) ^ (i >> 63)) for i in [len(indexes), *indexes])
         header = schemas.wire_header(schema_id) + path
-    out = []
-    for event in events:
-        built = message()
-        _fill(built, event)
-        out.append(header + built.SerializeToString())
-    return out
-
-
-def _fill(message: Any, values: Mapping[str, Any]) -> None:
-    for key, value in values.items():
-        if value is None:
-            continue
-        if isinstance(value, Mapping):
-            _fill(getattr(message, key), value)
-        elif isinstance(value, (list, tuple, np.ndarray)):
-            getattr(message, key).extend(value.tolist() if isinstance(value, np.ndarray) else value)
-        else:
-            setattr(message, key, value.item() if isinstance(value, np.generic) else value)
+    return [header + message(**event).SerializeToString() for event in events]
