@@ -194,22 +194,6 @@ _PY_KINDS: dict[str, tuple[type, ...]] = {NUMBER: (int, float), BOOLEAN: (bool,)
 _NONE = type(None)
 
 
-def _python_type_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, (bytes, bytearray)):
-        return "bytes"
-    if isinstance(value, (list, tuple)):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
 def _arrow_type_name(kind: pa.DataType) -> str:
     if pa.types.is_boolean(kind):
         return "boolean"
@@ -274,8 +258,7 @@ def _python_arrow_type(types: set[type], item_kind: str) -> pa.DataType:
 
 def _to_array(field: InputField, values: Column) -> tuple[pa.Array, np.ndarray | None]:
     if isinstance(values, list):
-        array, wrong = _from_python(values, field.kind, field.vector)
-        return array, wrong
+        return _from_python(values, field.kind, field.vector)
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     return values, None
