@@ -43,7 +43,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from streamhydro.brokers import ApacheKafkaBroker
-from streamhydro.config import Config
+from streamhydro.config import Config, PayloadSettings
 from streamhydro.driver.demo import latency_summary
 from streamhydro.driver.serve import Service, connector_conf
 from streamhydro.executor.direct import RangeIO, score_range
@@ -170,7 +170,7 @@ def serve_starter(name: str, bootstrap: str, args: argparse.Namespace, work: str
 def ceiling(bootstrap: str, model, input_topic: str, output_topic: str, max_per_range: int) -> Callable[[], None]:
     """Start the no-Spark loop on a thread; returns the function that stops it (and raises what it raised)."""
     plan = ScoringPlan(
-        model.manifest, SimpleNamespace(value=model.read_bytes()), "json", output_topic, f"{output_topic}-dlq",
+        model.manifest, SimpleNamespace(value=model.read_bytes()), PayloadSettings(), output_topic, f"{output_topic}-dlq",
         EngineSettings(providers=("CPUExecutionProvider",), batch_size=BATCH_SIZE, pipeline_depth=0, intra_op_threads=1),
     )
     io = RangeIO(client_for(bootstrap))

@@ -135,12 +135,13 @@ def gpu_count() -> int:
 def engine_run(data: bytes, manifest: Any, table: Any, providers: tuple[str, ...], address: str | None, depth: int,
                batch_size: int, allow_tf32: bool = False) -> tuple[np.ndarray, Any, float]:
     """Score ``table`` through the engine as a scoring task would; returns scores, stats, seconds."""
+    from streamhydro.config import PayloadSettings
     from streamhydro.executor.engine import EngineSettings
     from streamhydro.executor.scoring import ScoringPlan, score_partition
     from streamhydro.executor.sessions import TaskResources
 
     settings = EngineSettings(providers=providers, batch_size=batch_size, pipeline_depth=depth, allow_tf32=allow_tf32)
-    plan = ScoringPlan(manifest, SimpleNamespace(value=data), "json", "out", "dlq", settings)
+    plan = ScoringPlan(manifest, SimpleNamespace(value=data), PayloadSettings(), "out", "dlq", settings)
     stats: list[Any] = []
     resources = TaskResources((address,) if address is not None else (), os.cpu_count() or 1)
     started = time.perf_counter()

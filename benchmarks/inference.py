@@ -43,6 +43,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).parent))
 
 from heavy_model import mlp  # noqa: E402
+from streamhydro.config import PayloadSettings  # noqa: E402
 from streamhydro.errors import ModelError  # noqa: E402
 from streamhydro.executor.scoring import OUTPUT_SCHEMA, EngineSettings, ScoringPlan, score_batches, score_partition  # noqa: E402
 from streamhydro.payload import HEADERS_TYPE  # noqa: E402
@@ -150,7 +151,7 @@ def bench_model(spark, label: str, data: bytes, manifest: Manifest, rows: int, a
     plan = ScoringPlan(
         manifest,
         spark.sparkContext.broadcast(data),
-        "json",
+        PayloadSettings(),
         "predictions",
         "dead",
         EngineSettings(batch_size=args.batch_size, pipeline_depth=args.pipeline_depth, intra_op_threads=1),
@@ -164,7 +165,7 @@ def bench_model(spark, label: str, data: bytes, manifest: Manifest, rows: int, a
     input_name = manifest.inputs[0].name
     batches = [matrix[i : i + args.batch_size] for i in range(0, rows, args.batch_size)]
     arrow_batches = table.to_batches(max_chunksize=20000)
-    local_plan = ScoringPlan(manifest, SimpleNamespace(value=data), "json", "p", "d", plan.engine)
+    local_plan = ScoringPlan(manifest, SimpleNamespace(value=data), PayloadSettings(), "p", "d", plan.engine)
     sequential = dataclasses.replace(plan, engine=dataclasses.replace(plan.engine, pipeline_depth=0))
     result = {
         "streamhydro": timed(noop(frame.mapInArrow(score_batches(plan), OUTPUT_SCHEMA)), args.repeats, rows),

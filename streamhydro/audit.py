@@ -32,7 +32,7 @@ import numpy as np
 
 from streamhydro.kafka.options import ClientConfig
 from streamhydro.payload import HEADER_ERROR_CLASS, HEADER_ORIGIN_OFFSET, HEADER_ORIGIN_PARTITION, HEADER_ORIGIN_TOPIC
-from streamhydro.payload.decoding import MAX_VALUE_BYTES
+from streamhydro.config import PayloadSettings
 from streamhydro.precision import Tolerance, score_tolerance
 from streamhydro.registry import Manifest, ModelVersion
 
@@ -209,9 +209,9 @@ def _no_duplicate_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def reference_inputs(value: bytes | None, manifest: Manifest) -> dict[str, list[Any]] | None:
-    """One JSON event's model inputs by the payload rules (``streamhydro.payload.decoding``), read with
+    """One JSON event's model inputs by the payload rules (``streamhydro.payload.formats.json``), read with
     Python's ``json`` rather than the service's decoder; None when the event must be a dead letter."""
-    if not value or len(value) > MAX_VALUE_BYTES:
+    if not value or len(value) > PayloadSettings().max_value_bytes:
         return None
     try:
         document = json.loads(value.decode("utf-8-sig"), object_pairs_hook=_no_duplicate_fields)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from streamhydro.errors import ConfigError
+from streamhydro.payload import PAYLOAD_FORMATS, PayloadFormat
 from streamhydro.secrets import masked, remember
 from streamhydro.spark import CLUSTER, Master, check_gpu_master
 
@@ -139,10 +140,38 @@ class ModelSettings:
     registry: str = doc("Model registry directory.", default="models")
     name: str = doc("Model name in the registry.", default="breast_cancer")
     version: str = doc("Version to serve: latest | promoted | a number (pinned).", default="promoted")
-    payload: str = doc("Input value format: json (named features) | tensor (raw little-endian float32).", default="json")
     refresh_seconds: float = doc("How often the registry is checked for a new version, at micro-batch boundaries.", default=10.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PayloadSettings:
+    """How input record values are encoded. Picklable: it travels to executors in the scoring plan."""
+
+    format: str = doc(
+        f"Input value format: {' | '.join(PAYLOAD_FORMATS)}. json: one object per record; avro / protobuf: "
+        "binary, with schema_registry_url (Confluent wire format) or a fixed schema; tensor: the raw "
+        "little-endian float32 row of a single-input model.",
+        default=PayloadFormat.JSON.value,
+    )
+    schema_registry_url: str = doc(
+        "avro / protobuf: Confluent-compatible schema registry URL; values are in the Confluent wire format "
+        "(byte 0, 4-byte big-endian schema id, protobuf message indexes, the record) and schemas are fetched "
+        "by id, cached per Python worker.",
+        default="",
+    )
+    schema_registry_client: Mapping[str, str] = doc(
+        "Schema registry client settings (confluent-kafka's SchemaRegistryClient keys), e.g. "
+        'basic.auth.user.info = "${SR_AUTH}", ssl.ca.location; secrets are masked.',
+        default_factory=Masked,
+    )
+    schema: str = doc(
+        "avro / protobuf without a registry: path of an .avsc or .proto file, readable where the driver and "
+        "the executors run; values are then the bare encoded record, no wire header.",
+        default="",
+    )
+    message: str = doc("protobuf: fully qualified message name of the events; empty = the schema's first message.", default="")
     max_value_bytes: int = doc(
-        "Largest JSON record value parsed, in bytes; a larger one goes to the dead-letter topic unparsed, "
+        "Largest record value decoded, in bytes; a larger one goes to the dead-letter topic undecoded, "
         "without its value (error class ValueTooLarge). Tensor values are always exactly the model's row size.",
         default=1_048_576,
     )
@@ -192,6 +221,7 @@ class Config:
     spark: SparkSettings = dataclasses.field(default_factory=SparkSettings)
     kafka: KafkaSettings = dataclasses.field(default_factory=KafkaSettings)
     model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
+    payload: PayloadSettings = dataclasses.field(default_factory=PayloadSettings)
     inference: InferenceSettings = dataclasses.field(default_factory=InferenceSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
 
@@ -402,14 +432,11 @@ def _validated(config: Config) -> Config:
             json.loads(k.starting_offsets)
         except json.JSONDecodeError as exc:
             raise ConfigError("kafka.starting_offsets", f"{k.starting_offsets!r} is neither earliest, latest nor JSON", 'e.g. {"events": {"0": 42}}') from exc
-    if m.payload not in ("json", "tensor"):
-        raise ConfigError("model.payload", f"unknown payload {m.payload!r}", "use json or tensor")
     if not (m.version in ("latest", "promoted") or m.version.isdigit()):
         raise ConfigError("model.version", f"{m.version!r} is not a version", "use latest, promoted or a version number")
     if m.refresh_seconds <= 0:
         raise ConfigError("model.refresh_seconds", f"must be > 0, got {m.refresh_seconds}", "e.g. 10")
-    if m.max_value_bytes < 1:
-        raise ConfigError("model.max_value_bytes", f"must be >= 1, got {m.max_value_bytes}", "e.g. 1048576 (1 MiB)")
+    _check_payload(config.payload)
     if i.batch_size < 1:
         raise ConfigError("inference.batch_size", f"must be >= 1, got {i.batch_size}", "e.g. 4096")
     if i.pipeline_depth < 0:
@@ -429,6 +456,32 @@ def _validated(config: Config) -> Config:
     if not 0 <= config.metrics.port < 65536:
         raise ConfigError("metrics.port", f"{config.metrics.port} is not a port", "use 1-65535, or 0 for any free port")
     return config
+
+
+def _check_payload(p: PayloadSettings) -> None:
+    if p.format not in PAYLOAD_FORMATS:
+        raise ConfigError("payload.format", f"unknown format {p.format!r}", f"use one of {', '.join(PAYLOAD_FORMATS)}")
+    if p.max_value_bytes < 1:
+        raise ConfigError("payload.max_value_bytes", f"must be >= 1, got {p.max_value_bytes}", "e.g. 1048576 (1 MiB)")
+    schema_formats = (PayloadFormat.AVRO.value, PayloadFormat.PROTOBUF.value)
+    if p.format in schema_formats:
+        if bool(p.schema_registry_url) == bool(p.schema):
+            raise ConfigError(
+                "payload.schema_registry_url",
+                f"{p.format} needs exactly one of payload.schema_registry_url and payload.schema",
+                "set schema_registry_url for values in the Confluent wire format, or schema to the path of a "
+                f"{'.avsc' if p.format == PayloadFormat.AVRO.value else '.proto'} file for bare values",
+            )
+        if p.schema and not Path(p.schema).is_file():
+            raise ConfigError("payload.schema", f"{p.schema!r} is not a file", "give the path of the schema file")
+    else:
+        for key in ("schema_registry_url", "schema", "message"):
+            if getattr(p, key):
+                raise ConfigError(f"payload.{key}", f"is only read for {' and '.join(schema_formats)}, not {p.format}", 'remove it, or set format = "avro" / "protobuf"')
+        if p.schema_registry_client:
+            raise ConfigError("payload.schema_registry_client", f"is only read with a schema registry, not for {p.format}", "remove it")
+    if p.message and p.format != PayloadFormat.PROTOBUF.value:
+        raise ConfigError("payload.message", f"names a protobuf message, but format is {p.format}", "remove it")
 
 
 def check_gpu_amounts(executor_gpus: int, task_gpus: float) -> None:

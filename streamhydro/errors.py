@@ -64,3 +64,19 @@ class DataLossError(KafkaError):
 
 class BrokerError(StreamhydroError):
     """The embedded broker could not be started or stopped."""
+
+
+class SchemaRegistryError(StreamhydroError):
+    """The schema registry could not answer (unreachable, timed out, refused the credentials).
+
+    Infrastructure, not a record's fault: the task fails and Spark retries it. A schema id the
+    registry does not know is the record's problem instead (dead letter ``UnknownSchema``).
+    """
+
+    def __init__(self, url: str, problem: str) -> None:
+        self.url = url
+        self.problem = problem
+        super().__init__(
+            f"schema registry {url}: {problem}. Fix: check payload.schema_registry_url and "
+            "payload.schema_registry_client, and that the registry is up"
+        )

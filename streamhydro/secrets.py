@@ -26,7 +26,7 @@ MASK = "***"
 _SECRET_NAME = re.compile(
     r"password|passwd|secret|jaas|token|credential|"
     r"ssl[._]key(?!store\.(location|type))|keystore\.key|key\.pem|private[._]key|"
-    r"sasl\.oauthbearer\.config|api[._]key",
+    r"sasl\.oauthbearer\.config|api[._]key|basic[._]auth",
     re.IGNORECASE,
 )
 # Values shorter than this are not redacted from free text: "1" or "PLAIN" would blank out half a log.

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 from streamhydro.audit import _digest, reference_inputs
-from streamhydro.payload.decoding import Decoder
+from streamhydro.config import PayloadSettings
+from streamhydro.payload.formats import make_decoder
 from streamhydro.producer import JSON_BAD_KINDS, corrupt, make_values
 from streamhydro.registry import Registry
 
@@ -56,7 +57,7 @@ def test_generated_events_are_well_formed_and_each_bad_kind_is_not():
 def test_the_reference_rules_agree_with_the_services_decoder():
     good = make_values(MANIFEST, "json", 20, np.random.default_rng(4))
     values = good + [corrupt(good[0], kind, MANIFEST) for kind in JSON_BAD_KINDS] + EDGE_CASES
-    decoded = Decoder(MANIFEST, "json").decode(pa.array(values, pa.binary()))
+    decoded = make_decoder(MANIFEST, PayloadSettings()).decode(pa.array(values, pa.binary()))
     accepted_by_service = set(decoded.good.tolist())
     accepted_by_reference = {i for i, value in enumerate(values) if reference_inputs(value, MANIFEST) is not None}
     assert accepted_by_reference == accepted_by_service

@@ -60,9 +60,14 @@ def test_unknown_section(tmp_path):
         ("[kafka]\nsource = 'jvm'", "kafka.source"),
         ("[kafka]\ndead_letter_topic = 'predictions'", "kafka.dead_letter_topic"),
         ("[kafka]\nstarting_offsets = 'yesterday'", "kafka.starting_offsets"),
-        ("[model]\npayload = 'csv'", "model.payload"),
+        ("[payload]\nformat = 'csv'", "payload.format"),
+        ("[payload]\nformat = 'avro'", "payload.schema_registry_url"),
+        ("[payload]\nformat = 'avro'\nschema = 'a.avsc'\nschema_registry_url = 'http://r'", "payload.schema_registry_url"),
+        ("[payload]\nformat = 'protobuf'\nschema = 'no/such.proto'", "payload.schema"),
+        ("[payload]\nschema_registry_url = 'http://r'", "payload.schema_registry_url"),
+        ("[payload]\nformat = 'avro'\nschema_registry_url = 'http://r'\nmessage = 'a.B'", "payload.message"),
         ("[model]\nversion = 'newest'", "model.version"),
-        ("[model]\nmax_value_bytes = 0", "model.max_value_bytes"),
+        ("[payload]\nmax_value_bytes = 0", "payload.max_value_bytes"),
         ("[spark]\ntask_gpus = 0.5", "spark.executor_gpus"),
         ("[spark]\nexecutor_gpus = 2\ntask_gpus = 1.5", "spark.task_gpus"),
         ("[metrics]\ncertfile = 'cert.pem'", "metrics.keyfile"),
@@ -117,10 +122,18 @@ def test_source_options_use_sparks_kafka_option_names():
     assert "subscribePattern" not in options
 
 
-def test_max_value_bytes_defaults_to_the_decoders_limit():
-    from streamhydro.payload.decoding import MAX_VALUE_BYTES
+def test_payload_defaults_to_json_with_a_one_mebibyte_limit():
+    payload = config.load(None, {}).payload
+    assert (payload.format, payload.max_value_bytes) == ("json", 1 << 20)
 
-    assert config.load(None, {}).model.max_value_bytes == MAX_VALUE_BYTES == 1 << 20
+
+def test_schema_registry_client_secrets_are_masked(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[payload]\nformat = "avro"\nschema_registry_url = "http://r:8081"\n'
+                    'schema_registry_client = {"basic.auth.user.info" = "${SR_AUTH}"}\n')
+    payload = config.load(path, {"SR_AUTH": "user:hunter22"}).payload
+    assert payload.schema_registry_client["basic.auth.user.info"] == "user:hunter22"
+    assert "hunter22" not in repr(payload)
 
 
 def test_reference_documents_every_key():

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _inference_models import Holder, feature_spec, json_values, kafka_batch, softmax_model
+from streamhydro.config import PayloadSettings
 from streamhydro.errors import ModelError
 from streamhydro.executor import sessions
 from streamhydro.executor.engine import Rebatcher, run_pipeline
@@ -63,7 +64,7 @@ def test_engine_scores_every_row_once_in_order(model, batch_rows, batch_size, de
     for n in batch_rows:
         batches.append(kafka_batch(json_values(manifest, rows[start : start + n]), first_offset=start))
         start += n
-    plan = ScoringPlan(manifest, Holder(data), "json", "o", "d", EngineSettings(batch_size=batch_size, pipeline_depth=depth))
+    plan = ScoringPlan(manifest, Holder(data), PayloadSettings(), "o", "d", EngineSettings(batch_size=batch_size, pipeline_depth=depth))
     stats = []
     out = list(score_partition(plan, iter(batches), stats.append))
     docs = [json.loads(v) for b in out for v in b.column("value").to_pylist()]
@@ -79,7 +80,7 @@ def test_stage_events_show_overlap(model):
     """compute(0) waits until decode(1) began, and compute(1) until encode(0) began: only a pipeline can get past."""
     data, manifest = model
     batches = [kafka_batch(json_values(manifest, np.ones((100, 4))), first_offset=i * 100) for i in range(4)]
-    plan = ScoringPlan(manifest, Holder(data), "json", "o", "d", EngineSettings(batch_size=100, pipeline_depth=2))
+    plan = ScoringPlan(manifest, Holder(data), PayloadSettings(), "o", "d", EngineSettings(batch_size=100, pipeline_depth=2))
     events: list[tuple[str, int, str]] = []
     started = {key: threading.Event() for key in [("decode", 1), ("encode", 0)]}
     waited = {("compute", 0): ("decode", 1), ("compute", 1): ("encode", 0)}
@@ -102,7 +103,7 @@ def test_stage_events_show_overlap(model):
 def test_pipelining_off_runs_stages_in_sequence(model):
     data, manifest = model
     batches = [kafka_batch(json_values(manifest, np.ones((10, 4))), first_offset=i * 10) for i in range(3)]
-    plan = ScoringPlan(manifest, Holder(data), "json", "o", "d", EngineSettings(batch_size=10, pipeline_depth=0))
+    plan = ScoringPlan(manifest, Holder(data), PayloadSettings(), "o", "d", EngineSettings(batch_size=10, pipeline_depth=0))
     events = []
     list(score_partition(plan, iter(batches), trace=lambda *e: events.append(e)))
     order = [(stage, seq) for stage, seq, what in events if what == "start"]
@@ -151,7 +152,7 @@ def test_an_exception_in_any_stage_is_the_original_error(where, depth):
 def test_closing_early_leaves_no_threads(model):
     data, manifest = model
     batches = (kafka_batch(json_values(manifest, np.ones((50, 4))), first_offset=i * 50) for i in range(1000))
-    plan = ScoringPlan(manifest, Holder(data), "json", "o", "d", EngineSettings(batch_size=10, pipeline_depth=3))
+    plan = ScoringPlan(manifest, Holder(data), PayloadSettings(), "o", "d", EngineSettings(batch_size=10, pipeline_depth=3))
     scored = score_partition(plan, batches)
     first = next(scored)
     assert first.num_rows == 10 and _pipeline_threads()
@@ -162,7 +163,7 @@ def test_closing_early_leaves_no_threads(model):
 def test_bad_records_are_counted_by_class(model):
     data, manifest = model
     values = json_values(manifest, np.ones((5, 4))) + [b"", b"[1]", b'{"x_f0":1']
-    plan = ScoringPlan(manifest, Holder(data), "json", "o", "dead", EngineSettings(pipeline_depth=2))
+    plan = ScoringPlan(manifest, Holder(data), PayloadSettings(), "o", "dead", EngineSettings(pipeline_depth=2))
     stats = []
     out = pa.Table.from_batches(list(score_partition(plan, iter([kafka_batch(values)]), stats.append)))
     assert out.column("topic").to_pylist().count("dead") == 3
@@ -172,21 +173,21 @@ def test_bad_records_are_counted_by_class(model):
 
 def test_validate_model_rejects_what_does_not_fit(model):
     data, manifest = model
-    sessions.validate_model(manifest, data, "json")
+    sessions.validate_model(manifest, data, PayloadSettings())
     with pytest.raises(ModelError, match="sha256"):
-        sessions.validate_model(manifest, data + b"x", "json")
+        sessions.validate_model(manifest, data + b"x", PayloadSettings())
     renamed = dataclasses.replace(manifest, inputs=(feature_spec("y", 4),))
     with pytest.raises(ModelError, match="inputs"):
-        sessions.validate_model(renamed, data, "json")
+        sessions.validate_model(renamed, data, PayloadSettings())
     fewer_labels = dataclasses.replace(manifest, labels=("a", "b"), outputs=(TensorSpec("scores", "float32", (-1, 2)),))
     with pytest.raises(ModelError, match="shape"):
-        sessions.validate_model(fewer_labels, data, "json")
+        sessions.validate_model(fewer_labels, data, PayloadSettings())
     wide = dataclasses.replace(manifest, inputs=(feature_spec("x", 5),))
     with pytest.raises(ModelError, match="shape"):
-        sessions.validate_model(wide, data, "json")
+        sessions.validate_model(wide, data, PayloadSettings())
     garbage = b"not an onnx model"
     with pytest.raises(ModelError, match="cannot load"):
-        sessions.validate_model(dataclasses.replace(manifest, sha256=sessions.hashlib.sha256(garbage).hexdigest()), garbage, "json")
+        sessions.validate_model(dataclasses.replace(manifest, sha256=sessions.hashlib.sha256(garbage).hexdigest()), garbage, PayloadSettings())
 
 
 def test_no_gpu_assignment_never_takes_device_zero(monkeypatch):
@@ -213,7 +214,7 @@ def test_cuda_request_on_a_cpu_build_falls_back_visibly(model, caplog, monkeypat
     placement = sessions.place(settings_, sessions.TaskResources(gpu_addresses=("1",), cpus=1))
     sessions.clear_sessions()
     with caplog.at_level(logging.WARNING, logger="streamhydro.executor.sessions"):
-        session = sessions.get_session(manifest, Holder(data), "json", placement, settings_)
+        session = sessions.get_session(manifest, Holder(data), PayloadSettings(), placement, settings_)
     assert session.requested_device == "cuda:1" and session.device == "cpu"
     assert "requested cuda:1" in caplog.text and "using cpu" in caplog.text
 
@@ -222,10 +223,10 @@ def test_session_cache_reuses_and_evicts_old_versions(model):
     data, manifest = model
     sessions.clear_sessions()
     placement = sessions.place(EngineSettings(), sessions.TaskResources(cpus=1))
-    first = sessions.get_session(manifest, Holder(data), "json", placement, EngineSettings())
-    assert sessions.get_session(manifest, Holder(b"unused"), "json", placement, EngineSettings()) is first
+    first = sessions.get_session(manifest, Holder(data), PayloadSettings(), placement, EngineSettings())
+    assert sessions.get_session(manifest, Holder(b"unused"), PayloadSettings(), placement, EngineSettings()) is first
     data2, manifest2 = softmax_model([feature_spec("x", 4)], seed=1)
     manifest2 = dataclasses.replace(manifest2, version=2)
-    second = sessions.get_session(manifest2, Holder(data2), "json", placement, EngineSettings())
+    second = sessions.get_session(manifest2, Holder(data2), PayloadSettings(), placement, EngineSettings())
     assert second is not first
     assert [s.manifest.version for s in sessions._sessions.values()] == [2]

@@ -81,6 +81,7 @@ def pci_order(monkeypatch):
 
 
 def _score(providers, addresses, depth, allow_tf32=False):
+    from streamhydro.config import PayloadSettings
     from streamhydro.executor.engine import EngineSettings
     from streamhydro.executor.scoring import ScoringPlan, score_partition
     from streamhydro.executor.sessions import TaskResources
@@ -90,7 +91,7 @@ def _score(providers, addresses, depth, allow_tf32=False):
     batches = [kafka_batch(json_values(manifest, rows[i : i + 700]), first_offset=i) for i in range(0, 5000, 700)]
     settings = EngineSettings(providers=providers, batch_size=512, pipeline_depth=depth, gpu_mem_limit_bytes=1 << 30,
                               allow_tf32=allow_tf32)
-    plan = ScoringPlan(manifest, Holder(data), "json", "o", "d", settings)
+    plan = ScoringPlan(manifest, Holder(data), PayloadSettings(), "o", "d", settings)
     stats = []
     out = list(score_partition(plan, iter(batches), stats.append, resources=TaskResources(addresses, 2)))
     docs = [json.loads(v) for b in out for v in b.column("value").to_pylist()]

@@ -14,6 +14,7 @@ import pytest
 
 from _inference_models import Holder, feature_spec, softmax_model
 from streamhydro import devices
+from streamhydro.config import PayloadSettings
 from streamhydro.devices import DeviceError, cuda_ordinal
 from streamhydro.executor import sessions
 from streamhydro.executor.engine import EngineSettings
@@ -117,9 +118,9 @@ def _placement(address: str, settings: EngineSettings = GPU_SETTINGS) -> Placeme
 
 def test_every_gpu_provider_gets_the_tasks_device(gpu_build):
     data, manifest = softmax_model([feature_spec("x", 4)])
-    sessions.validate_model(manifest, data, "json")
+    sessions.validate_model(manifest, data, PayloadSettings())
     gpu_build.asked.clear()
-    sessions._create(manifest, data, "json", _placement("1"), GPU_SETTINGS)
+    sessions._create(manifest, data, PayloadSettings(), _placement("1"), GPU_SETTINGS)
     (asked,) = gpu_build.asked
     options = _by_name(asked)
     assert options["TensorrtExecutionProvider"]["device_id"] == 1
@@ -130,20 +131,20 @@ def test_every_gpu_provider_gets_the_tasks_device(gpu_build):
 def test_arena_defaults_to_the_tasks_share_of_the_gpu(gpu_build):
     data, manifest = softmax_model([feature_spec("x", 4)])
     quarter = dataclasses.replace(GPU_SETTINGS, gpu_share=0.25)
-    sessions._create(manifest, data, "json", _placement("0", quarter), quarter)
+    sessions._create(manifest, data, PayloadSettings(), _placement("0", quarter), quarter)
     cuda = _by_name(gpu_build.asked[-1])["CUDAExecutionProvider"]
     assert cuda["gpu_mem_limit"] == int((80 << 30) * 0.25 * sessions.ARENA_FRACTION)
     fixed = dataclasses.replace(GPU_SETTINGS, gpu_mem_limit_bytes=1 << 30)
-    sessions._create(manifest, data, "json", _placement("0", fixed), fixed)
+    sessions._create(manifest, data, PayloadSettings(), _placement("0", fixed), fixed)
     assert _by_name(gpu_build.asked[-1])["CUDAExecutionProvider"]["gpu_mem_limit"] == 1 << 30
 
 
 def test_a_worker_keeps_sessions_on_one_gpu_only(gpu_build):
     data, manifest = softmax_model([feature_spec("x", 4)])
-    on_zero = sessions.get_session(manifest, Holder(data), "json", _placement("0"), GPU_SETTINGS)
+    on_zero = sessions.get_session(manifest, Holder(data), PayloadSettings(), _placement("0"), GPU_SETTINGS)
     cpu = sessions.place(EngineSettings(), TaskResources(cpus=1))
-    sessions.get_session(manifest, Holder(data), "json", cpu, EngineSettings())
-    sessions.get_session(manifest, Holder(data), "json", _placement("1"), GPU_SETTINGS)
+    sessions.get_session(manifest, Holder(data), PayloadSettings(), cpu, EngineSettings())
+    sessions.get_session(manifest, Holder(data), PayloadSettings(), _placement("1"), GPU_SETTINGS)
     assert sorted(key[1] for key in sessions._sessions) == ["cpu", "cuda:1"]
     assert on_zero not in sessions._sessions.values()
 
@@ -152,7 +153,7 @@ def test_missing_onnx_runtime_names_both_extras(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     data, manifest = softmax_model([feature_spec("x", 4)])
     with pytest.raises(sessions.OnnxRuntimeMissing) as caught:
-        sessions.validate_model(manifest, data, "json")
+        sessions.validate_model(manifest, data, PayloadSettings())
     assert "streamhydro[cpu]" in str(caught.value) and "streamhydro[gpu]" in str(caught.value)
 
 

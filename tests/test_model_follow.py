@@ -51,8 +51,11 @@ class Clock:
         return self.now
 
 
-def follower_config(registry: Registry, **model) -> Config:
-    return Config().replace(model={"registry": str(registry.root), "name": "iris_like", "version": "latest", "refresh_seconds": 5, **model})
+def follower_config(registry: Registry, payload: str = "json", **model) -> Config:
+    return Config().replace(
+        model={"registry": str(registry.root), "name": "iris_like", "version": "latest", "refresh_seconds": 5, **model},
+        payload={"format": payload},
+    )
 
 
 def test_follower_switches_at_refresh_and_refuses_bad_versions(spark, registry):

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from _inference_models import LABELS, feature_spec, json_values, kafka_batch, softmax_model
 from streamhydro import payload as p
-from streamhydro.payload.decoding import Decoder
+from streamhydro.config import PayloadSettings
+from streamhydro.payload.formats import make_decoder
 from streamhydro.payload.encoding import Encoder
 from streamhydro.errors import ModelError
 from streamhydro.registry import TensorSpec
@@ -27,7 +28,7 @@ def model():
 
 
 def decode(manifest, values, kind="json"):
-    return Decoder(manifest, kind).decode(pa.array(values, pa.binary()))
+    return make_decoder(manifest, PayloadSettings(format=kind)).decode(pa.array(values, pa.binary()))
 
 
 def test_good_json_decodes_in_order_ignoring_extra_fields(model):
@@ -99,10 +100,10 @@ def test_values_over_the_limit_are_dead_lettered_without_their_value(model):
     _, manifest = model
     small, large = b'{"x_f0":1,"x_f1":2,"x_f2":3}', b'{"x_f0":1,"x_f1":2,"x_f2":3,"pad":"' + b"a" * 40 + b'"}'
     batch = kafka_batch([small, large, b"[" + b" " * 60 + b"]"])
-    decoded = Decoder(manifest, "json", max_value_bytes=len(small)).decode(batch.column("value"))
+    decoded = make_decoder(manifest, PayloadSettings(max_value_bytes=len(small))).decode(batch.column("value"))
     assert decoded.good.tolist() == [0]
     assert decoded.rejected.error_classes == (p.VALUE_TOO_LARGE, p.VALUE_TOO_LARGE)
-    assert "model.max_value_bytes" in decoded.rejected.messages[0]
+    assert "payload.max_value_bytes" in decoded.rejected.messages[0]
     dead = Encoder(manifest, "o", "dead").dead_letters(batch, decoded.rejected)
     assert dead.column("value").to_pylist() == [None, None]
     assert dead.column("key").to_pylist() == [b"k1", b"k2"]
@@ -112,7 +113,7 @@ def test_values_over_the_limit_are_dead_lettered_without_their_value(model):
 def test_the_limit_leaves_tensor_values_alone(model):
     _, manifest = model
     row = np.arange(3, dtype="<f4").tobytes()
-    decoded = Decoder(manifest, "tensor", max_value_bytes=4).decode(pa.array([row], pa.binary()))
+    decoded = make_decoder(manifest, PayloadSettings(format="tensor", max_value_bytes=4)).decode(pa.array([row], pa.binary()))
     assert decoded.good.tolist() == [0]
 
 
@@ -152,10 +153,10 @@ def test_tensor_payload(model):
 def test_payload_must_fit_the_model():
     _, two_inputs = softmax_model([feature_spec("a", 2), feature_spec("b", 2)])
     with pytest.raises(ModelError, match="exactly one input"):
-        Decoder(two_inputs, "tensor")
+        make_decoder(two_inputs, PayloadSettings(format="tensor"))
     _, one = softmax_model([feature_spec("a", 2)])
     with pytest.raises(ModelError, match="not one of"):
-        Decoder(one, "protobuf")
+        make_decoder(one, PayloadSettings(format="csv"))
 
 
 record = st.one_of(
@@ -222,7 +223,7 @@ def test_dead_letters_keep_value_and_name_origin_and_error(model):
     _, manifest = model
     values = [b'{"x_f0":1,"x_f1":2,"x_f2":3}', b'{"x_f0":1', b""]
     batch = kafka_batch(values, first_offset=7)
-    decoded = Decoder(manifest, "json").decode(batch.column("value"))
+    decoded = make_decoder(manifest, PayloadSettings()).decode(batch.column("value"))
     dead = Encoder(manifest, "o", "dead").dead_letters(batch, decoded.rejected)
     assert dead.schema == p.OUTPUT_ARROW_SCHEMA
     assert dead.column("value").to_pylist() == values[1:]

@@ -22,7 +22,9 @@ from _inference_models import LABELS, Holder, feature_spec, json_values, kafka_b
 from streamhydro import payload as p
 from streamhydro.executor.scoring import EngineSettings, ScoringPlan, score_batches
 from streamhydro.payload import encoding
-from streamhydro.payload.decoding import Decoder
+from streamhydro.config import PayloadSettings
+from streamhydro.payload.formats import json as json_format
+from streamhydro.payload.formats import make_decoder
 from streamhydro.payload.encoding import Encoder
 from streamhydro.registry import TensorSpec
 
@@ -112,7 +114,7 @@ def check_dead_letters(batch: pa.RecordBatch, rejected: p.Rejected) -> None:
 @FAST
 @given(st.lists(st.one_of(st.just(GOOD_MIXED), anything), min_size=1, max_size=12))
 def test_any_value_gets_the_outcome_it_gets_alone(values):
-    decoder = Decoder(MIXED_MODEL, "json")
+    decoder = make_decoder(MIXED_MODEL, PayloadSettings())
     batch = kafka_batch(values)
     decoded = decoder.decode(batch.column("value"))
     assert sorted(decoded.good.tolist() + decoded.rejected.rows.tolist()) == list(range(len(values)))
@@ -169,7 +171,7 @@ def feature_documents(draw):
 @given(st.lists(feature_documents(), max_size=20))
 def test_json_documents_decode_to_their_features_or_the_class_of_a_bad_one(records):
     batch = kafka_batch([value for value, _ in records])
-    decoded = Decoder(FEATURE_MODEL, "json").decode(batch.column("value"))
+    decoded = make_decoder(FEATURE_MODEL, PayloadSettings()).decode(batch.column("value"))
     expected_good = [i for i, (_, verdict) in enumerate(records) if isinstance(verdict, np.ndarray)]
     assert decoded.good.tolist() == expected_good
     expected = np.array([records[i][1] for i in expected_good], np.float32).reshape(-1, 3)
@@ -184,7 +186,7 @@ def test_json_documents_decode_to_their_features_or_the_class_of_a_bad_one(recor
 @given(st.lists(st.one_of(st.just(b'{"x_f0":1,"x_f1":2,"x_f2":3}'), anything), max_size=12), st.integers(1, 80))
 def test_values_over_the_limit_are_rejected_unparsed_and_not_copied(values, limit):
     batch = kafka_batch(values)
-    decoded = Decoder(FEATURE_MODEL, "json", max_value_bytes=limit).decode(batch.column("value"))
+    decoded = make_decoder(FEATURE_MODEL, PayloadSettings(max_value_bytes=limit)).decode(batch.column("value"))
     too_large = [i for i, v in enumerate(values) if v is not None and len(v) > limit]
     classes = dict(zip(decoded.rejected.rows.tolist(), decoded.rejected.error_classes))
     assert [i for i, c in classes.items() if c == p.VALUE_TOO_LARGE] == too_large
@@ -270,7 +272,7 @@ POISON = b'{"x_f0":1,"poison":'
 
 def _score_with_one_poisoned_record(manifest, data, values, keys=None):
     """Score one Kafka batch through the mapInArrow function, outside Spark; dead letters and predictions by offset."""
-    plan = ScoringPlan(manifest, Holder(data), "json", "preds", "dead", EngineSettings(batch_size=8, pipeline_depth=2))
+    plan = ScoringPlan(manifest, Holder(data), PayloadSettings(), "preds", "dead", EngineSettings(batch_size=8, pipeline_depth=2))
     out = pa.Table.from_batches(list(score_batches(plan)(iter([kafka_batch(values, keys=keys)]))))
     dead, predictions = {}, {}
     for value, topic, headers in zip(*(out.column(c).to_pylist() for c in ("value", "topic", "headers"))):
@@ -288,14 +290,14 @@ def test_a_record_whose_decoding_raises_is_dead_lettered_alone(monkeypatch):
     rows = np.random.default_rng(11).normal(size=(40, 4)).astype(np.float32)
     values = json_values(manifest, rows)
     values[13], values[27] = POISON, b'{"x_f0":1'
-    classify = Decoder._classify
+    classify = json_format.Decoder._classify
 
     def raising_on_poison(self, record, parsed_rows, failure):
         if record == POISON:
             raise LookupError("injected fault")
         return classify(self, record, parsed_rows, failure)
 
-    monkeypatch.setattr(Decoder, "_classify", raising_on_poison)
+    monkeypatch.setattr(json_format.Decoder, "_classify", raising_on_poison)
     dead, predictions = _score_with_one_poisoned_record(manifest, data, values)
     assert sorted(dead) == [13, 27]
     value, added = dead[13]

@@ -11,7 +11,8 @@ import pytest
 from conftest import client, read_all
 from streamhydro.cli import main
 from streamhydro.kafka.admin import ensure_topics
-from streamhydro.payload.decoding import Decoder
+from streamhydro.config import PayloadSettings
+from streamhydro.payload.formats import make_decoder
 from streamhydro.producer import JSON_BAD_KINDS, TENSOR_BAD_KINDS, corrupt, feature_stats, make_values
 
 
@@ -19,7 +20,7 @@ def test_json_events_carry_every_named_feature(model_registry):
     manifest = model_registry.get("iris_like").manifest
     values = make_values(manifest, "json", 50, np.random.default_rng(0))
     assert {tuple(json.loads(v)) for v in values} == {manifest.inputs[0].features}
-    decoded = Decoder(manifest, "json").decode(pa.array(values, pa.binary()))
+    decoded = make_decoder(manifest, PayloadSettings()).decode(pa.array(values, pa.binary()))
     assert len(decoded.rejected.rows) == 0
 
 
@@ -34,7 +35,7 @@ def test_every_bad_kind_is_rejected_by_the_decoder(model_registry, payload, kind
     manifest = model_registry.get("iris_like").manifest
     good = make_values(manifest, payload, len(kinds), np.random.default_rng(1))
     bad = [corrupt(value, kind, manifest) for value, kind in zip(good, kinds)]
-    decoded = Decoder(manifest, payload).decode(pa.array(bad, pa.binary()))
+    decoded = make_decoder(manifest, PayloadSettings(format=payload)).decode(pa.array(bad, pa.binary()))
     assert len(decoded.rejected.rows) == len(kinds)
 
 
@@ -63,5 +64,5 @@ def test_produce_command_sends_what_it_prints(kafka_bootstrap, topic_name, model
     assert len(records) == 500
     assert records[0].key == b"k-0"
     manifest = model_registry.get("iris_like").manifest
-    decoded = Decoder(manifest, "json").decode(pa.array([r.value for r in records], pa.binary()))
+    decoded = make_decoder(manifest, PayloadSettings()).decode(pa.array([r.value for r in records], pa.binary()))
     assert len(decoded.rejected.rows) == sum(summary["bad"].values())

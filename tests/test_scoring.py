@@ -10,6 +10,7 @@ import pytest
 
 from _inference_models import LABELS, Holder, feature_spec, json_values, kafka_batch, softmax_model
 from streamhydro import payload as p
+from streamhydro.config import PayloadSettings
 from streamhydro.executor.scoring import OUTPUT_SCHEMA, EngineSettings, ScoringPlan, score_batches
 
 pytestmark = pytest.mark.spark
@@ -27,7 +28,7 @@ def test_map_in_arrow_scores_good_rows_and_dead_letters_bad_ones(spark):
     plan = ScoringPlan(
         manifest=manifest,
         model_bytes=spark.sparkContext.broadcast(data),
-        payload="json",
+        payload=PayloadSettings(),
         output_topic="preds",
         dead_letter_topic="dead",
         engine=EngineSettings(batch_size=256, pipeline_depth=2),
@@ -61,6 +62,6 @@ def test_holder_without_broadcast_works_in_a_task(spark):
     data, manifest = softmax_model([feature_spec("x", 4)], seed=9)
     rows = np.ones((10, 4), np.float32)
     frame = spark.createDataFrame(kafka_batch(json_values(manifest, rows)).to_pandas())
-    plan = ScoringPlan(manifest, Holder(data), "json", "preds", "dead", EngineSettings(pipeline_depth=0))
+    plan = ScoringPlan(manifest, Holder(data), PayloadSettings(), "preds", "dead", EngineSettings(pipeline_depth=0))
     out = frame.mapInArrow(score_batches(plan), OUTPUT_SCHEMA).collect()
     assert len(out) == 10 and {row.topic for row in out} == {"preds"}

@@ -181,7 +181,7 @@ def test_wrong_tensor_lengths_go_to_the_dead_letter_topic(kafka_bootstrap, topic
     values[450] = values[450] + b"\x00\x00\x80\x3f"
     send(kafka_bootstrap, topics["input"], values)
     config = service_config(kafka_bootstrap, topics, model_registry, tmp_path, connector)
-    service = Service(config.replace(model={"payload": "tensor"}))
+    service = Service(config.replace(payload={"format": "tensor"}))
     service.start()
     try:
         dead = read_all(kafka_bootstrap, topics["dlq"], 3)

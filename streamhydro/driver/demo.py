@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,7 +104,8 @@ def run_demo(
         config = Config().replace(
             spark={"master": master, "app_name": "streamhydro-demo", "checkpoint_location": f"{work}/checkpoint"},
             kafka={"bootstrap_servers": running.bootstrap_servers, **kafka_settings},
-            model={"registry": registry, "name": model, "version": "promoted", "payload": payload},
+            model={"registry": registry, "name": model, "version": "promoted"},
+            payload=_payload_settings(payload, registry, model, work),
             # local Spark assigns no GPUs, so scoring runs on the CPU, where pipelining does not pay.
             inference={"pipeline_depth": 0},
             metrics={"port": metrics_port, "multiprocess_dir": f"{work}/metrics"},
@@ -155,6 +157,18 @@ def run_demo(
             "latency_rate_per_s": live_rate,
             **latency_summary(reader.latency_ms(since=live_since)),
         }
+
+
+def _payload_settings(payload: str, registry: str, model: str, work: str) -> dict[str, str]:
+    """The demo's [payload]: avro and protobuf are sent bare, with the schema derived from the model in a file."""
+    from streamhydro.producer import EventFormat
+    from streamhydro.registry import Registry
+
+    if payload not in ("avro", "protobuf"):
+        return {"format": payload}
+    path = Path(work) / ("events.avsc" if payload == "avro" else "events.proto")
+    path.write_text(EventFormat(Registry(registry).get(model, "promoted").manifest, payload).schema)
+    return {"format": payload, "schema": str(path)}
 
 
 def _live_phase(client: Any, manifest: Any, payload: str, reader: OutputReader, stop: threading.Event) -> int:

@@ -113,18 +113,17 @@ class ModelFollower:
 
     def _switch(self, version: ModelVersion) -> None:
         data = version.read_bytes()
-        validate_model(version.manifest, data, self._config.model.payload)
+        validate_model(version.manifest, data, self._config.payload)
         previous, self._broadcast = self._broadcast, self._spark.sparkContext.broadcast(data)
         old = getattr(self, "_plan", None)
         k = self._config.kafka
         self._plan = ScoringPlan(
             manifest=version.manifest,
             model_bytes=self._broadcast,
-            payload=self._config.model.payload,
+            payload=self._config.payload,
             output_topic=k.output_topic,
             dead_letter_topic=k.dead_letter_topic,
             engine=self._engine,
-            max_value_bytes=self._config.model.max_value_bytes,
         )
         if previous is not None:
             previous.unpersist(blocking=False)

@@ -291,7 +291,7 @@ class Service:
 
         plan = dataclasses.replace(self.follower.plan, recorded=False)
         parallelism = self.spark.sparkContext.defaultParallelism
-        value = make_values(plan.manifest, plan.payload, count=1)[0]
+        value = make_values(plan.manifest, plan.payload.format, count=1)[0]
         rows = [(b"warm-up", value, "warm-up", 0, i, None, 0, []) for i in range(parallelism)]
         started = time.monotonic()
         frame = self.spark.createDataFrame(rows, KAFKA_SCHEMA).repartition(parallelism)

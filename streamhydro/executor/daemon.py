@@ -18,6 +18,7 @@ from pyspark import daemon
 
 import streamhydro.executor.scoring  # noqa: F401
 import streamhydro.kafka.source  # noqa: F401
+import streamhydro.payload.formats.json  # noqa: F401 -- the default format; the others load fastavro / protobuf on first use
 
 if __name__ == "__main__":
     daemon.manager()

@@ -29,8 +29,9 @@ import pyarrow as pa
 from streamhydro.executor.engine import BatchStats, EngineSettings, Rebatcher, StageClock, Tracer, run_pipeline
 from streamhydro.executor.sessions import ModelSession, TaskResources, get_session, place, task_resources
 from streamhydro.payload import Rejected
-from streamhydro.payload.decoding import MAX_VALUE_BYTES, Decoder
+from streamhydro.payload.formats import Decoder, make_decoder
 from streamhydro.payload.encoding import Encoder
+from streamhydro.config import PayloadSettings
 from streamhydro.registry import Manifest
 
 log = logging.getLogger(__name__)
@@ -48,18 +49,17 @@ class ScoringPlan:
 
     ``model_bytes`` is any object whose ``.value`` is the ONNX bytes: a pyspark Broadcast on the
     driver (read by an executor only when its worker has no session for the model yet).
-    ``max_value_bytes``: larger JSON values are rejected unparsed (``model.max_value_bytes``).
+    ``payload`` is the ``[payload]`` section: how record values are decoded.
     ``recorded``: whether tasks report to the metrics module; False for serve's warm-up job, whose
     made-up row is no event.
     """
 
     manifest: Manifest
     model_bytes: Any
-    payload: str
+    payload: PayloadSettings
     output_topic: str
     dead_letter_topic: str
     engine: EngineSettings = EngineSettings()
-    max_value_bytes: int = MAX_VALUE_BYTES
     recorded: bool = True
 
 
@@ -91,7 +91,7 @@ def score_partition(
     resources = resources if resources is not None else task_resources()
     placement = place(plan.engine, resources)
     model = get_session(plan.manifest, plan.model_bytes, plan.payload, placement, plan.engine)
-    decoder = Decoder(plan.manifest, plan.payload, plan.max_value_bytes)
+    decoder = make_decoder(plan.manifest, plan.payload)
     encoder = Encoder(plan.manifest, plan.output_topic, plan.dead_letter_topic)
     clock = StageClock(trace)
     stages = _Stages(model, decoder, encoder, clock, plan.engine.batch_size)

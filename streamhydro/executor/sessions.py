@@ -53,9 +53,10 @@ from typing import Any
 import numpy as np
 
 from streamhydro.devices import cuda_ordinal, device_memory_bytes
+from streamhydro.config import PayloadSettings
 from streamhydro.errors import ConfigError, CpuFallbackError, ModelError, StreamhydroError
 from streamhydro.executor.engine import EngineSettings
-from streamhydro.payload.decoding import check_payload_fits
+from streamhydro.payload.formats import make_decoder
 from streamhydro.registry import Manifest, TensorSpec, numpy_dtype
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ _lock = threading.Lock()
 _sessions: collections.OrderedDict[tuple[Any, ...], ModelSession] = collections.OrderedDict()
 
 
-def get_session(manifest: Manifest, model_bytes: Any, payload: str, placement: Placement, settings: EngineSettings) -> ModelSession:
+def get_session(manifest: Manifest, model_bytes: Any, payload: PayloadSettings, placement: Placement, settings: EngineSettings) -> ModelSession:
     """The worker's session for (model sha256, device), created and validated on first use.
 
     ``model_bytes`` is any holder whose ``.value`` is the ONNX bytes (a Broadcast); it is only
@@ -313,8 +314,8 @@ def clear_sessions() -> None:
         _sessions.clear()
 
 
-def validate_model(manifest: Manifest, model_bytes: bytes, payload: str | None = None) -> None:
-    """Load the model on CPU and check it against its manifest (and the payload kind, when given).
+def validate_model(manifest: Manifest, model_bytes: bytes, payload: PayloadSettings | None = None) -> None:
+    """Load the model on CPU and check it against its manifest (and the payload settings, when given).
 
     Runs on the driver before a model version is served or added to the registry, and (through
     :func:`get_session`) in every executor session. Raises :class:`ModelError` naming what does
@@ -324,14 +325,14 @@ def validate_model(manifest: Manifest, model_bytes: bytes, payload: str | None =
     _create(manifest, model_bytes, payload, placement, EngineSettings())
 
 
-def _create(manifest: Manifest, model_bytes: bytes, payload: str | None, placement: Placement, settings: EngineSettings) -> ModelSession:
+def _create(manifest: Manifest, model_bytes: bytes, payload: PayloadSettings | None, placement: Placement, settings: EngineSettings) -> ModelSession:
     ort = onnxruntime()
     label = f"{manifest.name}:{manifest.version}"
     digest = hashlib.sha256(model_bytes).hexdigest()
     if digest != manifest.sha256:
         raise ModelError(label, f"model bytes have sha256 {digest}, manifest says {manifest.sha256}; republish the model")
     if payload is not None:
-        check_payload_fits(manifest, payload)
+        make_decoder(manifest, payload)
     options = ort.SessionOptions()
     options.intra_op_num_threads = placement.intra_op_threads
     options.inter_op_num_threads = 1

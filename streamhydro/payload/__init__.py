@@ -1,5 +1,6 @@
-"""Payload codecs: Kafka record values -> model inputs (:mod:`.decoding`), predictions and dead
-letters -> output records (:mod:`.encoding`); this module holds what both share.
+"""Payload codecs: Kafka record values -> model inputs (:mod:`.formats`, one module per
+``PayloadFormat``; :mod:`.fields` turns event fields into typed inputs for all of them), predictions
+and dead letters -> output records (:mod:`.encoding`); this module holds what they share.
 
 Imported in executor Python workers (the scoring tasks) and on the driver (model checks). Pure
 pyarrow/numpy: no Spark, no ONNX Runtime, so the codecs are tested with plain Arrow arrays.
@@ -15,6 +16,7 @@ rest of its batch goes on.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 from collections.abc import Callable
 from typing import TypeVar
@@ -22,23 +24,38 @@ from typing import TypeVar
 import numpy as np
 import pyarrow as pa
 
+from streamhydro.errors import SchemaRegistryError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PAYLOAD_JSON = "json"
-PAYLOAD_TENSOR = "tensor"
-PAYLOADS = (PAYLOAD_JSON, PAYLOAD_TENSOR)
+
+
+class PayloadFormat(str, enum.Enum):
+    """How record values are encoded (``payload.format``); one module of :mod:`.formats` each."""
+
+    JSON = "json"  # one JSON object per record
+    AVRO = "avro"  # Avro binary: Confluent wire format with a schema registry, or bare with a fixed schema
+    PROTOBUF = "protobuf"  # Protobuf: Confluent wire format with a schema registry, or bare with a fixed schema
+    TENSOR = "tensor"  # the raw little-endian float32 row of a single-input model
+
+
+PAYLOAD_FORMATS = tuple(f.value for f in PayloadFormat)
 
 # Error classes of bad records: a fixed vocabulary, used as a metric label and a dead-letter header.
 EMPTY_VALUE = "EmptyValue"  # null, empty or whitespace-only value
-VALUE_TOO_LARGE = "ValueTooLarge"  # a JSON value over model.max_value_bytes; not parsed, not copied
+VALUE_TOO_LARGE = "ValueTooLarge"  # a value over payload.max_value_bytes; not parsed, not copied
 INVALID_JSON = "InvalidJson"  # not parseable as JSON (truncated, not UTF-8, duplicate field...)
 NOT_AN_OBJECT = "NotAnObject"  # valid JSON, but an array, number or string instead of an object
 MULTIPLE_OBJECTS = "MultipleObjects"  # more than one JSON value in one record
-MISSING_FEATURE = "MissingFeature"  # a feature (or list input) is absent or null
-WRONG_TYPE = "WrongType"  # a feature is not a number, or a list input is not a list of numbers
-WRONG_LENGTH = "WrongLength"  # a list input does not hold exactly `width` numbers
+NOT_WIRE_FORMAT = "NotWireFormat"  # avro/protobuf with a registry: no magic byte 0 or shorter than the header
+UNKNOWN_SCHEMA = "UnknownSchema"  # the schema id in the header is not in the registry (it answered 404)
+INVALID_AVRO = "InvalidAvro"  # the body does not decode with its Avro schema, or leaves bytes over
+INVALID_PROTOBUF = "InvalidProtobuf"  # the body (or its message indexes) does not parse as the schema's message
+MISSING_FEATURE = "MissingFeature"  # a feature (or array input) is absent or null
+WRONG_TYPE = "WrongType"  # a field's type does not fit the input's dtype (a string for a number...)
+WRONG_LENGTH = "WrongLength"  # an array input does not hold exactly `width` values
 WRONG_TENSOR_LENGTH = "WrongTensorLength"  # a tensor value is not exactly width * 4 bytes
 NON_FINITE = "NonFinite"  # NaN, Infinity, or a number too large for the input's dtype
 UNEXPECTED_ERROR = "UnexpectedError"  # coding this record raised an exception no check foresaw
@@ -48,6 +65,10 @@ ERROR_CLASSES = (
     INVALID_JSON,
     NOT_AN_OBJECT,
     MULTIPLE_OBJECTS,
+    NOT_WIRE_FORMAT,
+    UNKNOWN_SCHEMA,
+    INVALID_AVRO,
+    INVALID_PROTOBUF,
     MISSING_FEATURE,
     WRONG_TYPE,
     WRONG_LENGTH,
@@ -125,8 +146,9 @@ def isolate(run: Callable[[int, int], T], n: int, rejections: Rejections) -> lis
     Where ``run`` raises, the range is split in halves until the record that raises stands alone;
     that record is rejected as ``UnexpectedError`` and the others are run again without it
     (O(log n) extra runs per such record, none when nothing raises). Returns ``(lo, result)`` for
-    each range that ran, in order. ``MemoryError`` is the worker's problem, not a record's: it
-    propagates, the task fails and Spark retries it; so does an exception on an empty batch.
+    each range that ran, in order. ``MemoryError`` and a schema registry that cannot answer are the
+    worker's problem, not a record's: they propagate, the task fails and Spark retries it; so does
+    an exception on an empty batch.
     """
     done: list[tuple[int, T]] = []
 
@@ -134,7 +156,7 @@ def isolate(run: Callable[[int, int], T], n: int, rejections: Rejections) -> lis
         try:
             done.append((lo, run(lo, hi)))
             return
-        except MemoryError:
+        except (MemoryError, SchemaRegistryError):
             raise
         except Exception as exc:
             if hi - lo == 0:
