@@ -284,6 +284,25 @@ def reference() -> list[tuple[str, str, str]]:
     return rows
 
 
+REFERENCE_HEADER = """# Configuration reference
+
+Generated from `streamhydro/config.py` (`python -c "from streamhydro.config import reference_markdown; \\
+print(reference_markdown(), end='')" > docs/configuration.md`); a test keeps it in step. `streamhydro serve
+--config FILE` reads TOML with these sections; missing keys take their defaults, unknown keys and bad values
+stop the start naming the key and the fix. Any key can be overridden from the environment as
+`STREAMHYDRO_<SECTION>_<KEY>`, and any string value may be `"${NAME}"` to read the environment variable NAME.
+
+| key | default | meaning |
+|---|---|---|
+"""
+
+
+def reference_markdown() -> str:
+    """``docs/configuration.md``: every key as a Markdown table row."""
+    rows = "".join(f"| `{name}` | `{default}` | {text} |\n" for name, default, text in reference())
+    return REFERENCE_HEADER + rows
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from _inference_models import Holder, feature_spec, json_values, kafka_batch, softmax_model
+from streamhydro.config import PayloadSettings
 from streamhydro import config
 from streamhydro.errors import ConfigError, CpuFallbackError
 from streamhydro.executor import sessions
@@ -61,7 +62,7 @@ def _gpu_task(settings: EngineSettings) -> sessions.Placement:
 def test_a_gpu_task_without_a_gpu_provider_in_the_build_fails_naming_cause_and_fix(cpu_build):
     data, manifest = softmax_model([feature_spec("x", 4)])
     with pytest.raises(CpuFallbackError) as caught:
-        sessions.get_session(manifest, Holder(data), "json", _gpu_task(CUDA_FIRST), CUDA_FIRST)
+        sessions.get_session(manifest, Holder(data), PayloadSettings(), _gpu_task(CUDA_FIRST), CUDA_FIRST)
     error = caught.value
     assert error.requested_device == "cuda:0" and error.providers == ("CPUExecutionProvider",)
     assert "has none of ['CUDAExecutionProvider']" in error.cause
@@ -73,19 +74,19 @@ def test_a_gpu_task_without_a_gpu_provider_in_the_build_fails_naming_cause_and_f
 def test_a_cuda_provider_that_fails_to_load_fails_the_task(cuda_that_fails_to_load):
     data, manifest = softmax_model([feature_spec("x", 4)])
     with pytest.raises(CpuFallbackError) as caught:
-        sessions.get_session(manifest, Holder(data), "json", _gpu_task(CUDA_FIRST), CUDA_FIRST)
+        sessions.get_session(manifest, Holder(data), PayloadSettings(), _gpu_task(CUDA_FIRST), CUDA_FIRST)
     assert "could not load it" in caught.value.cause and "LD_LIBRARY_PATH" in caught.value.fix
 
 
 def test_no_gpu_assigned_is_not_a_fallback(cuda_that_fails_to_load):
     data, manifest = softmax_model([feature_spec("x", 4)])
     cpu = sessions.place(CUDA_FIRST, TaskResources(cpus=1))
-    assert sessions.get_session(manifest, Holder(data), "json", cpu, CUDA_FIRST).device == "cpu"
+    assert sessions.get_session(manifest, Holder(data), PayloadSettings(), cpu, CUDA_FIRST).device == "cpu"
 
 
 def _score(settings: EngineSettings, rows: np.ndarray, manifest, data):
     batches = [kafka_batch(json_values(manifest, rows[i : i + 70]), first_offset=i) for i in range(0, len(rows), 70)]
-    plan = ScoringPlan(manifest, Holder(data), "json", "o", "d", settings)
+    plan = ScoringPlan(manifest, Holder(data), PayloadSettings(), "o", "d", settings)
     stats = []
     out = list(score_partition(plan, iter(batches), stats.append, resources=TaskResources(("0",), 1)))
     docs = [json.loads(v) for b in out for v in b.column("value").to_pylist()]
@@ -169,8 +170,8 @@ def test_tf32_differences_need_the_tf32_tolerance_and_float32_ones_do_not():
 def test_a_session_made_under_other_gpu_settings_is_not_reused(cuda_that_fails_to_load):
     data, manifest = softmax_model([feature_spec("x", 4)])
     allowed = dataclasses.replace(CUDA_FIRST, allow_cpu_fallback=True)
-    first = sessions.get_session(manifest, Holder(data), "json", _gpu_task(allowed), allowed)
+    first = sessions.get_session(manifest, Holder(data), PayloadSettings(), _gpu_task(allowed), allowed)
     tf32 = dataclasses.replace(allowed, allow_tf32=True)
-    assert sessions.get_session(manifest, Holder(data), "json", _gpu_task(tf32), tf32) is not first
+    assert sessions.get_session(manifest, Holder(data), PayloadSettings(), _gpu_task(tf32), tf32) is not first
     with pytest.raises(CpuFallbackError):
-        sessions.get_session(manifest, Holder(data), "json", _gpu_task(CUDA_FIRST), CUDA_FIRST)
+        sessions.get_session(manifest, Holder(data), PayloadSettings(), _gpu_task(CUDA_FIRST), CUDA_FIRST)

@@ -201,17 +201,17 @@ def test_only_one_onnx_runtime_build_is_installed():
 
 def test_tf32_is_off_unless_allowed(gpu_build):
     data, manifest = softmax_model([feature_spec("x", 4)])
-    sessions._create(manifest, data, "json", _placement("0"), GPU_SETTINGS)
+    sessions._create(manifest, data, PayloadSettings(), _placement("0"), GPU_SETTINGS)
     assert _by_name(gpu_build.asked[-1])["CUDAExecutionProvider"]["use_tf32"] == 0
     tf32 = dataclasses.replace(GPU_SETTINGS, allow_tf32=True)
-    sessions._create(manifest, data, "json", _placement("0", tf32), tf32)
+    sessions._create(manifest, data, PayloadSettings(), _placement("0", tf32), tf32)
     assert _by_name(gpu_build.asked[-1])["CUDAExecutionProvider"]["use_tf32"] == 1
 
 
 def test_tensorrt_gets_an_engine_cache_and_one_profile_up_to_the_batch_size(gpu_build, tmp_path):
     data, manifest = softmax_model([feature_spec("x", 4), TensorSpec("img", "float32", (-1, 2, 3))])
     settings = dataclasses.replace(GPU_SETTINGS, batch_size=512, tensorrt_cache_dir=str(tmp_path / "engines" / "trt"))
-    sessions._create(manifest, data, "json", _placement("1", settings), settings)
+    sessions._create(manifest, data, PayloadSettings(), _placement("1", settings), settings)
     trt = _by_name(gpu_build.asked[-1])["TensorrtExecutionProvider"]
     assert trt == {
         "device_id": 1,

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper
 
 import _converted_models as converted
 from _inference_models import kafka_batch
+from streamhydro.config import PayloadSettings
 from streamhydro.cli import main
 from streamhydro.errors import ConfigError, ModelError
 from streamhydro.executor.sessions import validate_model
@@ -338,7 +339,7 @@ def test_scoring_a_task_partition_writes_every_output_of_an_added_model(registry
     version = add_model(registry, model.onnx, "ranker")
     rows = model.inputs["x"]
     values = [json.dumps({"x": row.tolist()}).encode() for row in rows]
-    plan = ScoringPlan(version.manifest, Holder(version.read_bytes()), "json", "preds", "dead",
+    plan = ScoringPlan(version.manifest, Holder(version.read_bytes()), PayloadSettings(), "preds", "dead",
                        EngineSettings(batch_size=16, pipeline_depth=2))
     out = [batch for batch in score_partition(plan, iter([kafka_batch(values)]))]
     docs = [json.loads(v) for batch in out for v in batch.column("value").to_pylist()]
