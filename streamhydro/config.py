@@ -382,6 +382,7 @@ def _validated(config: Config) -> Config:
         raise ConfigError("kafka.max_offsets_per_trigger", f"must be >= 0, got {k.max_offsets_per_trigger}", "use 0 for no limit")
     if k.output_topic == k.dead_letter_topic:
         raise ConfigError("kafka.dead_letter_topic", "is the same topic as kafka.output_topic", "give dead letters their own topic")
+    check_no_feedback(k)
     if k.starting_offsets not in ("earliest", "latest"):
         try:
             json.loads(k.starting_offsets)
@@ -414,6 +415,30 @@ def _validated(config: Config) -> Config:
     if not 0 <= config.metrics.port < 65536:
         raise ConfigError("metrics.port", f"{config.metrics.port} is not a port", "use 1-65535, or 0 for any free port")
     return config
+
+
+def check_no_feedback(kafka: KafkaSettings) -> None:
+    """Refuse an input that reads what serve writes: every prediction would be scored again, forever.
+
+    The subscription is resolved as the source resolves it (:func:`streamhydro.kafka.options.parse_subscription`:
+    topic list, a regex that must match the whole topic name, or assigned partitions).
+    """
+    from streamhydro.kafka.options import parse_subscription
+
+    key = next(f"kafka.{name}" for name in ("subscribe", "subscribe_pattern", "assign") if getattr(kafka, name))
+    try:
+        subscription = parse_subscription(kafka.source_options())
+    except ConfigError as exc:
+        raise ConfigError(key, exc.problem, exc.fix) from exc
+    for written in ("output_topic", "dead_letter_topic"):
+        topic = getattr(kafka, written)
+        if subscription.matches(topic):
+            how = "matches" if subscription.kind == "subscribePattern" else "names"
+            raise ConfigError(
+                key,
+                f"{how} {topic!r}, the topic kafka.{written} writes to: serve would read its own output and score it again, endlessly",
+                f"read only input topics in {key}, or write kafka.{written} to a topic the input does not include",
+            )
 
 
 def check_gpu_amounts(executor_gpus: int, task_gpus: float) -> None:
