@@ -115,6 +115,12 @@ class KafkaSettings:
 
         return client_config(self.client_options())
 
+    def max_record_bytes(self) -> int:
+        """The largest output record the sink's producer accepts (:func:`streamhydro.kafka.options.max_record_bytes`)."""
+        from streamhydro.kafka.options import max_record_bytes
+
+        return max_record_bytes(self.client_options(), jvm=self.source == "builtin")
+
     def source_options(self) -> dict[str, str]:
         """The reader's options, named as Spark's Kafka source names them (same for both connectors)."""
         options = self.client_options()
@@ -383,6 +389,7 @@ def _validated(config: Config) -> Config:
     if k.output_topic == k.dead_letter_topic:
         raise ConfigError("kafka.dead_letter_topic", "is the same topic as kafka.output_topic", "give dead letters their own topic")
     check_no_feedback(k)
+    k.max_record_bytes()
     if k.starting_offsets not in ("earliest", "latest"):
         try:
             json.loads(k.starting_offsets)

@@ -121,6 +121,7 @@ class ModelFollower:
             dead_letter_topic=k.dead_letter_topic,
             engine=self._engine,
             max_value_bytes=self._config.model.max_value_bytes,
+            max_record_bytes=k.max_record_bytes(),
         )
         if previous is not None:
             previous.unpersist(blocking=False)
