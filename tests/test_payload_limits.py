@@ -15,11 +15,17 @@ from _inference_models import Holder, feature_spec, json_values, kafka_batch, so
 from streamhydro import payload as p
 from streamhydro.errors import ConfigError
 from streamhydro.executor.scoring import EngineSettings, ScoringPlan, score_partition
-from streamhydro.kafka.options import MIN_RECORD_LIMIT, max_record_bytes, spark_options
+from streamhydro.kafka.options import (
+    JAVA_MAX_REQUEST_SIZE,
+    LIBRDKAFKA_MESSAGE_MAX_BYTES,
+    MIN_RECORD_LIMIT,
+    max_record_bytes,
+    spark_options,
+)
 from streamhydro.payload import limits
 from streamhydro.payload.encoding import Encoder
 
-LIMITS = (MIN_RECORD_LIMIT, 10_000, 100_000)
+LIMITS = (MIN_RECORD_LIMIT, 10_000, 100_000, LIBRDKAFKA_MESSAGE_MAX_BYTES, JAVA_MAX_REQUEST_SIZE)
 # Timing is not what these tests check, and CI machines are shared.
 relaxed = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 OWN = [p.HEADER_ORIGIN_TOPIC, p.HEADER_ORIGIN_PARTITION, p.HEADER_ORIGIN_OFFSET, p.HEADER_ORIGIN_TIMESTAMP]
