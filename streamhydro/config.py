@@ -390,6 +390,7 @@ def _validated(config: Config) -> Config:
         raise ConfigError("kafka.dead_letter_topic", "is the same topic as kafka.output_topic", "give dead letters their own topic")
     check_no_feedback(k)
     k.max_record_bytes()
+    check_isolation_level(k)
     if k.starting_offsets not in ("earliest", "latest"):
         try:
             json.loads(k.starting_offsets)
@@ -422,6 +423,14 @@ def _validated(config: Config) -> Config:
     if not 0 <= config.metrics.port < 65536:
         raise ConfigError("metrics.port", f"{config.metrics.port} is not a port", "use 1-65535, or 0 for any free port")
     return config
+
+
+def check_isolation_level(kafka: KafkaSettings) -> None:
+    """``isolation.level`` in ``kafka.client`` is the input's, for both connectors (read_committed: only
+    committed records are scored); a value neither client knows is refused here."""
+    from streamhydro.kafka.options import isolation_level
+
+    isolation_level(kafka.librdkafka())
 
 
 def check_no_feedback(kafka: KafkaSettings) -> None:

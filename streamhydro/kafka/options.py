@@ -32,6 +32,9 @@ from streamhydro.secrets import masked
 KAFKA_PREFIX = "kafka."
 BOOTSTRAP = "kafka.bootstrap.servers"
 GROUP_ID = "group.id"
+ISOLATION_LEVEL = "isolation.level"
+READ_COMMITTED = "read_committed"
+READ_UNCOMMITTED = "read_uncommitted"
 
 EARLIEST = -2
 LATEST = -1
@@ -253,6 +256,16 @@ def client_config(options: Mapping[str, str]) -> ClientConfig:
         else:
             settings[name] = value
     return ClientConfig.of(settings)
+
+
+def isolation_level(client: ClientConfig) -> str:
+    """The input's isolation level (``kafka.client`` ``isolation.level``, read_uncommitted by default), which
+    the planner's end offsets and the readers share: read_committed readers stop at the last stable offset,
+    so ranges must end there too."""
+    level = (client.get(ISOLATION_LEVEL) or READ_UNCOMMITTED).strip().lower()
+    if level not in (READ_COMMITTED, READ_UNCOMMITTED):
+        raise ConfigError(f"kafka.client.{ISOLATION_LEVEL}", f"{level!r} is not an isolation level", f"use {READ_COMMITTED} or {READ_UNCOMMITTED}")
+    return level
 
 
 def client_for(bootstrap_servers: str, settings: Mapping[str, str] | None = None) -> ClientConfig:
