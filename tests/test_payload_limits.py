@@ -271,3 +271,61 @@ def test_score_partition_dead_letters_a_prediction_over_the_limit():
     row, headers = by_offset[3]  # malformed 1.2 MB value -> dead letter without its value
     assert headers[p.HEADER_ERROR_CLASS] == p.INVALID_JSON.encode() and row["value"] is None and row["key"] == b"k3"
     assert headers["streamhydro.dropped.value.bytes"] == str(len(values[3])).encode()
+
+
+SIZE_OF_JAVA = """
+import java.nio.ByteBuffer;
+import org.apache.kafka.common.header.Header;
+import org.apache.kafka.common.header.internals.RecordHeader;
+import org.apache.kafka.common.record.AbstractRecords;
+import org.apache.kafka.common.record.CompressionType;
+
+/** Lines "keyLen valueLen [headerKeyLen headerValueLen]..." (-1: null) -> the size KafkaProducer checks. */
+public class SizeOf {
+    public static void main(String[] args) throws Exception {
+        java.io.BufferedReader in = new java.io.BufferedReader(new java.io.InputStreamReader(System.in));
+        for (String line; (line = in.readLine()) != null; ) {
+            String[] f = line.trim().split(" ");
+            Header[] headers = new Header[(f.length - 2) / 2];
+            for (int i = 0; i < headers.length; i++) {
+                int v = Integer.parseInt(f[3 + 2 * i]);
+                headers[i] = new RecordHeader("h".repeat(Integer.parseInt(f[2 + 2 * i])), v < 0 ? null : new byte[v]);
+            }
+            System.out.println(AbstractRecords.estimateSizeInBytesUpperBound(
+                (byte) 2, CompressionType.NONE, buffer(Integer.parseInt(f[0])), buffer(Integer.parseInt(f[1])), headers));
+        }
+    }
+
+    static ByteBuffer buffer(int n) { return n < 0 ? null : ByteBuffer.wrap(new byte[n]); }
+}
+"""
+
+
+def test_record_sizes_are_what_the_java_client_of_sparks_sink_checks(tmp_path):
+    """The estimate KafkaProducer compares with max.request.size, from the kafka-clients jar Spark's connector uses."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import pyspark
+
+    from streamhydro import jars
+
+    bundle = jars.cached(jars.spark_kafka_connector())
+    slf4j = sorted((Path(pyspark.__file__).parent / "jars").glob("slf4j-api-*.jar"))
+    if shutil.which("java") is None or bundle is None or not slf4j:
+        pytest.skip("needs java and Spark's Kafka connector in the jar cache (streamhydro jars)")
+    classpath = ":".join(str(j) for j in [*bundle, slf4j[0]] if "kafka-clients" in j.name or j in slf4j)
+    records = [(None, None, []), (b"", b"", []), (b"k" * 3, b"v" * 300, [("h" * 5, b"x" * 2)]), (b"k" * 63, b"v" * 64, [("h" * 63, b"x" * 64)])]
+    records += [(b"k" * 100, b"v" * 1_000_000, [("h" * 5, b"xx"), ("h" * 10, None)]), (b"k", b"v" * 1_048_000, [("h" * 200, b"x" * 300)])]
+    records += [(b"k" * 8191, b"v" * 8192, []), (None, b"v" * 16383, [("h", None)] * 130)]
+    lines = "".join(
+        " ".join(str(-1 if part is None else len(part)) for part in (key, value, *[x for k, v in headers for x in (k, v)])) + "\n"
+        for key, value, headers in records
+    )
+    source = tmp_path / "SizeOf.java"
+    source.write_text(SIZE_OF_JAVA)
+    run = subprocess.run(["java", "-cp", classpath, str(source)], input=lines, capture_output=True, text=True, timeout=120, check=True)
+    java = [int(line) for line in run.stdout.split()]
+    ours = limits.record_sizes(batch_of([(k, v, [{"key": hk, "value": hv} for hk, hv in h]) for k, v, h in records])).tolist()
+    assert ours == java
