@@ -143,8 +143,13 @@ def test_without_fail_on_data_loss_the_reader_warns_and_returns_what_there_is(ca
 
 
 class Probe:
-    def __init__(self, ends: list[int]) -> None:
+    def __init__(self, ends: list[int], metadata: list[list] | None = None) -> None:
         self.ends, self.looks = ends, 0
+        self.metadata, self.asked = metadata or [[("t", 0)]], 0
+
+    def topic_partitions(self, subscription):
+        self.asked += 1
+        return self.metadata[min(self.asked - 1, len(self.metadata) - 1)]
 
     def offset_ranges(self, partitions):
         end = self.ends[min(self.looks, len(self.ends) - 1)]
@@ -154,9 +159,11 @@ class Probe:
 
 def reader_with(probe, monkeypatch):
     monkeypatch.setattr(source_module, "RECHECK_S", 1.0)
+    monkeypatch.setattr(source_module, "RECHECK_EVERY_S", 0.01)
     monkeypatch.setattr("streamhydro.kafka.truncation.RECHECK_EVERY_S", 0.01)
     reader = source_module.KafkaStreamReader.__new__(source_module.KafkaStreamReader)
-    reader._probe = probe
+    reader._probe, reader._target = probe, None
+    reader.options = type("Options", (), {"subscription": None})()
     return reader
 
 
@@ -173,3 +180,17 @@ def test_the_planner_keeps_an_end_that_stays_short_for_partitions_to_report(monk
     reader = reader_with(probe, monkeypatch)
     assert reader._settled({("t", 0): 100}, {("t", 0): (0, 40)}) == {("t", 0): (0, 40)}
     assert probe.looks > 5
+
+
+def test_a_partition_missing_from_the_metadata_for_a_moment_is_asked_again(monkeypatch):
+    probe = Probe([50], metadata=[[("t", 0)], [("t", 0)], [("t", 0), ("t", 1)]])
+    reader = reader_with(probe, monkeypatch)
+    assert reader._present({("t", 0): 10, ("t", 1): 20}) == {("t", 0): (0, 50), ("t", 1): (0, 50)}
+    assert probe.asked == 3
+
+
+def test_a_partition_still_missing_after_the_wait_is_left_for_loss_reporting(monkeypatch):
+    probe = Probe([50])
+    reader = reader_with(probe, monkeypatch)
+    assert reader._present({("t", 0): 10, ("t", 1): 20}) == {("t", 0): (0, 50)}
+    assert probe.asked > 5

@@ -44,7 +44,7 @@ from streamhydro.kafka.planning import TopicPartitionKey, admit, cap, ranges, re
 from streamhydro.kafka.reading import read_range, reader_config, report_data_loss
 from streamhydro.kafka.records import KAFKA_SCHEMA, RANGE_SCHEMA, range_batch
 from streamhydro.kafka.sink import KafkaArrowWriter, KafkaStreamArrowWriter
-from streamhydro.kafka.truncation import RECHECK_S, Watermarks, settle
+from streamhydro.kafka.truncation import RECHECK_EVERY_S, RECHECK_S, Watermarks, settle
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
     def latestOffset(self, start: dict, limit: ReadLimit) -> dict:
         begin = offsets_from_json(start)
         self._mirror(begin)
-        current = self._settled(begin, self._current())
+        current = self._settled(begin, self._present(begin))
         self._latest = {tp: hi for tp, (_, hi) in current.items()}
         latest = cap(self._latest, self._target) if self._target is not None else dict(self._latest)
         vanished = sorted(tp for tp, (_, now) in regressions(begin, latest).items() if now is None)
@@ -145,6 +145,19 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         filled = {tp: begin.get(tp, current.get(tp, (end, end))[0]) for tp, end in latest.items()}
         max_rows = limit.max_rows if isinstance(limit, ReadMaxRows) else None
         return offsets_to_json(admit(filled, latest, max_rows))
+
+    def _present(self, begin: dict[TopicPartitionKey, int]) -> dict[TopicPartitionKey, tuple[int, int]]:
+        """:meth:`_current`, asked again for up to :data:`~streamhydro.kafka.truncation.RECHECK_S` while a
+        partition the query reads is missing from the metadata (a topic's metadata fails for a moment during a
+        leader election); what is still missing after that is reported as gone."""
+        deadline = time.monotonic() + RECHECK_S
+        while True:
+            current = self._current()
+            missing = sorted(set(begin) - set(current))
+            if not missing or self._target is not None or time.monotonic() >= deadline:
+                return current
+            log.info("partitions %s missing from the metadata; asking again", missing)
+            time.sleep(RECHECK_EVERY_S)
 
     def _settled(
         self, begin: dict[TopicPartitionKey, int], current: dict[TopicPartitionKey, tuple[int, int]]
