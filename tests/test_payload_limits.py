@@ -329,3 +329,42 @@ def test_record_sizes_are_what_the_java_client_of_sparks_sink_checks(tmp_path):
     java = [int(line) for line in run.stdout.split()]
     ours = limits.record_sizes(batch_of([(k, v, [{"key": hk, "value": hv} for hk, hv in h]) for k, v, h in records])).tolist()
     assert ours == java
+
+
+@pytest.mark.broker
+def test_streamhydros_connector_writes_what_the_input_let_through_however_large(kafka_bootstrap, topic_name, model_registry):
+    """The issue's events through a real range task (read, score, write with librdkafka's default limit): a 1.5 MB
+    key and a malformed value between 1,000,000 bytes and 1 MiB. The task completes; nothing is refused."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from conftest import client, read_all
+    from streamhydro.executor.direct import RangeIO, score_range
+    from streamhydro.executor.sessions import TaskResources
+    from streamhydro.kafka.admin import ensure_topics
+    from streamhydro.kafka.planning import OffsetRange
+
+    source, output, dead = f"{topic_name}-in", f"{topic_name}-out", f"{topic_name}-dlq"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_topics([NewTopic(source, 1, config={"max.message.bytes": "4000000"})])[source].result(30)
+    ensure_topics(client(kafka_bootstrap), {source: 1, output: 1, dead: 1})
+    version = model_registry.get("iris_like", "1")
+    good = json_values(version.manifest, np.ones((2, 4), np.float32))
+    events = [(b"k0", good[0]), (b"K" * 1_500_000, good[1]), (b"k2", b"{" + b" " * 1_020_000)]
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "message.max.bytes": 4_000_000})
+    for key, value in events:
+        producer.produce(source, value, key, headers=[("trace", b"t")])
+    assert producer.flush(30) == 0
+
+    plan = ScoringPlan(version.manifest, Holder(version.read_bytes()), "json", output, dead, EngineSettings(pipeline_depth=0))
+    written = score_range(plan, RangeIO(client(kafka_bootstrap)), OffsetRange(source, 0, 0, 3), TaskResources())
+    assert written == 3
+    [prediction] = read_all(kafka_bootstrap, output, 1, seconds=30)
+    assert prediction.key == b"k0"
+    letters = {dict(r.headers)[p.HEADER_ORIGIN_OFFSET]: r for r in read_all(kafka_bootstrap, dead, 2, seconds=30)}
+    too_large, malformed = letters[b"1"], letters[b"2"]
+    assert dict(too_large.headers)[p.HEADER_ERROR_CLASS] == p.OUTPUT_TOO_LARGE.encode()
+    assert too_large.key is None and too_large.value == good[1]
+    assert dict(too_large.headers)["streamhydro.dropped.key.sha256"] == hashlib.sha256(events[1][0]).hexdigest().encode()
+    assert dict(malformed.headers)[p.HEADER_ERROR_CLASS] == p.INVALID_JSON.encode()
+    assert malformed.key == b"k2" and malformed.value is None
+    assert dict(malformed.headers)["streamhydro.dropped.value.bytes"] == b"1020001"
