@@ -101,6 +101,8 @@ class Consumer:
         return self.ends[min(self.looks, len(self.ends) - 1)]
 
     def get_watermark_offsets(self, tp, timeout=None, cached=False):
+        if cached:  # what the last fetch said
+            return self.low, self.end()
         self.looks += 1
         return self.low, self.end()
 
@@ -194,3 +196,24 @@ def test_a_partition_still_missing_after_the_wait_is_left_for_loss_reporting(mon
     reader = reader_with(probe, monkeypatch)
     assert reader._present({("t", 0): 10, ("t", 1): 20}) == {("t", 0): (0, 50)}
     assert probe.asked > 5
+
+
+class HeldBack(Consumer):
+    """A read_committed view: the end (last stable offset) is below the high watermark until a transaction ends."""
+
+    def __init__(self, stable: list[int], high: int) -> None:
+        super().__init__(stable)
+        self.high, self.polls = high, 0
+
+    def get_watermark_offsets(self, tp, timeout=None, cached=False):
+        return self.low, self.high if cached else self.end()
+
+    def consume(self, num_messages, timeout):
+        self.polls += 1
+        self.looks = self.polls // 3  # the transaction ends after a few polls
+        return super().consume(num_messages, timeout)
+
+
+def test_records_held_back_by_an_open_transaction_are_waited_for_not_lost():
+    consumer = HeldBack([6, 6, 10], high=10)
+    assert offsets_read(consumer, 10, poll_timeout_ms=60_000) == list(range(10))  # no 30 s truncation re-check

@@ -73,6 +73,13 @@ def _handle_event(
     tp = TopicPartition(offsets.topic, offsets.partition)
     if error.code() == ClientError._PARTITION_EOF:
         if event.offset() < until:
+            # A read_committed reader's end is the last stable offset, and librdkafka's cached high watermark
+            # stays the high watermark: records up to ``until`` exist and an open transaction holds them
+            # back. They come when it ends (the read's timeout bounds the wait); that is not loss.
+            _, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high >= until:
+                log.info("%s: offsets %d..%d wait for an open transaction to end", where, event.offset(), until - 1)
+                return position
             wait_s = recheck_s(poll_timeout_ms)
             marks, transient = settle(lambda: _watermarks(consumer, tp), until, wait_s)
             if transient:
