@@ -389,7 +389,7 @@ def _validated(config: Config) -> Config:
     if k.output_topic == k.dead_letter_topic:
         raise ConfigError("kafka.dead_letter_topic", "is the same topic as kafka.output_topic", "give dead letters their own topic")
     check_no_feedback(k)
-    k.max_record_bytes()
+    k.max_record_bytes()  # refuses a producer limit too small for a dead letter's origin and error headers
     check_isolation_level(k)
     if k.starting_offsets not in ("earliest", "latest"):
         try:
