@@ -116,6 +116,12 @@ class KafkaSettings:
 
         return client_config(self.client_options())
 
+    def max_record_bytes(self) -> int:
+        """The largest output record the sink's producer accepts (:func:`streamhydro.kafka.options.max_record_bytes`)."""
+        from streamhydro.kafka.options import max_record_bytes
+
+        return max_record_bytes(self.client_options(), jvm=self.source == "builtin")
+
     def source_options(self) -> dict[str, str]:
         """The reader's options, named as Spark's Kafka source names them (same for both connectors)."""
         options = self.client_options()
@@ -446,6 +452,9 @@ def _validated(config: Config) -> Config:
         raise ConfigError("kafka.max_offsets_per_trigger", f"must be >= 0, got {k.max_offsets_per_trigger}", "use 0 for no limit")
     if k.output_topic == k.dead_letter_topic:
         raise ConfigError("kafka.dead_letter_topic", "is the same topic as kafka.output_topic", "give dead letters their own topic")
+    check_no_feedback(k)
+    k.max_record_bytes()  # refuses a producer limit too small for a dead letter's origin and error headers
+    check_isolation_level(k)
     if k.starting_offsets not in ("earliest", "latest"):
         try:
             json.loads(k.starting_offsets)
@@ -501,6 +510,38 @@ def _check_payload(p: PayloadSettings) -> None:
             raise ConfigError("payload.schema_registry_client", f"is only read with a schema registry, not for {p.format}", "remove it")
     if p.message and p.format != PayloadFormat.PROTOBUF.value:
         raise ConfigError("payload.message", f"names a protobuf message, but format is {p.format}", "remove it")
+
+
+def check_isolation_level(kafka: KafkaSettings) -> None:
+    """``isolation.level`` in ``kafka.client`` is the input's, for both connectors (read_committed: only
+    committed records are scored); a value neither client knows is refused here."""
+    from streamhydro.kafka.options import isolation_level
+
+    isolation_level(kafka.librdkafka())
+
+
+def check_no_feedback(kafka: KafkaSettings) -> None:
+    """Refuse an input that reads what serve writes: every prediction would be scored again, forever.
+
+    The subscription is resolved as the source resolves it (:func:`streamhydro.kafka.options.parse_subscription`:
+    topic list, a regex that must match the whole topic name, or assigned partitions).
+    """
+    from streamhydro.kafka.options import parse_subscription
+
+    key = next(f"kafka.{name}" for name in ("subscribe", "subscribe_pattern", "assign") if getattr(kafka, name))
+    try:
+        subscription = parse_subscription(kafka.source_options())
+    except ConfigError as exc:
+        raise ConfigError(key, exc.problem, exc.fix) from exc
+    for written in ("output_topic", "dead_letter_topic"):
+        topic = getattr(kafka, written)
+        if subscription.matches(topic):
+            how = "matches" if subscription.kind == "subscribePattern" else "names"
+            raise ConfigError(
+                key,
+                f"{how} {topic!r}, the topic kafka.{written} writes to: serve would read its own output and score it again, endlessly",
+                f"read only input topics in {key}, or write kafka.{written} to a topic the input does not include",
+            )
 
 
 def check_gpu_amounts(executor_gpus: int, task_gpus: float) -> None:

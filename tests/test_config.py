@@ -165,3 +165,44 @@ def test_replace_keeps_the_sections_other_keys():
     cfg = config.Config().replace(inference={"pipeline_depth": 0})
     assert cfg.inference.pipeline_depth == 0
     assert cfg.inference.providers == config.InferenceSettings().providers
+
+
+@pytest.mark.parametrize(
+    ("kafka", "key", "written"),
+    [
+        ({"subscribe": "events,predictions"}, "kafka.subscribe", "kafka.output_topic"),
+        ({"subscribe": " predictions-dlq "}, "kafka.subscribe", "kafka.dead_letter_topic"),
+        ({"subscribe": "", "subscribe_pattern": "pred.*"}, "kafka.subscribe_pattern", "kafka.output_topic"),
+        ({"subscribe": "", "subscribe_pattern": ".*-dlq"}, "kafka.subscribe_pattern", "kafka.dead_letter_topic"),
+        ({"subscribe": "", "assign": '{"events": [0], "predictions-dlq": [2]}'}, "kafka.assign", "kafka.dead_letter_topic"),
+        ({"subscribe": "scores", "output_topic": "scores"}, "kafka.subscribe", "kafka.output_topic"),
+    ],
+)
+def test_reading_what_serve_writes_is_refused_naming_both_keys(kafka, key, written):
+    with pytest.raises(ConfigError) as info:
+        config.Config().replace(kafka=kafka)
+    assert info.value.key == key
+    assert written in str(info.value) and key in str(info.value.fix)
+
+
+@pytest.mark.parametrize(
+    "kafka",
+    [
+        {"subscribe": "events,predictions-in"},
+        {"subscribe": "", "subscribe_pattern": "pred"},  # the whole name must match, as in Spark's source
+        {"subscribe": "", "subscribe_pattern": "events-.*"},
+        {"subscribe": "", "assign": '{"events": [0, 1]}'},
+    ],
+)
+def test_inputs_apart_from_the_outputs_are_accepted(kafka):
+    config.Config().replace(kafka=kafka)
+
+
+@pytest.mark.parametrize(
+    ("kafka", "key"),
+    [({"subscribe": "", "subscribe_pattern": "(events"}, "kafka.subscribe_pattern"), ({"subscribe": "", "assign": "[1]"}, "kafka.assign")],
+)
+def test_an_unreadable_subscription_names_its_config_key(kafka, key):
+    with pytest.raises(ConfigError) as info:
+        config.Config().replace(kafka=kafka)
+    assert info.value.key == key

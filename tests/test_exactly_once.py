@@ -27,7 +27,7 @@ from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.clients import build_client
 from streamhydro.kafka.options import parse_sink_options
 from streamhydro.kafka.planning import OffsetRange
-from streamhydro.kafka.transactions import check_transactions, produce_exactly_once
+from streamhydro.kafka.transactions import MarkMismatch, check_transactions, produce_exactly_once
 from streamhydro.producer import make_values
 
 REPO = Path(__file__).parent.parent
@@ -145,7 +145,7 @@ def test_a_range_is_written_once_and_recorded_in_the_same_transaction(kafka_boot
     written = read_all(kafka_bootstrap, output, 600, **COMMITTED)
     assert sorted(r.value for r in written) == sorted(f"{source}-{p}-{o}".encode() for p in (0, 1) for o in range(300))
     committed = _committed(kafka_bootstrap, prefix, source)
-    assert [tp.offset for tp in committed] == [300, 300] and json.loads(committed[0].metadata) == {"batch": None}
+    assert [tp.offset for tp in committed] == [300, 300] and json.loads(committed[0].metadata) == {"query": prefix, "batch": None, "from": 0, "until": 300}
     log_end = _log_end(kafka_bootstrap, output)
 
     assert write(prefix) == [0, 0]
@@ -159,6 +159,13 @@ def test_a_range_is_written_once_and_recorded_in_the_same_transaction(kafka_boot
     assert _log_end(kafka_bootstrap, output) > log_end + 600, "the failed attempt's records lie in the log"
     assert len(read_all(kafka_bootstrap, output, 1201, seconds=5, **COMMITTED)) == 1200, "aborted, invisible"
     assert [tp.offset for tp in _committed(kafka_bootstrap, f"{prefix}-cut", source)] == [-1001, -1001]
+
+    # An operator resets the group to latest: the next range is not taken as written, the task fails naming the group.
+    marks = build_client(Consumer, client(kafka_bootstrap, {"group.id": prefix, "isolation.level": "read_committed"}))
+    marks.commit(offsets=[TopicPartition(source, 0, 900)], asynchronous=False)
+    marks.close()
+    with pytest.raises(MarkMismatch, match=rf"consumer group {prefix} marks {source}\[0\] written up to offset 900"):
+        produce_exactly_once(client(kafka_bootstrap), OffsetRange(source, 0, 300, 600), _results(output, source, 0, 300, None), prefix)
 
 
 def _serve(tmp_path: Path, toml: str, name: str, fault: tuple[str, str] | None = None) -> tuple[subprocess.Popen, Path]:

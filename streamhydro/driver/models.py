@@ -124,6 +124,7 @@ class ModelFollower:
             output_topic=k.output_topic,
             dead_letter_topic=k.dead_letter_topic,
             engine=self._engine,
+            max_record_bytes=k.max_record_bytes(),
         )
         if previous is not None:
             previous.unpersist(blocking=False)

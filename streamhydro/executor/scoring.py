@@ -28,10 +28,12 @@ import pyarrow as pa
 
 from streamhydro.executor.engine import BatchStats, EngineSettings, Rebatcher, StageClock, Tracer, run_pipeline
 from streamhydro.executor.sessions import ModelSession, TaskResources, get_session, place, task_resources
+from streamhydro.kafka.options import LIBRDKAFKA_MESSAGE_MAX_BYTES
 from streamhydro.payload import Rejected
 from streamhydro.payload.formats import Decoder, make_decoder
 from streamhydro.payload.encoding import Encoder
 from streamhydro.config import PayloadSettings
+from streamhydro.payload.limits import fit_dead_letters, refuse_oversized
 from streamhydro.registry import Manifest
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class ScoringPlan:
     ``model_bytes`` is any object whose ``.value`` is the ONNX bytes: a pyspark Broadcast on the
     driver (read by an executor only when its worker has no session for the model yet).
     ``payload`` is the ``[payload]`` section: how record values are decoded.
+    ``max_record_bytes``: the sink producer's limit (``KafkaSettings.max_record_bytes``); no output record is larger.
     ``recorded``: whether tasks report to the metrics module; False for serve's warm-up job, whose
     made-up row is no event.
     """
@@ -60,6 +63,7 @@ class ScoringPlan:
     output_topic: str
     dead_letter_topic: str
     engine: EngineSettings = EngineSettings()
+    max_record_bytes: int = LIBRDKAFKA_MESSAGE_MAX_BYTES
     recorded: bool = True
 
 
@@ -94,7 +98,7 @@ def score_partition(
     decoder = make_decoder(plan.manifest, plan.payload)
     encoder = Encoder(plan.manifest, plan.output_topic, plan.dead_letter_topic)
     clock = StageClock(trace)
-    stages = _Stages(model, decoder, encoder, clock, plan.engine.batch_size)
+    stages = _Stages(model, decoder, encoder, clock, plan.engine.batch_size, plan.max_record_bytes)
     results = run_pipeline(_timed_reads(batches, clock), stages.front, stages.compute, stages.back, plan.engine.pipeline_depth, clock)
     for seq, result in enumerate(results):
         with clock.stage("write", seq):
@@ -151,7 +155,10 @@ class _Computed:
 class _Stages:
     """The engine's three stage groups for one task partition (see streamhydro.executor.engine)."""
 
-    def __init__(self, model: ModelSession, decoder: Decoder, encoder: Encoder, clock: StageClock, batch_size: int) -> None:
+    def __init__(
+        self, model: ModelSession, decoder: Decoder, encoder: Encoder, clock: StageClock, batch_size: int, max_record_bytes: int
+    ) -> None:
+        self.max_record_bytes = max_record_bytes
         self.model = model
         self.decoder = decoder
         self.encoder = encoder
@@ -193,6 +200,7 @@ class _Stages:
             outputs = self.model.to_host(item.outputs)
         with self.clock.stage("encode", item.seq):
             out, rejected = self.encoder.predictions(item.meta, outputs)
+            out, rejected = refuse_oversized(out, item.meta, rejected, self.max_record_bytes)
         self.clock.rows_scored += out.num_rows
         yield out
         if len(rejected.rows):
@@ -213,4 +221,4 @@ class _Stages:
     def _dead_letters(self, seq: int, batch: pa.RecordBatch | pa.Table, rejected: Rejected) -> pa.RecordBatch:
         self.clock.count_errors(rejected.error_classes)
         with self.clock.stage("encode", seq):
-            return self.encoder.dead_letters(batch, rejected)
+            return fit_dead_letters(self.encoder.dead_letters(batch, rejected), self.max_record_bytes)

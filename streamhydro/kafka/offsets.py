@@ -1,8 +1,10 @@
 """Topic metadata and end offsets for the stream reader. Runs on the driver, in the stream reader, once per micro-batch.
 
 A Kafka source asks where each partition ends with ListOffsets(latest). Apache Kafka answers with the
-log end offset, and with ``endOffsetsFrom=listOffsets`` (the default, what Spark's own connector does)
-that answer is used as it is: one request per micro-batch.
+high watermark, or for a read_committed client (``isolation.level`` in ``kafka.client``, which the probe
+shares with the readers) the last stable offset: ranges then end where a read_committed reader stops,
+below any open transaction. With ``endOffsetsFrom=listOffsets`` (the default, what Spark's own
+connector does) that answer is used as it is: one request per micro-batch.
 
 Tansu 0.6 answers with the base offset of the partition's *last record batch* + 1 (1000 records
 produced in one batch over two partitions: ListOffsets says 1, the truth is 500). A source that trusts
@@ -11,7 +13,9 @@ in every Fetch response is right on both, so with ``endOffsetsFrom=fetch`` :clas
 assigns a consumer, for each non-empty partition whose ListOffsets answer changed, at
 ``max(ListOffsets - 1, log start)``, which lies inside the last batch, consumes until one record (or the
 end-of-partition event) of each such partition arrived, and takes librdkafka's cached high watermark from
-that fetch. The result is never below the ListOffsets answer.
+that fetch (for a read_committed client, where its end-of-partition event came: librdkafka's cached high
+watermark is the high watermark whatever the isolation level). The result is never below the ListOffsets
+answer.
 
 The probe's consumer is created lazily (no network in ``__init__``), kept for the reader's life, fetches
 small amounts, and is unassigned between probes. It carries ``kafka.group.id`` when the user set one, so
@@ -31,7 +35,7 @@ from confluent_kafka import KafkaError as ClientError
 
 from streamhydro.errors import KafkaError
 from streamhydro.kafka.clients import build_client
-from streamhydro.kafka.options import GROUP_ID, ClientConfig, Subscription
+from streamhydro.kafka.options import GROUP_ID, ISOLATION_LEVEL, READ_COMMITTED, ClientConfig, Subscription, isolation_level
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,6 @@ PROBE_CONSUMER_SETTINGS = {
     "fetch.max.bytes": "1048576",
     "queued.max.messages.kbytes": "1024",
     "fetch.wait.max.ms": "10",
-    "isolation.level": "read_uncommitted",
 }
 
 
@@ -64,9 +67,10 @@ class EndOffsetProbe:
 
     def __init__(self, client: ClientConfig, use_fetch: bool = False, timeout_s: float = 10.0, patience_s: float = 180.0) -> None:
         settings = client.with_defaults({GROUP_ID: f"streamhydro-probe-{uuid.uuid4().hex[:8]}"}).as_dict()
-        settings.update(PROBE_CONSUMER_SETTINGS)
+        settings.update({**PROBE_CONSUMER_SETTINGS, ISOLATION_LEVEL: isolation_level(client)})
         self._config = ClientConfig.of(settings)
         self._has_group = client.get(GROUP_ID) is not None
+        self._read_committed = isolation_level(client) == READ_COMMITTED
         self._use_fetch = use_fetch
         self._timeout_s = timeout_s
         self._patience_s = patience_s
@@ -142,17 +146,28 @@ class EndOffsetProbe:
         consumer = self.consumer
         consumer.assign([TopicPartition(t, p, max(hi - 1, lo)) for (t, p), (lo, hi) in listed.items()])
         pending = set(listed)
+        stable_at: dict[TopicPartitionKey, int] = {}
         deadline = time.monotonic() + self._timeout_s
         try:
             while pending and time.monotonic() < deadline:
                 for message in consumer.consume(num_messages=1000, timeout=0.05):
+                    tp = (message.topic(), message.partition())
                     error = message.error()
-                    if error is not None and error.code() != ClientError._PARTITION_EOF:
+                    if error is not None and error.code() == ClientError._PARTITION_EOF:
+                        stable_at[tp] = message.offset()
+                    elif error is not None:
                         log.warning("end-offset probe: %s[%s]: %s", message.topic(), message.partition(), error)
-                    pending.discard((message.topic(), message.partition()))
+                    elif self._read_committed:
+                        continue  # a read_committed end is where the end-of-partition event comes
+                    pending.discard(tp)
             ends = {}
             for topic, partition in listed:
                 if (topic, partition) in pending:
+                    continue
+                if self._read_committed:
+                    # librdkafka's cached high watermark is the high watermark even for read_committed
+                    # (measured: tests/test_read_committed.py); the end-of-partition event is at the last stable offset.
+                    ends[(topic, partition)] = stable_at[(topic, partition)]
                     continue
                 _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
                 ends[(topic, partition)] = int(high)

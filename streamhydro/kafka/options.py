@@ -32,6 +32,9 @@ from streamhydro.secrets import masked
 KAFKA_PREFIX = "kafka."
 BOOTSTRAP = "kafka.bootstrap.servers"
 GROUP_ID = "group.id"
+ISOLATION_LEVEL = "isolation.level"
+READ_COMMITTED = "read_committed"
+READ_UNCOMMITTED = "read_uncommitted"
 
 EARLIEST = -2
 LATEST = -1
@@ -253,6 +256,16 @@ def client_config(options: Mapping[str, str]) -> ClientConfig:
         else:
             settings[name] = value
     return ClientConfig.of(settings)
+
+
+def isolation_level(client: ClientConfig) -> str:
+    """The input's isolation level (``kafka.client`` ``isolation.level``, read_uncommitted by default), which
+    the planner's end offsets and the readers share: read_committed readers stop at the last stable offset,
+    so ranges must end there too."""
+    level = (client.get(ISOLATION_LEVEL) or READ_UNCOMMITTED).strip().lower()
+    if level not in (READ_COMMITTED, READ_UNCOMMITTED):
+        raise ConfigError(f"kafka.client.{ISOLATION_LEVEL}", f"{level!r} is not an isolation level", f"use {READ_COMMITTED} or {READ_UNCOMMITTED}")
+    return level
 
 
 def client_for(bootstrap_servers: str, settings: Mapping[str, str] | None = None) -> ClientConfig:
@@ -480,3 +493,44 @@ def parse_sink_options(options: Mapping[str, str]) -> SinkOptions:
                 f'remove it; for exactly-once delivery run streamhydro serve with kafka.delivery = "{EXACTLY_ONCE}"',
             )
     return SinkOptions(client=client_config(options), topic=lowered.get("topic", "").strip() or None)
+
+
+# What each producer refuses a record over, by default (Java: max.request.size, buffer.memory; librdkafka:
+# message.max.bytes, queue.buffering.max.kbytes in KiB).
+JAVA_MAX_REQUEST_SIZE = 1_048_576
+JAVA_BUFFER_MEMORY = 33_554_432
+LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
+LIBRDKAFKA_QUEUE_MAX_KBYTES = 1_048_576
+# The smallest record limit streamhydro runs with: under it a dead letter stripped of key, value and the
+# record's headers might not fit its origin and error headers (streamhydro.payload.limits).
+MIN_RECORD_LIMIT = 8192
+
+
+def max_record_bytes(options: Mapping[str, str], jvm: bool) -> int:
+    """The largest record the sink's producer accepts, from the ``kafka.*`` options (either spelling, as
+    :func:`spark_options` made them): the Java producer's for Spark's JVM sink (``jvm``), else librdkafka's.
+
+    Sizes are counted as :func:`streamhydro.payload.limits.record_sizes` counts them; each limit is the
+    smallest of the producer's settings that refuse one record (the request size and the send buffer).
+    """
+    if jvm:
+        lowered = _lower(options)
+        request = _converted("kafka.client.max.request.size", int, lowered.get("kafka.max.request.size", str(JAVA_MAX_REQUEST_SIZE)))
+        memory = _converted("kafka.client.buffer.memory", int, lowered.get("kafka.buffer.memory", str(JAVA_BUFFER_MEMORY)))
+        return _at_least_minimum(min(request, memory), "max.request.size")
+    client = client_config(options)
+    message = _converted("kafka.client.message.max.bytes", int, client.get("message.max.bytes") or str(LIBRDKAFKA_MESSAGE_MAX_BYTES))
+    queue = _converted(
+        "kafka.client.queue.buffering.max.kbytes", int, client.get("queue.buffering.max.kbytes") or str(LIBRDKAFKA_QUEUE_MAX_KBYTES)
+    )
+    return _at_least_minimum(min(message, queue * 1024), "message.max.bytes")
+
+
+def _at_least_minimum(limit: int, name: str) -> int:
+    if limit < MIN_RECORD_LIMIT:
+        raise ConfigError(
+            f"kafka.client.{name}",
+            f"lets the producer send records of at most {limit} bytes, too few for a dead letter's origin and error headers",
+            f"set it to {MIN_RECORD_LIMIT} or more (the default is {LIBRDKAFKA_MESSAGE_MAX_BYTES})",
+        )
+    return limit

@@ -5,8 +5,9 @@ a micro-batch), with the worker's cached consumer.
 
 Reads exactly ``[from, until)``. Offsets may have gaps (compaction, transaction markers): a record past
 the gap, or the end-of-partition event, ends the wait, so a gap never hangs the task. Records that are
-gone are data loss: the range starts below the log start, or the partition ends below ``until``
-(truncated). With ``failOnDataLoss`` (the default) that raises :class:`DataLossError`; otherwise one
+gone are data loss: the range starts below the log start, or the partition ends below ``until`` and
+still does after a bounded re-check (:mod:`streamhydro.kafka.truncation`: a leader change can lower
+the end for a moment). With ``failOnDataLoss`` (the default) that raises :class:`DataLossError`; otherwise one
 warning names ``topic[partition]`` and the lost offsets, and the rest is read.
 """
 
@@ -18,18 +19,20 @@ from bisect import bisect_left
 from collections.abc import Iterator
 
 import pyarrow as pa
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as ClientError
 
 from streamhydro.errors import DataLossError, KafkaError
 from streamhydro.kafka.options import ClientConfig
 from streamhydro.kafka.planning import OffsetRange
 from streamhydro.kafka.records import columns_of, to_record_batch
+from streamhydro.kafka.truncation import Watermarks, recheck_s, settle
 
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 20_000
 _POLL_S = 0.5
+_ASK_TIMEOUT_S = 5.0
 
 # Readers fetch a partition range and stop: no commits, end-of-partition events on, errors not hidden.
 READER_CONSUMER_DEFAULTS = {
@@ -67,23 +70,60 @@ def _handle_event(
     where = f"{offsets.topic}[{offsets.partition}]"
     until = offsets.until_offset
     error = event.error()
+    tp = TopicPartition(offsets.topic, offsets.partition)
     if error.code() == ClientError._PARTITION_EOF:
         if event.offset() < until:
+            # A read_committed reader's end is the last stable offset, and librdkafka's cached high watermark
+            # stays the high watermark: records up to ``until`` exist and an open transaction holds them
+            # back. They come when it ends (the read's timeout bounds the wait); that is not loss.
+            _, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high >= until:
+                log.info("%s: offsets %d..%d wait for an open transaction to end", where, event.offset(), until - 1)
+                return position
+            wait_s = recheck_s(poll_timeout_ms)
+            marks, transient = settle(lambda: _watermarks(consumer, tp), until, wait_s)
+            if transient:
+                log.info("%s ended at %d, below %d, for a moment (now %s); reading on", where, event.offset(), until, marks)
+                return position
+            end = marks.high if marks is not None else event.offset()
             report_data_loss(
-                fail_on_data_loss, f"{where} ends at {event.offset()}, offsets {event.offset()}..{until - 1} are gone"
+                fail_on_data_loss, f"{where} ends at {end}, offsets {end}..{until - 1} are gone (still after {wait_s:.0f} s)"
             )
         return until
     if error.code() == ClientError._AUTO_OFFSET_RESET:
-        tp = TopicPartition(offsets.topic, offsets.partition)
-        low, _ = consumer.get_watermark_offsets(tp, timeout=poll_timeout_ms / 1000)
-        if low <= position:
-            raise KafkaError(f"{where}: offset {position} out of range: {error.str()}")
+        marks = _watermarks(consumer, tp)
+        if marks is not None and marks.low > position:
+            report_data_loss(
+                fail_on_data_loss,
+                f"{where} offsets {position}..{min(marks.low, until) - 1} are gone (log starts at {marks.low})",
+            )
+            consumer.assign([TopicPartition(offsets.topic, offsets.partition, marks.low)])
+            return marks.low
+        # Past the end: a new leader behind the old one, for a moment, or the log was truncated.
+        wait_s = recheck_s(poll_timeout_ms)
+        marks, transient = settle(lambda: _watermarks(consumer, tp), position, wait_s)
+        if marks is None:
+            raise KafkaError(f"{where}: offset {position} out of range and no offsets from the broker: {error.str()}")
+        if transient:
+            log.info("%s ended below %d for a moment (now %s); reading on", where, position, marks)
+            consumer.assign([TopicPartition(offsets.topic, offsets.partition, position)])
+            return position
         report_data_loss(
-            fail_on_data_loss, f"{where} offsets {position}..{min(low, until) - 1} are gone (log starts at {low})"
+            fail_on_data_loss,
+            f"{where} ends at {marks.high}, offsets {marks.high}..{until - 1} are gone (still after {wait_s:.0f} s)",
         )
-        consumer.assign([TopicPartition(offsets.topic, offsets.partition, low)])
-        return low
+        return until
     raise KafkaError(f"{where}: reading offset {position}: {error.str()}")
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition) -> Watermarks | None:
+    """The partition's log start and end as the leader says now; None when it does not answer."""
+    try:
+        answer = consumer.get_watermark_offsets(tp, timeout=_ASK_TIMEOUT_S, cached=False)
+    except KafkaException as exc:
+        log.debug("%s[%d] offsets: %s", tp.topic, tp.partition, exc)
+        return None
+    return None if answer is None else Watermarks(int(answer[0]), int(answer[1]))
 
 
 def read_range(

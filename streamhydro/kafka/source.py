@@ -18,6 +18,7 @@ Offsets in Spark's checkpoint look like Spark's Kafka source's: ``{"topic": {"0"
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
@@ -25,7 +26,7 @@ from pyspark.sql.datasource import DataSource, DataSourceStreamReader, InputPart
 from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows, SupportsTriggerAvailableNow
 from pyspark.sql.types import StructType
 
-from streamhydro.errors import ConfigError
+from streamhydro.errors import ConfigError, KafkaError
 from streamhydro.kafka import clients
 from streamhydro.kafka.offsets import EndOffsetProbe
 from streamhydro.kafka.options import (
@@ -43,6 +44,7 @@ from streamhydro.kafka.planning import TopicPartitionKey, admit, cap, ranges, re
 from streamhydro.kafka.reading import read_range, reader_config, report_data_loss
 from streamhydro.kafka.records import KAFKA_SCHEMA, RANGE_SCHEMA, range_batch
 from streamhydro.kafka.sink import KafkaArrowWriter, KafkaStreamArrowWriter
+from streamhydro.kafka.truncation import RECHECK_EVERY_S, RECHECK_S, Watermarks, settle
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
     def latestOffset(self, start: dict, limit: ReadLimit) -> dict:
         begin = offsets_from_json(start)
         self._mirror(begin)
-        current = self._current()
+        current = self._settled(begin, self._present(begin))
         self._latest = {tp: hi for tp, (_, hi) in current.items()}
         latest = cap(self._latest, self._target) if self._target is not None else dict(self._latest)
         vanished = sorted(tp for tp, (_, now) in regressions(begin, latest).items() if now is None)
@@ -143,6 +145,48 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         filled = {tp: begin.get(tp, current.get(tp, (end, end))[0]) for tp, end in latest.items()}
         max_rows = limit.max_rows if isinstance(limit, ReadMaxRows) else None
         return offsets_to_json(admit(filled, latest, max_rows))
+
+    def _present(self, begin: dict[TopicPartitionKey, int]) -> dict[TopicPartitionKey, tuple[int, int]]:
+        """:meth:`_current`, asked again for up to :data:`~streamhydro.kafka.truncation.RECHECK_S` while a
+        partition the query reads is missing from the metadata (a topic's metadata fails for a moment during a
+        leader election); what is still missing after that is reported as gone."""
+        deadline = time.monotonic() + RECHECK_S
+        while True:
+            current = self._current()
+            missing = sorted(set(begin) - set(current))
+            if not missing or self._target is not None or time.monotonic() >= deadline:
+                return current
+            log.info("partitions %s missing from the metadata; asking again", missing)
+            time.sleep(RECHECK_EVERY_S)
+
+    def _settled(
+        self, begin: dict[TopicPartitionKey, int], current: dict[TopicPartitionKey, tuple[int, int]]
+    ) -> dict[TopicPartitionKey, tuple[int, int]]:
+        """``current``, with each partition that ends below the query's position asked again for up to
+        :data:`~streamhydro.kafka.truncation.RECHECK_S` in all (a leader change lowers the end for a moment);
+        what is still short after that is reported as loss by ``partitions``."""
+        short = sorted(tp for tp, (_, hi) in current.items() if tp in begin and hi < begin[tp])
+        if not short:
+            return current
+        settled = dict(current)
+        deadline = time.monotonic() + RECHECK_S
+        for tp in short:
+            marks, transient = settle(lambda tp=tp: self._ask(tp), begin[tp], max(0.0, deadline - time.monotonic()))
+            if marks is not None:
+                settled[tp] = (marks.low, marks.high)
+            if transient:
+                log.info("%s[%d] ended below offset %d for a moment; now at %d", tp[0], tp[1], begin[tp], marks.high)
+            else:
+                log.warning("%s[%d] still ends at %d, below offset %d, after re-checking", tp[0], tp[1], settled[tp][1], begin[tp])
+        return settled
+
+    def _ask(self, tp: TopicPartitionKey) -> Watermarks | None:
+        try:
+            low, high = self.probe.offset_ranges([tp])[tp]
+        except KafkaError as exc:
+            log.debug("%s[%d] offsets: %s", *tp, exc)
+            return None
+        return Watermarks(low, high)
 
     def reportLatestOffset(self) -> dict | None:
         """The true end offsets seen by the last ``latestOffset`` (lag = these - processed)."""

@@ -13,8 +13,10 @@ every attempt and every restart of the query) holds its predictions, its dead le
 ``send_offsets_to_transaction``, the range's end offset as the committed offset of the input partition in
 the consumer group ``<prefix>``. Before writing, an attempt calls ``init_transactions``, which fences every
 earlier producer of that id and finishes its transaction (commit or abort), then reads the group's
-committed offset (a stable read: librdkafka asks with ``require_stable``). An offset at or past the
-range's end means an earlier attempt committed the range: the attempt writes nothing.
+committed offset (a stable read: librdkafka asks with ``require_stable``) and checks it with its metadata
+(:func:`range_written`): a mark of this query at the range's end means an earlier attempt committed the
+range and the attempt writes nothing; a mark this query's history cannot explain (the group reset or
+deleted, a copied checkpoint) fails the task with :class:`MarkMismatch`, naming the group and the fix.
 
 The results are whole when the results iterator ends: the task reads its range itself, in the same
 process, and a failure to read or score any of it raises through the iterator, which aborts the
@@ -71,15 +73,92 @@ def transactional_id(prefix: str, topic: str, partition: int) -> str:
     return f"{prefix}-{topic}-{partition}"
 
 
-def _committed(marks: Consumer, topic: str, partition: int) -> int:
-    """The group's committed offset of ``topic[partition]`` (negative when none); waits out pending transactions."""
+def _committed(marks: Consumer, topic: str, partition: int) -> tuple[int, str | None]:
+    """The group's committed offset of ``topic[partition]`` (negative when none) and its metadata; waits out
+    pending transactions."""
     try:
         [found] = marks.committed([TopicPartition(topic, partition)], timeout=_TIMEOUT_S)
     except KafkaException as exc:
         raise KafkaError(f"reading which ranges of {topic}[{partition}] are written: {exc.args[0].str()}") from exc
     if found.error is not None:
         raise KafkaError(f"reading which ranges of {topic}[{partition}] are written: {found.error.str()}")
-    return found.offset
+    return found.offset, found.metadata
+
+
+class MarkMismatch(KafkaError):
+    """The consumer group that marks written ranges says something this query's batch history cannot
+    explain: it was reset, deleted and rewritten, or is shared with another deployment (a copied checkpoint).
+    Skipping or rewriting the range would lose or duplicate predictions, so the task fails instead."""
+
+    def __init__(self, group: str, offsets: OffsetRange, batch_id: int | None, committed: int, problem: str) -> None:
+        self.group = group
+        self.offsets = offsets
+        self.committed = committed
+        where = f"{offsets.topic}:{offsets.partition}"
+        super().__init__(
+            f"consumer group {group} marks {offsets.topic}[{offsets.partition}] written up to offset {committed}, "
+            f"but batch {batch_id} of this query writes [{offsets.from_offset}, {offsets.until_offset}): {problem}. "
+            f"Fix: find out whether that range's predictions are in the output (by their idempotency_key), then set "
+            f"the group's offset to {offsets.until_offset} if they are, or to {offsets.from_offset} if not: "
+            f"kafka-consumer-groups.sh --bootstrap-server <servers> --group {group} --reset-offsets --to-offset <offset> "
+            f"--topic {where} --execute; never share the checkpoint or the group between deployments"
+        )
+
+
+def mark_metadata(prefix: str, batch_id: int | None, offsets: OffsetRange) -> str:
+    """The metadata committed with a range's end offset: enough to check it belongs to this query and range."""
+    return json.dumps(
+        {"query": prefix, "batch": batch_id, "from": offsets.from_offset, "until": offsets.until_offset}, separators=(",", ":")
+    )
+
+
+def range_written(prefix: str, batch_id: int | None, offsets: OffsetRange, committed: int, metadata: str | None) -> bool:
+    """Whether the group's mark (``committed`` offset and its ``metadata``) says ``offsets`` was written by an
+    earlier attempt (True: write nothing) or that the range is still to write (False); raises
+    :class:`MarkMismatch` when the mark fits neither (pure: tested without Kafka).
+
+    This query's ranges of a partition follow each other (each starts where the previous ended), and a
+    range's mark is committed in the transaction that writes it, so a mark is either at ``until`` (this
+    range, this batch: written), at ``from`` (the previous range: not written), or absent (no range of
+    this partition written yet). A mark set by hand (``kafka-consumer-groups --reset-offsets`` leaves no
+    metadata) is trusted only at exactly ``from`` or ``until``: the operator's answer to a MarkMismatch.
+    """
+    group = prefix
+    if committed < 0:
+        return False
+    try:
+        mark = json.loads(metadata) if metadata else None
+    except json.JSONDecodeError:
+        mark = None
+    if not isinstance(mark, dict) or "query" not in mark or "until" not in mark:
+        if committed in (offsets.from_offset, offsets.until_offset):
+            return committed == offsets.until_offset
+        raise MarkMismatch(group, offsets, batch_id, committed, f"the mark is not streamhydro's (metadata {metadata!r}): the group was reset or written by another client")
+    if mark["query"] != prefix:
+        raise MarkMismatch(group, offsets, batch_id, committed, f"the mark belongs to {mark['query']}, another query")
+    if mark["until"] != committed:
+        raise MarkMismatch(group, offsets, batch_id, committed, f"the mark says it ends at {mark['until']}: the offset was moved")
+    if committed == offsets.until_offset:
+        if batch_id is not None and mark.get("batch") is not None and mark["batch"] != batch_id:
+            raise MarkMismatch(
+                group, offsets, batch_id, committed,
+                f"the range was marked by batch {mark['batch']}: another deployment with a copy of this checkpoint writes the same ranges",
+            )
+        return True
+    if committed == offsets.from_offset:
+        if batch_id is not None and mark.get("batch") is not None and mark["batch"] >= batch_id:
+            raise MarkMismatch(
+                group, offsets, batch_id, committed,
+                f"the previous range was marked by batch {mark['batch']}, not an earlier one: another deployment with a copy of this checkpoint writes the same partition",
+            )
+        return False
+    if committed > offsets.until_offset:
+        problem = "the mark is past this range: the group was reset forwards (to latest?) or another deployment with a copy of this checkpoint is ahead"
+    elif committed < offsets.from_offset:
+        problem = "the mark is before this range: the group was reset backwards, or another deployment with a copy of this checkpoint is behind"
+    else:
+        problem = "the mark is inside this range, where no range of this query ends"
+    raise MarkMismatch(group, offsets, batch_id, committed, problem)
 
 
 def produce_exactly_once(
@@ -101,15 +180,15 @@ def produce_exactly_once(
     began: float | None = None
     try:
         producer.init_transactions(_TIMEOUT_S)
-        done = _committed(marks, offsets.topic, offsets.partition)
-        if done >= offsets.until_offset:
+        done, metadata = _committed(marks, offsets.topic, offsets.partition)
+        if range_written(prefix, batch_id, offsets, done, metadata):
             log.info("batch %s: %s up to offset %d was written by an earlier attempt; writing nothing", batch_id, where, done)
             return 0
         producer.begin_transaction()
         began = time.monotonic()
         flush_s = int(config.get("message.timeout.ms") or config.get(TRANSACTION_TIMEOUT_KEY)) / 1000 + _GRACE_S
         sent = send_all(producer, None, results, flush_s).confirmed(flush_s)
-        mark = TopicPartition(offsets.topic, offsets.partition, offsets.until_offset, metadata=json.dumps({"batch": batch_id}))
+        mark = TopicPartition(offsets.topic, offsets.partition, offsets.until_offset, metadata=mark_metadata(prefix, batch_id, offsets))
         producer.send_offsets_to_transaction([mark], marks.consumer_group_metadata(), _TIMEOUT_S)
         producer.commit_transaction(_TIMEOUT_S)
     except KafkaException as exc:

@@ -59,6 +59,7 @@ WRONG_LENGTH = "WrongLength"  # an array input does not hold exactly `width` val
 WRONG_TENSOR_LENGTH = "WrongTensorLength"  # a tensor value is not exactly width * 4 bytes
 NON_FINITE = "NonFinite"  # NaN, Infinity, or a number too large for the input's dtype
 UNEXPECTED_ERROR = "UnexpectedError"  # coding this record raised an exception no check foresaw
+OUTPUT_TOO_LARGE = "OutputTooLarge"  # its prediction record is over the producer's size limit (payload.limits)
 ERROR_CLASSES = (
     EMPTY_VALUE,
     VALUE_TOO_LARGE,
@@ -75,6 +76,7 @@ ERROR_CLASSES = (
     WRONG_TENSOR_LENGTH,
     NON_FINITE,
     UNEXPECTED_ERROR,
+    OUTPUT_TOO_LARGE,
 )
 
 # Dead-letter headers added to a bad record's own headers.
