@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _inference_models import Holder, feature_spec, json_values, kafka_batch, softmax_model
+from streamhydro.config import PayloadSettings
 from streamhydro import payload as p
 from streamhydro.errors import ConfigError
 from streamhydro.executor.scoring import EngineSettings, ScoringPlan, score_partition
@@ -254,7 +255,7 @@ def test_score_partition_dead_letters_a_prediction_over_the_limit():
     values = json_values(manifest, np.ones((4, 4), np.float32))
     values[3] = b"{not json" + b" " * 1_200_000
     keys = [b"k0", b"K" * 600_000, b"K" * 1_500_000, b"k3"]
-    plan = ScoringPlan(manifest, Holder(data), "json", "preds", "dead", EngineSettings(pipeline_depth=0), max_value_bytes=2_000_000)
+    plan = ScoringPlan(manifest, Holder(data), PayloadSettings(max_value_bytes=2_000_000), "preds", "dead", EngineSettings(pipeline_depth=0))
     out = pa.Table.from_batches(list(score_partition(plan, iter([kafka_batch(values, keys)]))))
     assert (limits.record_sizes(out.combine_chunks().to_batches()[0]) <= 1_000_000).all()
     by_offset = {}
