@@ -440,3 +440,12 @@ def test_protobuf_enums_feed_strings_and_proto3_scalars_without_presence_read_as
     assert outcomes(decoded) == {2: p.MISSING_FEATURE, 3: p.MISSING_FEATURE, 4: p.NON_FINITE}
     assert decoded.inputs["city"].ravel().tolist() == ["BERGEN", "OSLO"]
     assert decoded.inputs["count"].dtype == np.int64 and decoded.inputs["num"][1].tolist() == [0.0, 2.5]
+
+
+def test_the_schema_cache_belongs_to_the_process_that_filled_it(monkeypatch):
+    registered = schemas.RegisteredSchema("AVRO", '"long"')
+    schemas.remember(URL, 31, registered)
+    assert schemas.schema(URL, {}, 31) is registered
+    monkeypatch.setattr(schemas, "_owner_pid", -1)  # as in a worker forked from the daemon
+    schemas.remember(URL, 32, None)
+    assert (URL, 31) not in schemas._schemas and schemas.schema(URL, {}, 32) is None
