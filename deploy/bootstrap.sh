@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up a fresh machine and run streamhydro: `bash deploy/bootstrap.sh demo` or `bash deploy/bootstrap.sh test`.
-#   demo  -- a virtualenv in .venv with streamhydro, the JVM jars (Apache Kafka, Spark's Kafka connector)
-#            from Maven Central, then `streamhydro demo` (extra arguments are passed on)
-#   test  -- the same plus the test extras and the Debian packages the integration tests use, then pytest
+#   demo  -- a virtualenv in .venv with streamhydro and the CPU build of ONNX Runtime (about 1 GB), the JVM
+#            jars (Apache Kafka, Spark's Kafka connector) from Maven Central, then `streamhydro demo`
+#            (extra arguments are passed on)
+#   test  -- the same plus the trainer's PyTorch (PyPI's torch is the CUDA build: about 4 GB with its
+#            nvidia-* wheels), the test extras and the Debian packages the integration tests use, then pytest
 # Needs Python >= 3.11, Java 17 (Spark, Kafka) and Maven (installed from Debian when missing).
 # Re-running skips what is already installed.
 set -euo pipefail
@@ -16,13 +18,12 @@ python=${PYTHON:-python3}
 # Debian packages the integration tests start for real: Prometheus (+ promtool), the Pushgateway, PostgreSQL and its JDBC driver.
 test_debs=(prometheus prometheus-pushgateway postgresql libpostgresql-jdbc-java libmariadb-java)
 
+# setup_python EXTRAS: the virtualenv with streamhydro and the given extras.
 setup_python() {
   if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
   fi
-  # The trainer's PyTorch: the CPU build, pinned, so that pip never pulls several GB of CUDA wheels.
-  "$venv/bin/pip" install -q torch==2.13.0
-  "$venv/bin/pip" install -q -e ".[cpu,train,test]"
+  "$venv/bin/pip" install -q -e ".[$1]"
 }
 
 apt_install() {
@@ -53,14 +54,14 @@ setup_debs() {
 case "$mode" in
   demo)
     setup_java
-    setup_python
+    setup_python cpu
     setup_jars
     exec "$venv/bin/streamhydro" demo "$@"
     ;;
   test)
     setup_java
     setup_debs
-    setup_python
+    setup_python cpu,train,test
     setup_jars
     exec "$venv/bin/python" -m pytest "$@"
     ;;

@@ -80,6 +80,8 @@ STREAMING_CONF = {
     # Python workers fork from a daemon that has already imported ONNX Runtime, confluent-kafka and
     # streamhydro, so a new worker starts without paying for those imports (see executor/daemon.py).
     "spark.python.daemon.module": "streamhydro.executor.daemon",
+    # No console progress bars: a daemon's output is its log, and the demo draws its own progress line.
+    "spark.ui.showConsoleProgress": "false",
 }
 
 

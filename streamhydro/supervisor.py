@@ -135,6 +135,11 @@ class ServeProcess:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
+    @property
+    def third_party_log_path(self) -> Path:
+        """Where serve puts Spark's, Kafka's and the libraries' output (beside :attr:`log_path`)."""
+        return self.log_path.with_name("streamhydro-serve.log")
+
     def start(self) -> None:
         """Start serve (once the previous one has ended), appending its stdout and stderr to the log."""
         if self.poll() is None and self._process is not None:
@@ -145,7 +150,7 @@ class ServeProcess:
             log_file.flush()
             self._log_start = self._scanned = log_file.tell()
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "streamhydro", "serve", "--config", str(self.config)],
+                [sys.executable, "-m", "streamhydro", "--log-dir", str(self.log_path.parent), "serve", "--config", str(self.config)],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=die_with_parent,
             )

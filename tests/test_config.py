@@ -151,13 +151,13 @@ def test_readme_documents_every_key():
     assert not missing, f"README's configuration reference lacks {missing}"
 
 
-def test_serve_with_a_bad_config_exits_2_naming_the_key(tmp_path, capsys):
+def test_serve_with_a_bad_config_exits_2_naming_the_key(tmp_path, capfd):
     from streamhydro.cli import main
 
     path = tmp_path / "serve.toml"
     path.write_text("[inference]\npipeline_depth = -1\n")
-    assert main(["serve", "--config", str(path)]) == 2
-    error = capsys.readouterr().err
+    assert main(["--log-dir", str(tmp_path / "log"), "serve", "--config", str(path)]) == 2
+    error = capfd.readouterr().err
     assert "inference.pipeline_depth" in error and "Fix:" in error
 
 

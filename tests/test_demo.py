@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +24,11 @@ EVENTS = 20_000
 @pytest.mark.spark
 @pytest.mark.broker
 @pytest.mark.slow
-def test_the_demo_scores_every_event_and_reports_rate_and_live_latency():
+def test_the_demo_scores_every_event_and_reports_rate_and_live_latency(tmp_path):
     environment = {**os.environ, "PYTHONPATH": str(REPO), "SPARK_LOCAL_IP": "127.0.0.1"}
     done = subprocess.run(
-        [sys.executable, "-m", "streamhydro", "demo", "--events", str(EVENTS), "--bad-fraction", "0.01", "--metrics-port", "0"],
+        [sys.executable, "-m", "streamhydro", "--log-dir", str(tmp_path), "demo", "--events", str(EVENTS),
+         "--bad-fraction", "0.01", "--metrics-port", "0"],
         capture_output=True, text=True, env=environment, cwd=REPO, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-5000:]
@@ -39,3 +41,10 @@ def test_the_demo_scores_every_event_and_reports_rate_and_live_latency():
     assert summary["latency_rate_per_s"] == LIVE_RATE
     assert 0 < summary["latency_p50_ms"] <= summary["latency_p99_ms"]
     assert "lag" in done.stderr and "latency p50" in done.stderr, "the progress line shows lag and latency"
+
+    # A quiet console: Spark's log4j lines, librdkafka's (%N|...) and Kafka's warnings went to the log file.
+    console = done.stdout + done.stderr
+    chatter = [line for line in console.splitlines() if re.search(r"\bWARN\b|^%\d\|", line)]
+    assert chatter == [], chatter[:5]
+    logged = (tmp_path / "streamhydro-demo.log").read_text(errors="replace")
+    assert "Spark" in logged and str(tmp_path / "streamhydro-demo.log") in done.stderr

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -115,14 +116,19 @@ multiprocess_dir = "{tmp_path / 'metrics'}"
     return str(path)
 
 
-def _serve(config: str, env: dict[str, str]) -> subprocess.Popen:
+def _serve(config: str, env: dict[str, str], log_dir: Path) -> subprocess.Popen:
+    """serve with its console on a pipe and Spark's, Kafka's and the libraries' output in ``log_dir``."""
     return subprocess.Popen(
-        [sys.executable, "-m", "streamhydro", "serve", "--config", config],
+        [sys.executable, "-m", "streamhydro", "--log-dir", str(log_dir), "serve", "--config", config],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
 
 
-def _assert_no_secret(output: str) -> None:
+def _assert_no_secret(output: str, log_dir: Path) -> None:
+    """No secret in the console output nor in the third-party log file."""
+    logged = (log_dir / "streamhydro-serve.log").read_text(errors="replace")
+    assert "Spark" in logged, "the log file holds Spark's output"
+    output += logged
     for secret in SECRET_ENV.values():
         assert secret not in output, f"secret {secret[:4]}... printed:\n{output[-3000:]}"
 
@@ -139,11 +145,11 @@ def test_a_refused_client_configuration_prints_no_secret(tmp_path, kafka_bootstr
         "socket.timeout.ms": "not-a-number",
     }
     env = {**os.environ, **SECRET_ENV}
-    serve = _serve(_config(tmp_path, kafka_bootstrap, "python", settings, env), env)
+    serve = _serve(_config(tmp_path, kafka_bootstrap, "python", settings, env), env, tmp_path / "log")
     output, _ = serve.communicate(timeout=300)
     assert serve.returncode == 2, output[-3000:]
     assert "socket.timeout.ms" in output, "the error names the setting the client refused"
-    _assert_no_secret(output)
+    _assert_no_secret(output, tmp_path / "log")
 
 
 @pytest.mark.spark
@@ -155,7 +161,7 @@ def test_a_normal_start_and_stop_prints_no_secret(tmp_path, scram_kafka, source)
     settings = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-512", "sasl.jaas.config": "${JAAS}"}
     env = {**os.environ, **SECRET_ENV, "JAAS": jaas}
     ensure_topics(client(scram_kafka.bootstrap_servers, scram_kafka.client_settings), {"secrets-in": 1})
-    serve = _serve(_config(tmp_path, scram_kafka.bootstrap_servers, source, settings, env), env)
+    serve = _serve(_config(tmp_path, scram_kafka.bootstrap_servers, source, settings, env), env, tmp_path / "log")
     try:
         deadline = time.monotonic() + 240
         lines = []
@@ -170,4 +176,4 @@ def test_a_normal_start_and_stop_prints_no_secret(tmp_path, scram_kafka, source)
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
     assert serve.returncode == 0, rest[-3000:]
-    _assert_no_secret("".join(lines) + rest)
+    _assert_no_secret("".join(lines) + rest, tmp_path / "log")

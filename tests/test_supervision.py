@@ -99,4 +99,4 @@ def test_serve_exits_non_zero_with_the_root_cause_in_one_line(kafka_bootstrap, t
     assert serve.poll() == 2, output[-3000:]
     assert len(errors) == 1 and output.rstrip().endswith(errors[0]), output[-3000:]
     assert "DeliveryError" in errors[0] and "Message size too large" in errors[0], errors[0]
-    assert "terminated with error" in output, "Spark's own log keeps the whole trace"
+    assert "terminated with error" in serve.third_party_log_path.read_text(), "Spark's own log keeps the whole trace"

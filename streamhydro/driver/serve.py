@@ -57,7 +57,7 @@ class QueryFailed(StreamhydroError):
 
     def __init__(self, cause: str) -> None:
         self.cause = cause
-        super().__init__(f"streaming query failed: {cause} (full trace in the log above; a restart resumes from the checkpoint)")
+        super().__init__(f"streaming query failed: {cause} (Spark's full trace is in its log; a restart resumes from the checkpoint)")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -71,7 +71,7 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="TOML configuration (defaults apply to missing keys)")
-    parser.set_defaults(run=_run)
+    parser.set_defaults(run=_run, third_party_log="streamhydro-serve.log")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--config", required=True, help="trainer TOML file (see docs/trainer.md)")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, third_party_log="streamhydro-train.log")
 
 
 def run(args: argparse.Namespace) -> int:
