@@ -416,6 +416,27 @@ def test_nested_json_records_never_disturb_their_neighbours(data):
     _check_batch_against_singles(PayloadSettings(), lambda e: json_format.encode([e])[0], data)
 
 
+@pytest.fixture(scope="module")
+def bare_settings(tmp_path_factory):
+    work = tmp_path_factory.mktemp("schemas")
+    (work / "e.avsc").write_text(json.dumps(avro.schema_for(MANIFEST)))
+    (work / "e.proto").write_text(protobuf.proto_for(MANIFEST))
+    return {
+        "avro": PayloadSettings(format="avro", schema=str(work / "e.avsc")),
+        "protobuf": PayloadSettings(format="protobuf", schema=str(work / "e.proto")),
+    }
+
+
+@FAST
+@given(st.data())
+def test_bare_avro_and_protobuf_records_never_disturb_their_neighbours(bare_settings, data):
+    cls = protobuf.message_class(protobuf.proto_for(MANIFEST))
+    schema = avro.schema_for(MANIFEST)
+    encoders = {"avro": lambda e: avro.encode([e], schema)[0], "protobuf": lambda e: protobuf.encode([e], cls)[0]}
+    payload = data.draw(st.sampled_from(sorted(encoders)))
+    _check_batch_against_singles(bare_settings[payload], encoders[payload], data)
+
+
 def test_make_values_keeps_the_demo_models_json():
     from streamhydro.registry import Registry
 
