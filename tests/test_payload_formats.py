@@ -470,3 +470,11 @@ def test_the_schema_cache_belongs_to_the_process_that_filled_it(monkeypatch):
     monkeypatch.setattr(schemas, "_owner_pid", -1)  # as in a worker forked from the daemon
     schemas.remember(URL, 32, None)
     assert (URL, 31) not in schemas._schemas and schemas.schema(URL, {}, 32) is None
+
+
+def test_registry_client_settings_are_typed_and_requests_bounded():
+    registry = schemas.client(URL, {"max.retries": "1", "retries.wait.ms": "250"})
+    assert (registry._rest_client.max_retries, registry._rest_client.retries_wait_ms) == (1, 250)
+    assert registry._rest_client.timeout == schemas.DEFAULT_TIMEOUT_S
+    with pytest.raises(SchemaRegistryError, match="refused its settings"):
+        schemas.client(URL, {"max.retries": "many"})
