@@ -478,3 +478,30 @@ def test_registry_client_settings_are_typed_and_requests_bounded():
     assert registry._rest_client.timeout == schemas.DEFAULT_TIMEOUT_S
     with pytest.raises(SchemaRegistryError, match="refused its settings"):
         schemas.client(URL, {"max.retries": "many"})
+
+
+def test_a_model_with_string_and_bool_inputs_scores_nested_json_events():
+    import onnxruntime as ort
+
+    from _inference_models import Holder, kafka_batch, typed_inputs_model
+    from streamhydro.executor import sessions
+    from streamhydro.executor.scoring import EngineSettings, ScoringPlan, score_partition
+
+    data, manifest = typed_inputs_model()
+    sessions.validate_model(manifest, data, PayloadSettings())
+    values = [
+        b'{"user":{"age":0.5,"city":"Oslo"},"tx":{"amount":-1},"vip":false}',
+        b'{"user":{"age":0.5,"city":7},"tx":{"amount":-1},"vip":false}',
+        b'{"user":{"age":2,"city":"Rome"},"tx":{"amount":1},"vip":true}',
+    ]
+    plan = ScoringPlan(manifest, Holder(data), PayloadSettings(), "preds", "dead", EngineSettings(pipeline_depth=0))
+    out = pa.Table.from_batches(list(score_partition(plan, iter([kafka_batch(values)]), resources=sessions.TaskResources())))
+    topics = out.column("topic").to_pylist()
+    assert topics.count("dead") == 1 and topics.count("preds") == 2
+    expected = ort.InferenceSession(data).run(None, {
+        "x": np.array([[0.5, -1], [2, 1]], np.float32),
+        "city": np.array([["Oslo"], ["Rome"]], dtype=object),
+        "vip": np.array([False, True]),
+    })[0]
+    got = [json.loads(v)["prediction"]["scores"] for v, t in zip(out.column("value").to_pylist(), topics) if t == "preds"]
+    np.testing.assert_allclose([[s["a"], s["b"]] for s in got], expected, rtol=1e-6)

@@ -47,6 +47,7 @@ from streamhydro.devices import cuda_ordinal, device_memory_bytes
 from streamhydro.config import PayloadSettings
 from streamhydro.errors import ModelError, StreamhydroError
 from streamhydro.executor.engine import EngineSettings
+from streamhydro.payload.fields import numpy_dtype
 from streamhydro.payload.formats import make_decoder
 from streamhydro.registry import Manifest
 
@@ -68,6 +69,8 @@ _ORT_DTYPES = {
     "tensor(float16)": np.dtype("float16"),
     "tensor(int64)": np.dtype("int64"),
     "tensor(int32)": np.dtype("int32"),
+    "tensor(bool)": np.dtype(bool),
+    "tensor(string)": np.dtype(object),
 }
 
 
@@ -194,8 +197,9 @@ class ModelSession:
         if not self.on_gpu:
             return inputs
         ort = onnxruntime()
+        # String tensors have no CUDA form: they stay in host memory, bound as they are.
         return {
-            name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
+            name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), *(("cpu", 0) if array.dtype == object else ("cuda", self.device_id)))
             for name, array in inputs.items()
         }
 
@@ -360,7 +364,7 @@ def _check_session(manifest: Manifest, session: Any, label: str) -> str:
     for spec in manifest.inputs:
         actual = model_inputs[spec.name]
         dtype = _ORT_DTYPES.get(actual.type)
-        if dtype is None or dtype != np.dtype(spec.dtype):
+        if dtype is None or dtype != numpy_dtype(spec.dtype):
             raise ModelError(label, f"input '{spec.name}' is {actual.type} in the model but {spec.dtype} in the manifest")
         if not _shape_fits(actual.shape, spec.shape):
             raise ModelError(label, f"input '{spec.name}' has shape {actual.shape} in the model but {list(spec.shape)} in the manifest")
@@ -383,7 +387,8 @@ def _shape_fits(model_shape: list[Any], manifest_shape: tuple[int, ...]) -> bool
 
 def _smoke_run(model: ModelSession, label: str) -> None:
     """Run two zero rows through the session and check the scores' shape."""
-    inputs = {spec.name: np.zeros((2, *spec.shape[1:]), dtype=np.dtype(spec.dtype)) for spec in model.manifest.inputs}
+    inputs = {spec.name: np.zeros((2, *spec.shape[1:]), dtype=numpy_dtype(spec.dtype)) for spec in model.manifest.inputs}
+    inputs.update({name: np.full(array.shape, "", dtype=object) for name, array in inputs.items() if array.dtype == object})
     try:
         scores = model.to_host(model.compute(model.to_device(inputs)))
     except Exception as exc:  # noqa: BLE001 -- ORT raises its own untyped errors for a bad model
