@@ -92,3 +92,51 @@ def json_values(manifest: Manifest, rows: np.ndarray) -> list[bytes]:
 def Holder(value: bytes) -> types.SimpleNamespace:  # noqa: N802 -- reads like the Broadcast it stands for
     """Stands in for a Broadcast: an object whose .value is the model bytes (picklable without this module)."""
     return types.SimpleNamespace(value=value)
+
+
+def typed_inputs_model() -> tuple[bytes, Manifest]:
+    """A classifier over a float input read from nested fields, a string input (1.0 when it is "Oslo")
+    and a bool input: the input types beyond float, for decode-to-score tests."""
+    nodes = [
+        helper.make_node("Equal", ["city", "oslo"], ["is_oslo"]),
+        helper.make_node("Cast", ["is_oslo"], ["is_oslo_f"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["vip"], ["vip_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["vip_f", "one"], ["vip_2d"]),
+        helper.make_node("Concat", ["x", "is_oslo_f", "vip_2d"], ["joined"], axis=1),
+        helper.make_node("MatMul", ["joined", "W"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["scores"], axis=1),
+    ]
+    weights = np.array([[1, 0], [0, 1], [2, 0], [0, 3]], np.float32)
+    graph = helper.make_graph(
+        nodes,
+        "typed",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2]),
+            helper.make_tensor_value_info("city", TensorProto.STRING, ["n", 1]),
+            helper.make_tensor_value_info("vip", TensorProto.BOOL, ["n"]),
+        ],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 2])],
+        initializer=[
+            numpy_helper.from_array(np.array(["Oslo"], dtype=object), "oslo"),
+            numpy_helper.from_array(weights, "W"),
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])  # Equal on strings: opset 19
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    data = model.SerializeToString()
+    manifest = Manifest(
+        name="typed",
+        version=1,
+        sha256=sha256_bytes(data),
+        inputs=(
+            TensorSpec("x", "float32", (-1, 2), ("user.age", "tx.amount")),
+            TensorSpec("city", "string", (-1, 1), ("user.city",)),
+            TensorSpec("vip", "bool", (-1,), ("vip",)),
+        ),
+        outputs=(TensorSpec("scores", "float32", (-1, 2)),),
+        labels=("a", "b"),
+        created="2026-01-01T00:00:00Z",
+    )
+    return data, manifest

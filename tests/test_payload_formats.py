@@ -416,6 +416,27 @@ def test_nested_json_records_never_disturb_their_neighbours(data):
     _check_batch_against_singles(PayloadSettings(), lambda e: json_format.encode([e])[0], data)
 
 
+@pytest.fixture(scope="module")
+def bare_settings(tmp_path_factory):
+    work = tmp_path_factory.mktemp("schemas")
+    (work / "e.avsc").write_text(json.dumps(avro.schema_for(MANIFEST)))
+    (work / "e.proto").write_text(protobuf.proto_for(MANIFEST))
+    return {
+        "avro": PayloadSettings(format="avro", schema=str(work / "e.avsc")),
+        "protobuf": PayloadSettings(format="protobuf", schema=str(work / "e.proto")),
+    }
+
+
+@FAST
+@given(st.data())
+def test_bare_avro_and_protobuf_records_never_disturb_their_neighbours(bare_settings, data):
+    cls = protobuf.message_class(protobuf.proto_for(MANIFEST))
+    schema = avro.schema_for(MANIFEST)
+    encoders = {"avro": lambda e: avro.encode([e], schema)[0], "protobuf": lambda e: protobuf.encode([e], cls)[0]}
+    payload = data.draw(st.sampled_from(sorted(encoders)))
+    _check_batch_against_singles(bare_settings[payload], encoders[payload], data)
+
+
 def test_make_values_keeps_the_demo_models_json():
     from streamhydro.registry import Registry
 
@@ -440,3 +461,47 @@ def test_protobuf_enums_feed_strings_and_proto3_scalars_without_presence_read_as
     assert outcomes(decoded) == {2: p.MISSING_FEATURE, 3: p.MISSING_FEATURE, 4: p.NON_FINITE}
     assert decoded.inputs["city"].ravel().tolist() == ["BERGEN", "OSLO"]
     assert decoded.inputs["count"].dtype == np.int64 and decoded.inputs["num"][1].tolist() == [0.0, 2.5]
+
+
+def test_the_schema_cache_belongs_to_the_process_that_filled_it(monkeypatch):
+    registered = schemas.RegisteredSchema("AVRO", '"long"')
+    schemas.remember(URL, 31, registered)
+    assert schemas.schema(URL, {}, 31) is registered
+    monkeypatch.setattr(schemas, "_owner_pid", -1)  # as in a worker forked from the daemon
+    schemas.remember(URL, 32, None)
+    assert (URL, 31) not in schemas._schemas and schemas.schema(URL, {}, 32) is None
+
+
+def test_registry_client_settings_are_typed_and_requests_bounded():
+    registry = schemas.client(URL, {"max.retries": "1", "retries.wait.ms": "250"})
+    assert (registry._rest_client.max_retries, registry._rest_client.retries_wait_ms) == (1, 250)
+    assert registry._rest_client.timeout == schemas.DEFAULT_TIMEOUT_S
+    with pytest.raises(SchemaRegistryError, match="refused its settings"):
+        schemas.client(URL, {"max.retries": "many"})
+
+
+def test_a_model_with_string_and_bool_inputs_scores_nested_json_events():
+    import onnxruntime as ort
+
+    from _inference_models import Holder, kafka_batch, typed_inputs_model
+    from streamhydro.executor import sessions
+    from streamhydro.executor.scoring import EngineSettings, ScoringPlan, score_partition
+
+    data, manifest = typed_inputs_model()
+    sessions.validate_model(manifest, data, PayloadSettings())
+    values = [
+        b'{"user":{"age":0.5,"city":"Oslo"},"tx":{"amount":-1},"vip":false}',
+        b'{"user":{"age":0.5,"city":7},"tx":{"amount":-1},"vip":false}',
+        b'{"user":{"age":2,"city":"Rome"},"tx":{"amount":1},"vip":true}',
+    ]
+    plan = ScoringPlan(manifest, Holder(data), PayloadSettings(), "preds", "dead", EngineSettings(pipeline_depth=0))
+    out = pa.Table.from_batches(list(score_partition(plan, iter([kafka_batch(values)]), resources=sessions.TaskResources())))
+    topics = out.column("topic").to_pylist()
+    assert topics.count("dead") == 1 and topics.count("preds") == 2
+    expected = ort.InferenceSession(data).run(None, {
+        "x": np.array([[0.5, -1], [2, 1]], np.float32),
+        "city": np.array([["Oslo"], ["Rome"]], dtype=object),
+        "vip": np.array([False, True]),
+    })[0]
+    got = [json.loads(v)["prediction"]["scores"] for v, t in zip(out.column("value").to_pylist(), topics) if t == "preds"]
+    np.testing.assert_allclose([[s["a"], s["b"]] for s in got], expected, rtol=1e-6)

@@ -34,6 +34,11 @@ from streamhydro.secrets import redact
 
 MAGIC = b"\x00"
 HEADER_BYTES = 5  # magic byte + 4-byte schema id
+# Seconds one registry request may take: the client's own default waits forever on a registry that
+# accepts the connection and never answers. With its retries (3, 1 s apart) a fetch fails within ~45 s.
+DEFAULT_TIMEOUT_S = 10
+# Client settings the registry client takes as numbers; the config holds every value as a string.
+_NUMERIC_SETTINGS = ("timeout", "max.retries", "retries.wait.ms", "retries.max.wait.ms", "cache.capacity", "cache.latest.ttl.sec")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +74,16 @@ def client(url: str, settings: Mapping[str, str]) -> Any:
         _reset_after_fork()
         if key not in _clients:
             try:
-                _clients[key] = SchemaRegistryClient({**settings, "url": url})
+                conf = {"timeout": DEFAULT_TIMEOUT_S, **{k: _number(k, v) if k in _NUMERIC_SETTINGS else v for k, v in settings.items()}}
+                _clients[key] = SchemaRegistryClient({**conf, "url": url})
             except (ValueError, TypeError) as exc:
                 raise SchemaRegistryError(url, f"the client refused its settings: {redact(str(exc))}") from exc
         return _clients[key]
+
+
+def _number(key: str, value: str) -> float | int:
+    number = float(value)
+    return int(number) if number.is_integer() else number
 
 
 def schema(url: str, settings: Mapping[str, str], schema_id: int) -> RegisteredSchema | None:

@@ -49,7 +49,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from streamhydro.config import PayloadSettings
-from streamhydro.errors import ModelError
+from streamhydro.errors import ModelError, StreamhydroError
 from streamhydro.payload import INVALID_PROTOBUF, MISSING_FEATURE, NOT_WIRE_FORMAT, UNKNOWN_SCHEMA, WRONG_TYPE, Rejections
 from streamhydro.payload import formats, schemas
 from streamhydro.payload.fields import BOOLEAN, NUMBER, TEXT, InputField, input_fields
@@ -66,7 +66,7 @@ _NUMBER_TYPES = {
 _KIND_TYPES = {NUMBER: _NUMBER_TYPES, BOOLEAN: {FieldDescriptor.TYPE_BOOL}, TEXT: {FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_ENUM}}
 
 
-class CompileError(Exception):
+class CompileError(StreamhydroError):
     """protoc refused a schema; ``args[0]`` is its message."""
 
 
@@ -91,7 +91,7 @@ class Decoder(formats.Decoder):
                 raise ModelError(
                     self.label,
                     f"payload.message {settings.message!r} is not a message of {settings.schema}; "
-                    f"it has {_message_names(pool, main)}",
+                    f"it has {_message_names(main)}",
                 )
             problem = check_fits(self.fields.fields, descriptor, f"message {descriptor.full_name}")
             if problem is not None:
@@ -431,7 +431,7 @@ def _find_message(pool: descriptor_pool.DescriptorPool, main: Any, name: str) ->
         return None
 
 
-def _message_names(pool: descriptor_pool.DescriptorPool, main: Any) -> list[str]:
+def _message_names(main: Any) -> list[str]:
     return [m.full_name for m in main.message_types_by_name.values()]
 
 
@@ -508,7 +508,7 @@ def message_class(proto: str, message: str = "") -> Any:
     pool, main = compiled({_MAIN_FILE: proto})
     descriptor = _find_message(pool, main, message)
     if descriptor is None:
-        raise ModelError("protobuf", f"message {message!r} is not in the schema; it has {_message_names(pool, main)}")
+        raise ModelError("protobuf", f"message {message!r} is not in the schema; it has {_message_names(main)}")
     return message_factory.GetMessageClass(descriptor)
 
 
