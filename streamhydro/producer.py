@@ -76,7 +76,8 @@ def add_event_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--payload", choices=PAYLOAD_FORMATS, default="json", help="event format (default %(default)s)")
     parser.add_argument("--bad-fraction", type=_fraction, default=0.0, help="fraction of malformed events, 0..1 (default 0)")
     parser.add_argument("--registry", default="models", help="model registry directory (default %(default)s)")
-    parser.add_argument("--model", default="breast_cancer", help="model whose inputs shape the events (default %(default)s)")
+    parser.add_argument("--model", default="breast_cancer", help="model in --registry whose inputs shape the events; demo also takes the path of an ONNX file, "
+                        "added to a scratch registry (default %(default)s)")
 
 
 def _fraction(text: str) -> float:

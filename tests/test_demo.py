@@ -48,3 +48,29 @@ def test_the_demo_scores_every_event_and_reports_rate_and_live_latency(tmp_path)
     assert chatter == [], chatter[:5]
     logged = (tmp_path / "streamhydro-demo.log").read_text(errors="replace")
     assert "Spark" in logged and str(tmp_path / "streamhydro-demo.log") in done.stderr
+
+
+@pytest.mark.spark
+@pytest.mark.broker
+@pytest.mark.slow
+def test_the_demo_serves_a_users_skl2onnx_model_on_avro_events(tmp_path):
+    """``demo --model MODEL.onnx --payload avro``: a scikit-learn pipeline the user converted with skl2onnx
+    (a categorical string column, ZipMap probabilities) is added to a scratch registry and served."""
+    import _converted_models
+
+    model = tmp_path / "churn.onnx"
+    model.write_bytes(_converted_models.sklearn_pipeline().onnx)
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "SPARK_LOCAL_IP": "127.0.0.1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "streamhydro", "--log-dir", str(tmp_path), "demo", "--model", str(model), "--payload", "avro",
+         "--events", "2000", "--bad-fraction", "0.01", "--metrics-port", "0"],
+        capture_output=True, text=True, env=environment, cwd=REPO, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["model"] == "churn:1"
+    assert summary["predictions"] + summary["dead_letters"] == summary["events"] == 2000 + LIVE_RATE * LIVE_SECONDS
+    assert summary["dead_letters"] == summary["bad_sent"] > 0
+    assert "city    string" in done.stderr, "the demo shows how the model's inputs are mapped"
+    prediction = json.loads(done.stderr.split("a prediction: ", 1)[1].splitlines()[0])
+    assert set(prediction["prediction"]["scores"]) == {"high", "low", "mid"}

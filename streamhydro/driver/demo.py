@@ -15,8 +15,10 @@ the latency is that phase's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import re
 import sys
 import tempfile
 import threading
@@ -30,6 +32,7 @@ from streamhydro.config import Config
 from streamhydro.errors import ConfigError
 from streamhydro.outputs import OutputReader
 from streamhydro.producer import add_event_arguments
+from streamhydro.registry import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--source", choices=("builtin", "python"), default="builtin", help="Kafka connector, as kafka.source in serve's config (default %(default)s)")
     parser.add_argument("--master", default="local[2]", help="Spark master (default %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=9108, help="port of the metrics endpoint; 0 = any free port (default %(default)s)")
+    parser.add_argument("--mapping", type=Path, metavar="FILE.toml",
+                        help="with --model MODEL.onnx: its input mapping, as for `streamhydro models add`")
+    parser.add_argument("--kind", choices=KINDS, help="with --model MODEL.onnx: what its prediction is (default: from the graph)")
+    parser.add_argument("--labels", help="with --model MODEL.onnx: comma-separated class labels, when the graph has none")
     parser.set_defaults(run=_run, third_party_log="streamhydro-demo.log")
 
 
@@ -70,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         broker=args.broker,
         source=args.source,
+        added=AddedModel(args.mapping, args.kind, tuple(filter(None, (args.labels or "").split(",")))),
     )
     print(json.dumps(summary))
     return 0
@@ -86,8 +94,14 @@ def run_demo(
     metrics_port: int = 9108,
     broker: str = "kafka",
     source: str = "builtin",
+    added: AddedModel | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; returns the summary. ``events=None`` runs until SIGINT/SIGTERM."""
+    """Run the demo; returns the summary. ``events=None`` runs until SIGINT/SIGTERM.
+
+    ``model`` is a model name in ``registry``, or the path of an ONNX file, which is added (as
+    ``streamhydro models add`` would, with ``added``'s mapping, kind and labels) to a scratch registry
+    that lives as long as the demo.
+    """
     from streamhydro.brokers import BROKERS
     from streamhydro.driver.serve import Service
     from streamhydro.kafka.admin import ensure_topics
@@ -101,6 +115,8 @@ def run_demo(
         kafka_settings.update(end_offsets_from="fetch")
     stop = threading.Event()
     with tempfile.TemporaryDirectory(prefix="streamhydro-demo-") as work, BROKERS[broker]() as running:
+        if model.endswith(".onnx"):
+            registry, model = _add_to_scratch_registry(Path(model), Path(work) / "models", added or AddedModel())
         config = Config().replace(
             spark={"master": master, "app_name": "streamhydro-demo", "checkpoint_location": f"{work}/checkpoint"},
             kafka={"bootstrap_servers": running.bootstrap_servers, **kafka_settings},
@@ -157,6 +173,36 @@ def run_demo(
             "latency_rate_per_s": live_rate,
             **latency_summary(reader.latency_ms(since=live_since)),
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class AddedModel:
+    """How ``demo --model MODEL.onnx`` adds the file: ``models add``'s --mapping, --kind and --labels."""
+
+    mapping: Path | None = None
+    kind: str | None = None
+    labels: tuple[str, ...] = ()
+
+
+def _add_to_scratch_registry(path: Path, root: Path, added: AddedModel) -> tuple[str, str]:
+    """Add the ONNX file at ``path`` to a registry at ``root``; returns (registry, model name)."""
+    from streamhydro.models_add import add_model, describe
+    from streamhydro.models_command import input_mapping
+    from streamhydro.registry import Registry
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("--model", f"cannot read {path} ({exc.strerror})", "give a model name in --registry, or the path of an ONNX file") from exc
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem).lstrip("._-") or "model"
+    version = add_model(
+        Registry(root), data, name, kind=added.kind, labels=added.labels,
+        mapping=input_mapping(added.mapping, [], []), provenance={"file": str(path)}, promote=True,
+    )
+    _say(f"added {path} as {version.label} (kind {version.manifest.kind}) to a scratch registry:")
+    for line in describe(version.manifest):
+        _say(f"  {line}")
+    return str(root), name
 
 
 def _payload_settings(payload: str, registry: str, model: str, work: str) -> dict[str, str]:
