@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from streamhydro.kafka.options import ClientConfig
 
 ENV_PREFIX = "STREAMHYDRO_"
+PIPELINE_AUTO = "auto"
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 
@@ -189,7 +190,11 @@ class InferenceSettings:
         "ONNX Runtime execution providers in preference order.", default=("CUDAExecutionProvider", "CPUExecutionProvider")
     )
     batch_size: int = doc("Rows per ONNX Runtime call, independent of Arrow batch size.", default=4096)
-    pipeline_depth: int = doc("Batches in flight between decode, transfer, compute and encode; 0 = sequential.", default=2)
+    pipeline_depth: int | str = doc(
+        "Batches in flight between decode, transfer, compute and encode; 0 = sequential; auto = 2 for a task "
+        "on a GPU and 0 on the CPU, where compute shares the cores with decoding and pipelining measured slower.",
+        default=PIPELINE_AUTO,
+    )
     intra_op_threads: int = doc("ONNX Runtime intra-op threads per task; 0 = the task's CPUs.", default=0)
     gpu_mem_limit_mb: int = doc(
         "GPU memory arena limit per session in MiB; 0 = the task's share: spark.task_gpus x the GPU's memory x 0.8.",
@@ -448,6 +453,13 @@ def _validated(config: Config) -> Config:
             "is chosen by serve, one per input partition, and only with delivery = \"exactly_once\"",
             'remove it (for transactions set delivery = "exactly_once")',
         )
+    if k.delivery == "exactly_once" and k.max_offsets_per_trigger == 0:
+        raise ConfigError(
+            "kafka.max_offsets_per_trigger",
+            "is 0 (no limit) with delivery = exactly_once: each input range of a micro-batch is written in one "
+            "transaction, and a range without a bound can outlast the transaction timeout on every retry",
+            "set a limit, e.g. 200000 (the default)",
+        )
     if k.max_offsets_per_trigger < 0:
         raise ConfigError("kafka.max_offsets_per_trigger", f"must be >= 0, got {k.max_offsets_per_trigger}", "use 0 for no limit")
     if k.output_topic == k.dead_letter_topic:
@@ -467,8 +479,7 @@ def _validated(config: Config) -> Config:
     _check_payload(config.payload)
     if i.batch_size < 1:
         raise ConfigError("inference.batch_size", f"must be >= 1, got {i.batch_size}", "e.g. 4096")
-    if i.pipeline_depth < 0:
-        raise ConfigError("inference.pipeline_depth", f"must be >= 0, got {i.pipeline_depth}", "0 turns pipelining off")
+    pipeline_depth(i)
     if not i.providers:
         raise ConfigError("inference.providers", "is empty", 'e.g. ["CPUExecutionProvider"]')
     check_gpu_amounts(s.executor_gpus, s.task_gpus)
@@ -542,6 +553,17 @@ def check_no_feedback(kafka: KafkaSettings) -> None:
                 f"{how} {topic!r}, the topic kafka.{written} writes to: serve would read its own output and score it again, endlessly",
                 f"read only input topics in {key}, or write kafka.{written} to a topic the input does not include",
             )
+
+
+def pipeline_depth(inference: InferenceSettings) -> int | None:
+    """``inference.pipeline_depth`` as a number of batches, None for ``auto``; a ConfigError for anything else."""
+    value = inference.pipeline_depth
+    if value == PIPELINE_AUTO:
+        return None
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit():
+        raise ConfigError("inference.pipeline_depth", f"{value!r} is not auto or a number of batches >= 0", "use auto, 0 (off) or 2")
+    return int(text)
 
 
 def check_gpu_amounts(executor_gpus: int, task_gpus: float) -> None:

@@ -206,3 +206,31 @@ def test_an_unreadable_subscription_names_its_config_key(kafka, key):
     with pytest.raises(ConfigError) as info:
         config.Config().replace(kafka=kafka)
     assert info.value.key == key
+
+
+def test_exactly_once_needs_a_bounded_micro_batch():
+    with pytest.raises(ConfigError) as refused:
+        config.Config().replace(kafka={"source": "python", "delivery": "exactly_once", "max_offsets_per_trigger": 0})
+    assert refused.value.key == "kafka.max_offsets_per_trigger" and "transaction" in refused.value.problem
+
+
+@pytest.mark.parametrize(("written", "depth"), [("auto", None), (0, 0), (2, 2), ("3", 3)])
+def test_pipeline_depth_is_auto_or_a_number_of_batches(written, depth):
+    cfg = config.Config().replace(inference={"pipeline_depth": written})
+    assert config.pipeline_depth(cfg.inference) == depth
+
+
+@pytest.mark.parametrize("written", [-1, "fast", 1.5, True, "-2"])
+def test_a_pipeline_depth_that_is_neither_is_refused(written):
+    with pytest.raises(ConfigError) as refused:
+        config.Config().replace(inference={"pipeline_depth": written})
+    assert refused.value.key == "inference.pipeline_depth"
+
+
+def test_auto_pipelines_on_a_gpu_only():
+    from streamhydro.executor.engine import GPU_PIPELINE_DEPTH, EngineSettings
+
+    assert config.InferenceSettings().pipeline_depth == "auto"
+    assert EngineSettings().depth_for(on_gpu=True) == GPU_PIPELINE_DEPTH
+    assert EngineSettings().depth_for(on_gpu=False) == 0
+    assert EngineSettings(pipeline_depth=2).depth_for(on_gpu=False) == 2

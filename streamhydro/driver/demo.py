@@ -122,8 +122,6 @@ def run_demo(
             kafka={"bootstrap_servers": running.bootstrap_servers, **kafka_settings},
             model={"registry": registry, "name": model, "version": "promoted"},
             payload=_payload_settings(payload, registry, model, work),
-            # local Spark assigns no GPUs, so scoring runs on the CPU, where pipelining does not pay.
-            inference={"pipeline_depth": 0},
             metrics={"port": metrics_port, "multiprocess_dir": f"{work}/metrics"},
         )
         k = config.kafka

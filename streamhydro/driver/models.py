@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from pyspark.sql import SparkSession
 
-from streamhydro.config import Config
+from streamhydro.config import Config, pipeline_depth
 from streamhydro.errors import ModelError
 from streamhydro.executor.scoring import EngineSettings, ScoringPlan
 from streamhydro.executor.sessions import validate_model
@@ -33,7 +33,7 @@ def engine_settings(config: Config) -> EngineSettings:
     return EngineSettings(
         providers=i.providers,
         batch_size=i.batch_size,
-        pipeline_depth=i.pipeline_depth,
+        pipeline_depth=pipeline_depth(i),
         intra_op_threads=i.intra_op_threads or None,
         gpu_mem_limit_bytes=i.gpu_mem_limit_mb * 1024 * 1024 or None,
         gpu_share=config.spark.task_gpus or 1.0,

@@ -29,8 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from streamhydro.config import Config, load, reference
+from streamhydro.config import Config, load, pipeline_depth, reference
 from streamhydro.errors import ConfigError, StreamhydroError
+from streamhydro.executor.engine import GPU_PIPELINE_DEPTH
 from streamhydro.kafka.options import EMIT, EMIT_RANGES, EXACTLY_ONCE
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,12 @@ class Service:
             f"task profile {self._profile.id}, {s.task_gpus} GPU and {task_cpus(self.spark)} CPU per task"
             if self._profile else "no GPU requested, the application's task resources",
         )
+        if pipeline_depth(c.inference) is None:
+            on_gpu = bool(s.task_gpus)
+            log.info(
+                "inference.pipeline_depth = auto: %d for tasks %s", GPU_PIPELINE_DEPTH if on_gpu else 0,
+                "on a GPU" if on_gpu else "on the CPU (pipelining does not pay there)",
+            )
         self.metrics = start_driver_metrics(self.spark, c.metrics)
         if self.metrics.url:
             print(f"metrics at {self.metrics.url}", flush=True)

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 STAGES = ("read", "decode", "h2d", "compute", "d2h", "encode", "write")
 QUEUES = ("staged", "computed")
 JOIN_TIMEOUT_S = 10.0
+# inference.pipeline_depth = "auto" on a GPU: decode of the next batch and encode of the last overlap compute.
+GPU_PIPELINE_DEPTH = 2
 _POLL_S = 0.05
 
 A = TypeVar("A")
@@ -61,7 +63,8 @@ class EngineSettings:
 
     ``providers``: ONNX Runtime execution providers in preference order.
     ``batch_size``: rows per model run, independent of Arrow's ``maxRecordsPerBatch``.
-    ``pipeline_depth``: bounded queue depth between stage groups; 0 runs stages sequentially.
+    ``pipeline_depth``: bounded queue depth between stage groups; 0 runs stages sequentially; None
+    (``auto``) picks per task with :meth:`depth_for`.
     ``intra_op_threads``: ORT threads per session; None = the task's CPUs (``spark.task.cpus``).
     ``gpu_mem_limit_bytes``: ORT CUDA arena limit per session; None = the task's share of the GPU.
     ``gpu_share``: the fraction of a GPU each task gets (``spark.task_gpus``), which sizes that share.
@@ -74,13 +77,21 @@ class EngineSettings:
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     batch_size: int = 4096
-    pipeline_depth: int = 2
+    pipeline_depth: int | None = None
     intra_op_threads: int | None = None
     gpu_mem_limit_bytes: int | None = None
     gpu_share: float = 1.0
     allow_tf32: bool = False
     allow_cpu_fallback: bool = False
     tensorrt_cache_dir: str = ""
+
+    def depth_for(self, on_gpu: bool) -> int:
+        """The pipeline depth of a task whose session is on a GPU (or not): the setting, or for ``auto``
+        :data:`GPU_PIPELINE_DEPTH` on a GPU and 0 on the CPU, where compute shares the cores with
+        decoding and encoding and overlapping them only adds hand-offs (docs/inference.md)."""
+        if self.pipeline_depth is not None:
+            return self.pipeline_depth
+        return GPU_PIPELINE_DEPTH if on_gpu else 0
 
 
 @dataclasses.dataclass(frozen=True)

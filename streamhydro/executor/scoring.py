@@ -99,7 +99,8 @@ def score_partition(
     encoder = Encoder(plan.manifest, plan.output_topic, plan.dead_letter_topic)
     clock = StageClock(trace)
     stages = _Stages(model, decoder, encoder, clock, plan.engine.batch_size, plan.max_record_bytes)
-    results = run_pipeline(_timed_reads(batches, clock), stages.front, stages.compute, stages.back, plan.engine.pipeline_depth, clock)
+    depth = plan.engine.depth_for(model.on_gpu)
+    results = run_pipeline(_timed_reads(batches, clock), stages.front, stages.compute, stages.back, depth, clock)
     for seq, result in enumerate(results):
         with clock.stage("write", seq):
             yield result
@@ -110,7 +111,7 @@ def score_partition(
         requested_device=model.requested_device,
         device=model.device,
         providers=model.providers,
-        pipeline_depth=plan.engine.pipeline_depth,
+        pipeline_depth=depth,
     )
     if plan.recorded:
         publish_stats(stats)
