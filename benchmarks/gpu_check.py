@@ -44,6 +44,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
+from streamhydro.devices import nvml_gpu_count as gpu_count  # noqa: E402 -- tests replace it to fake a GPU
+
 CPU = ("CPUExecutionProvider",)
 CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")
 DEPTHS = {"sequential": 0, "pipelined": 2}
@@ -117,19 +119,6 @@ def demo_model() -> tuple[bytes, Any, float | None]:
 
     version = Registry(str(ROOT / "models")).get("breast_cancer", "1")
     return version.read_bytes(), version.manifest, None
-
-
-def gpu_count() -> int:
-    import pynvml
-
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return 0
-    try:
-        return pynvml.nvmlDeviceGetCount()
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def engine_run(data: bytes, manifest: Any, table: Any, providers: tuple[str, ...], address: str | None, depth: int,

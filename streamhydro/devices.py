@@ -86,6 +86,20 @@ def cuda_ordinal(address: str, environ: Mapping[str, str] | None = None, uuids: 
                       "use deploy/gpu/get_gpus_resources.sh or a script that prints one of those")
 
 
+def nvml_gpu_count() -> int:
+    """GPUs NVML lists on this host; 0 where there is no NVIDIA driver."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def nvml_uuids() -> list[str]:
     """The host's GPU UUIDs in NVML (PCI) order."""
     import pynvml

@@ -8,35 +8,16 @@ the CPU build shadows the GPU build, and serving there would silently score on t
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
 from _inference_models import Holder, feature_spec, json_values, kafka_batch, softmax_model
+from streamhydro.devices import nvml_gpu_count
 
 pytestmark = pytest.mark.gpu
 CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
-
-def nvidia_gpus() -> int:
-    """GPUs NVML (or, without nvidia-ml-py, nvidia-smi) lists on this host."""
-    try:
-        import pynvml
-    except ImportError:
-        if shutil.which("nvidia-smi") is None:
-            return 0
-        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True)
-        return len(listed.stdout.split()) if listed.returncode == 0 else 0
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return 0
-    try:
-        return pynvml.nvmlDeviceGetCount()
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def verdict(gpus: int, installed: list[str], providers: list[str] | None) -> tuple[str, str]:
@@ -59,7 +40,7 @@ def verdict(gpus: int, installed: list[str], providers: list[str] | None) -> tup
 def gpu_count() -> int:
     from streamhydro.executor.sessions import installed_builds
 
-    count = nvidia_gpus()
+    count = nvml_gpu_count()
     try:
         import onnxruntime as ort
     except ImportError:

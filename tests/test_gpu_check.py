@@ -11,26 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from streamhydro.devices import nvml_gpu_count
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--rows", "1000", "--cpu-heavy-rows", "32", "--hidden", "256", "--depth", "2", "--batch-size", "256"]
 
 
-def _nvml_gpus() -> int:
-    import pynvml
-
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return 0
-    try:
-        return pynvml.nvmlDeviceGetCount()
-    finally:
-        pynvml.nvmlShutdown()
-
-
 @pytest.fixture(scope="module")
 def no_gpu() -> None:
-    if _nvml_gpus():
+    if nvml_gpu_count():
         pytest.skip("this host has a GPU: run bash benchmarks/gpu_check.sh itself, it is the GPU acceptance run")
 
 

@@ -269,19 +269,29 @@ def _reject(errors: Rejections, positions: np.ndarray, rows: np.ndarray, error_c
         errors.add(position, error_class, message)
 
 
-def _scalar_into(
-    field: InputField, values: Column, matrix: np.ndarray, j: int, positions: np.ndarray, keep: np.ndarray, errors: Rejections
-) -> None:
+def _present(
+    field: InputField, values: Column, positions: np.ndarray, keep: np.ndarray, errors: Rejections, expected: str
+) -> pa.Array:
+    """``values`` as an Arrow array; rows whose value is of the wrong JSON kind (WrongType: not ``expected``)
+    or missing (MissingFeature) are rejected and cleared from ``keep``."""
     array, wrong = _to_array(field, values)
     what = field.describe()
     if wrong is not None:
-        _reject(errors, positions, keep & wrong, WRONG_TYPE, f"{what} is not a {field.kind}")
+        _reject(errors, positions, keep & wrong, WRONG_TYPE, f"{what} is not {expected}")
         keep &= ~wrong
     missing = array.is_null().to_numpy(zero_copy_only=False) if len(array) else np.zeros(0, bool)
     if wrong is not None:
         missing &= ~wrong
     _reject(errors, positions, keep & missing, MISSING_FEATURE, f"{what} is missing or null")
     keep &= ~missing
+    return array
+
+
+def _scalar_into(
+    field: InputField, values: Column, matrix: np.ndarray, j: int, positions: np.ndarray, keep: np.ndarray, errors: Rejections
+) -> None:
+    array = _present(field, values, positions, keep, errors, f"a {field.kind}")
+    what = field.describe()
     if not _fits(array.type, field.kind):
         _reject(errors, positions, keep, WRONG_TYPE, f"{what} is a {_arrow_type_name(array.type)}, not a {field.kind}")
         keep[:] = False
@@ -296,17 +306,9 @@ def _scalar_into(
 def _vector_into(
     field: InputField, values: Column, matrix: np.ndarray, positions: np.ndarray, keep: np.ndarray, errors: Rejections
 ) -> None:
-    array, wrong = _to_array(field, values)
+    array = _present(field, values, positions, keep, errors, f"an array of {field.kind}s")
     what = field.describe()
     width = field.spec.width
-    if wrong is not None:
-        _reject(errors, positions, keep & wrong, WRONG_TYPE, f"{what} is not an array of {field.kind}s")
-        keep &= ~wrong
-    missing = array.is_null().to_numpy(zero_copy_only=False) if len(array) else np.zeros(0, bool)
-    if wrong is not None:
-        missing &= ~wrong
-    _reject(errors, positions, keep & missing, MISSING_FEATURE, f"{what} is missing or null")
-    keep &= ~missing
     if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)):
         _reject(errors, positions, keep, WRONG_TYPE, f"{what} is a {_arrow_type_name(array.type)}, not an array of {field.kind}s")
         keep[:] = False
