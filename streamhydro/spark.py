@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 from streamhydro.devices import ORDER_VAR, PCI_ORDER
 from streamhydro.errors import ConfigError
+from streamhydro.internals import CHECKPOINT_FILE_MANAGER, FILE_SYSTEM_CHECKPOINT_MANAGER, attach_to_submitted_jvm
 
 if TYPE_CHECKING:
     from pyspark.resource import ResourceProfile
@@ -61,9 +62,6 @@ WORKER_GPU_DISCOVERY = "spark.worker.resource.gpu.discoveryScript"
 DYNAMIC_ALLOCATION = "spark.dynamicAllocation.enabled"
 # CUDA numbers GPUs as nvidia-smi (and the discovery script) does only in PCI bus order; see streamhydro.devices.
 EXECUTOR_DEVICE_ORDER = f"spark.executorEnv.{ORDER_VAR}"
-
-CHECKPOINT_FILE_MANAGER = "spark.sql.streaming.checkpointFileManagerClass"
-FILE_SYSTEM_CHECKPOINTS = "org.apache.spark.sql.execution.streaming.checkpointing.FileSystemBasedCheckpointFileManager"
 
 # What every streaming session (serve, demo, the Kafka tests) gets unless the caller's conf overrides it.
 STREAMING_CONF = {
@@ -138,10 +136,10 @@ def resolve_master(url: str) -> Master:
             "spark.master", "is empty, which means spark-submit's --master, but this process was not started by spark-submit",
             "set spark.master in the config, or launch with deploy/serve/submit.sh or deploy/train/submit.sh",
         )
-    from pyspark import SparkConf, SparkContext
+    from pyspark import SparkConf
 
-    # Connects to the JVM spark-submit started (pyspark's own entry points do the same), whose conf holds the master.
-    SparkContext._ensure_initialized()
+    # The JVM spark-submit started holds the master in its conf.
+    attach_to_submitted_jvm()
     return Master.parse(SparkConf().get("spark.master", ""))
 
 
@@ -215,7 +213,7 @@ def checkpoint_conf(location: str) -> dict[str, str]:
     scheme = urlparse(location).scheme
     if scheme not in ("", "file"):
         return {}
-    return {CHECKPOINT_FILE_MANAGER: FILE_SYSTEM_CHECKPOINTS}
+    return {CHECKPOINT_FILE_MANAGER: FILE_SYSTEM_CHECKPOINT_MANAGER}
 
 
 def task_profile(master: Master, cpus: int, gpus: float) -> ResourceProfile | None:

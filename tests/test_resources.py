@@ -7,7 +7,8 @@ import pytest
 from streamhydro import spark as plumbing
 from streamhydro.config import Config, check_gpu_amounts
 from streamhydro.errors import ConfigError
-from streamhydro.spark import CHECKPOINT_FILE_MANAGER, CLUSTER, LOCAL, LOCAL_CLUSTER, Master, checkpoint_conf
+from streamhydro.internals import CHECKPOINT_FILE_MANAGER
+from streamhydro.spark import CLUSTER, LOCAL, LOCAL_CLUSTER, Master, checkpoint_conf
 
 
 @pytest.mark.parametrize(
