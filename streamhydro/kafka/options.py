@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from streamhydro.errors import ConfigError
+from streamhydro.kafka.planning import TopicPartitionKey
 from streamhydro.secrets import masked
 
 KAFKA_PREFIX = "kafka."
@@ -345,9 +346,6 @@ def parse_subscription(options: Mapping[str, str]) -> Subscription:
     ):
         raise ConfigError("assign", f"{value!r} is not an object of topic to partition numbers", fix)
     return Subscription("assign", assigned=tuple(sorted((t, p) for t, parts in parsed.items() for p in parts)))
-
-
-TopicPartitionKey = tuple[str, int]
 
 
 @dataclass(frozen=True)
