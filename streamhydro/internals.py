@@ -12,6 +12,8 @@ and the executor daemon, refuses library versions other than those the wrappers 
 
 What each one relies on (verified with pyspark 4.2.0, py4j 0.10.9.9, prometheus_client 0.26.0):
 
+* :func:`started_by_spark_submit` -- ``PYSPARK_GATEWAY_PORT``, set by spark-submit for the Python driver
+  it starts (read by ``pyspark.java_gateway``).
 * :func:`attach_to_submitted_jvm` -- ``SparkContext._ensure_initialized()`` starts or joins the gateway
   to the JVM spark-submit launched (what pyspark's own entry points call).
 * :func:`jvm` -- ``SparkContext._jvm``, the py4j ``JVMView`` of the driver JVM (a class attribute).
@@ -35,12 +37,15 @@ What each one relies on (verified with pyspark 4.2.0, py4j 0.10.9.9, prometheus_
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from streamhydro.errors import StreamhydroError
 
+# Set by spark-submit for the Python driver it starts: the port of the JVM it launched first.
+SPARK_SUBMIT_GATEWAY_PORT = "PYSPARK_GATEWAY_PORT"
 # Spark's internal SQL conf that names the class writing checkpoint metadata files.
 CHECKPOINT_FILE_MANAGER = "spark.sql.streaming.checkpointFileManagerClass"
 # Hadoop FileSystem-based manager (streamhydro.spark.checkpoint_conf says why); Spark 4's package.
@@ -114,6 +119,11 @@ def check_versions(
             raise UnsupportedVersionError(
                 entry.package, version or "(not installed)", bounds, f"pip install '{entry.pin}'"
             )
+
+
+def started_by_spark_submit() -> bool:
+    """Whether spark-submit started this process (and a JVM for it to join)."""
+    return SPARK_SUBMIT_GATEWAY_PORT in os.environ
 
 
 def attach_to_submitted_jvm() -> None:

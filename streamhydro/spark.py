@@ -31,7 +31,12 @@ from urllib.parse import urlparse
 
 from streamhydro.devices import ORDER_VAR, PCI_ORDER
 from streamhydro.errors import ConfigError
-from streamhydro.internals import CHECKPOINT_FILE_MANAGER, FILE_SYSTEM_CHECKPOINT_MANAGER, attach_to_submitted_jvm
+from streamhydro.internals import (
+    CHECKPOINT_FILE_MANAGER,
+    FILE_SYSTEM_CHECKPOINT_MANAGER,
+    attach_to_submitted_jvm,
+    started_by_spark_submit,
+)
 
 if TYPE_CHECKING:
     from pyspark.resource import ResourceProfile
@@ -47,8 +52,6 @@ _LOCAL = re.compile(r"^local(?:\[(\*|\d+)(?:,\s*(\d+))?\])?$")
 _LOCAL_CLUSTER = re.compile(r"^local-cluster\[\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\]$")
 
 GPU = "gpu"
-# Set by spark-submit for the Python driver it starts: the port of the JVM it launched first.
-SUBMIT_GATEWAY = "PYSPARK_GATEWAY_PORT"
 # How many GPUs each executor owns; Spark hands task slots out of these.
 EXECUTOR_GPU_AMOUNT = "spark.executor.resource.gpu.amount"
 # Script each executor runs to find its GPU addresses (prints {"name":"gpu","addresses":[...]}).
@@ -131,7 +134,7 @@ def resolve_master(url: str) -> Master:
     """The master to use: ``url``, or for an empty one the master spark-submit was given."""
     if url:
         return Master.parse(url)
-    if SUBMIT_GATEWAY not in os.environ:
+    if not started_by_spark_submit():
         raise ConfigError(
             "spark.master", "is empty, which means spark-submit's --master, but this process was not started by spark-submit",
             "set spark.master in the config, or launch with deploy/serve/submit.sh or deploy/train/submit.sh",

@@ -82,6 +82,16 @@ def test_supported_bounds_agree_with_pyproject():
 # --- pyspark, driver side ------------------------------------------------------------------------------
 
 
+def test_started_by_spark_submit_reads_the_variable_pyspark_joins_the_jvm_by(monkeypatch):
+    from pyspark import java_gateway
+
+    assert f'"{internals.SPARK_SUBMIT_GATEWAY_PORT}"' in inspect.getsource(java_gateway)
+    monkeypatch.setenv(internals.SPARK_SUBMIT_GATEWAY_PORT, "40123")
+    assert internals.started_by_spark_submit()
+    monkeypatch.delenv(internals.SPARK_SUBMIT_GATEWAY_PORT)
+    assert not internals.started_by_spark_submit()
+
+
 def test_attach_to_submitted_jvm_relies_on_spark_context_ensure_initialized():
     from pyspark import SparkContext
 
@@ -223,3 +233,34 @@ def test_run_python_daemon_relies_on_pyspark_daemon_manager():
     from pyspark import daemon
 
     assert callable(daemon.manager) and not inspect.signature(daemon.manager).parameters
+
+
+# --- where the check runs ------------------------------------------------------------------------------
+
+
+def _refuse(*_args, **_kwargs):
+    raise UnsupportedVersionError("pyspark", "9.0.0", ">=4.2,<4.3", "pip install 'pyspark==4.2.*'")
+
+
+def test_serve_checks_versions_before_starting_spark(monkeypatch):
+    from streamhydro.config import load
+    from streamhydro.driver import serve
+
+    monkeypatch.setattr(serve, "check_versions", _refuse)
+    with pytest.raises(UnsupportedVersionError, match="pyspark 9.0.0"):
+        serve.Service(load(None)).start()
+
+
+def test_train_checks_versions_before_reading_its_config(monkeypatch):
+    import argparse
+
+    from streamhydro.trainer import command
+
+    monkeypatch.setattr(internals, "check_versions", _refuse)
+    with pytest.raises(UnsupportedVersionError):
+        command.run(argparse.Namespace(config="/nonexistent/train.toml"))
+
+
+def test_the_executor_daemon_checks_versions_before_its_loop():
+    source = (Path(internals.__file__).parent / "executor" / "daemon.py").read_text()
+    assert source.index("check_versions()") < source.index("run_python_daemon()\n")
