@@ -99,17 +99,25 @@ def release(version: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
-def _installed_version(package: str) -> str | None:
+def installed_version(package: str) -> str | None:
+    """The version of ``package`` that imports here: its distribution's, else its module's ``__version__``
+    (pyspark from a Spark distribution's ``python/`` directory has no distribution metadata); None if absent."""
+    import importlib
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version(package)
     except PackageNotFoundError:
+        pass
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
         return None
+    return getattr(module, "__version__", None)
 
 
 def check_versions(
-    supported: Iterable[Supported] = SUPPORTED, installed: Callable[[str], str | None] = _installed_version
+    supported: Iterable[Supported] = SUPPORTED, installed: Callable[[str], str | None] = installed_version
 ) -> None:
     """Raise :class:`UnsupportedVersionError` for the first package whose installed version is not supported."""
     for entry in supported:

@@ -46,6 +46,19 @@ def test_the_installed_versions_are_supported():
     check_versions()
 
 
+def test_a_package_without_distribution_metadata_is_known_by_its_module_version(monkeypatch):
+    import importlib.metadata
+
+    import pyspark
+
+    def missing(package):
+        raise importlib.metadata.PackageNotFoundError(package)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert internals.installed_version("pyspark") == pyspark.__version__
+    assert internals.installed_version("no_such_package_here") is None
+
+
 def test_an_other_minor_version_of_pyspark_is_refused_naming_package_versions_and_pin():
     versions = {"pyspark": "4.3.0", "prometheus_client": "0.26.0"}
     with pytest.raises(UnsupportedVersionError) as raised:
