@@ -2,7 +2,8 @@
 
 Runs where its callers run: the driver (serve, demo, train) for the py4j and Spark wrappers, executor
 Python workers and their daemon for :func:`prometheus_multiprocess_enabled` and :func:`run_python_daemon`.
-Nothing is imported at module level beyond the standard library, so the CLI can import this module without
+Nothing is imported at module level beyond the standard library and :mod:`streamhydro.errors`, so the CLI can
+import this module without
 pyspark.
 
 These APIs are not promised to stay. :func:`check_versions`, called once at the start of ``serve``, ``train``
