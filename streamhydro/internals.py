@@ -3,8 +3,7 @@
 Runs where its callers run: the driver (serve, demo, train) for the py4j and Spark wrappers, executor
 Python workers and their daemon for :func:`prometheus_multiprocess_enabled` and :func:`run_python_daemon`.
 Nothing is imported at module level beyond the standard library and :mod:`streamhydro.errors`, so the CLI can
-import this module without
-pyspark.
+import this module without pyspark.
 
 These APIs are not promised to stay. :func:`check_versions`, called once at the start of ``serve``, ``train``
 and the executor daemon, refuses library versions other than those the wrappers were verified with
