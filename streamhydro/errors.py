@@ -44,11 +44,11 @@ class CpuFallbackError(StreamhydroError):
         )
 
 
-class KafkaError(StreamhydroError):
+class KafkaConnectorError(StreamhydroError):
     """The Kafka connector could not read or deliver records."""
 
 
-class DeliveryError(KafkaError):
+class DeliveryError(KafkaConnectorError):
     """Records were not acknowledged by the broker; the task fails so that Spark retries it."""
 
     def __init__(self, failed: int, total: int, first_error: str) -> None:
@@ -58,7 +58,7 @@ class DeliveryError(KafkaError):
         super().__init__(f"{failed} of {total} records were not delivered (first error: {first_error})")
 
 
-class DataLossError(KafkaError):
+class DataLossError(KafkaConnectorError):
     """Offsets the query expected to read are gone from the topic (retention, truncation)."""
 
 

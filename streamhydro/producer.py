@@ -45,7 +45,7 @@ CHUNK = 2000
 # How long the last sends may wait for their acknowledgements (a broker may be restarting or stalled).
 FLUSH_TIMEOUT_S = 120
 # The load generator's producer: idempotent, batching like a busy producer; the user's settings win.
-PRODUCER_DEFAULTS = {"enable.idempotence": "true", "acks": "all", "linger.ms": "5", "batch.num.messages": "10000"}
+LOAD_GENERATOR_PRODUCER_DEFAULTS = {"enable.idempotence": "true", "acks": "all", "linger.ms": "5", "batch.num.messages": "10000"}
 
 
 def add_parser(subparsers: Any) -> None:
@@ -336,7 +336,7 @@ class LoadGenerator:
                 schemas.RegisteredSchema(schema_type, self.format.schema),
             )
             self.format = EventFormat(self.manifest, self.payload, schema_id)
-        self._producer = build_client(Producer, self.client.with_defaults(PRODUCER_DEFAULTS))
+        self._producer = build_client(Producer, self.client.with_defaults(LOAD_GENERATOR_PRODUCER_DEFAULTS))
         self._rng = np.random.default_rng(self.seed)
         self._bad_kinds = self.format.bad_kinds
         self.sent = 0

@@ -31,6 +31,12 @@ from urllib.parse import urlparse
 
 from streamhydro.devices import ORDER_VAR, PCI_ORDER
 from streamhydro.errors import ConfigError
+from streamhydro.internals import (
+    CHECKPOINT_FILE_MANAGER,
+    FILE_SYSTEM_CHECKPOINT_MANAGER,
+    attach_to_submitted_jvm,
+    started_by_spark_submit,
+)
 
 if TYPE_CHECKING:
     from pyspark.resource import ResourceProfile
@@ -46,8 +52,6 @@ _LOCAL = re.compile(r"^local(?:\[(\*|\d+)(?:,\s*(\d+))?\])?$")
 _LOCAL_CLUSTER = re.compile(r"^local-cluster\[\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\]$")
 
 GPU = "gpu"
-# Set by spark-submit for the Python driver it starts: the port of the JVM it launched first.
-SUBMIT_GATEWAY = "PYSPARK_GATEWAY_PORT"
 # How many GPUs each executor owns; Spark hands task slots out of these.
 EXECUTOR_GPU_AMOUNT = "spark.executor.resource.gpu.amount"
 # Script each executor runs to find its GPU addresses (prints {"name":"gpu","addresses":[...]}).
@@ -61,9 +65,6 @@ WORKER_GPU_DISCOVERY = "spark.worker.resource.gpu.discoveryScript"
 DYNAMIC_ALLOCATION = "spark.dynamicAllocation.enabled"
 # CUDA numbers GPUs as nvidia-smi (and the discovery script) does only in PCI bus order; see streamhydro.devices.
 EXECUTOR_DEVICE_ORDER = f"spark.executorEnv.{ORDER_VAR}"
-
-CHECKPOINT_FILE_MANAGER = "spark.sql.streaming.checkpointFileManagerClass"
-FILE_SYSTEM_CHECKPOINTS = "org.apache.spark.sql.execution.streaming.checkpointing.FileSystemBasedCheckpointFileManager"
 
 # What every streaming session (serve, demo, the Kafka tests) gets unless the caller's conf overrides it.
 STREAMING_CONF = {
@@ -133,15 +134,15 @@ def resolve_master(url: str) -> Master:
     """The master to use: ``url``, or for an empty one the master spark-submit was given."""
     if url:
         return Master.parse(url)
-    if SUBMIT_GATEWAY not in os.environ:
+    if not started_by_spark_submit():
         raise ConfigError(
             "spark.master", "is empty, which means spark-submit's --master, but this process was not started by spark-submit",
             "set spark.master in the config, or launch with deploy/serve/submit.sh or deploy/train/submit.sh",
         )
-    from pyspark import SparkConf, SparkContext
+    from pyspark import SparkConf
 
-    # Connects to the JVM spark-submit started (pyspark's own entry points do the same), whose conf holds the master.
-    SparkContext._ensure_initialized()
+    # The JVM spark-submit started holds the master in its conf.
+    attach_to_submitted_jvm()
     return Master.parse(SparkConf().get("spark.master", ""))
 
 
@@ -215,7 +216,7 @@ def checkpoint_conf(location: str) -> dict[str, str]:
     scheme = urlparse(location).scheme
     if scheme not in ("", "file"):
         return {}
-    return {CHECKPOINT_FILE_MANAGER: FILE_SYSTEM_CHECKPOINTS}
+    return {CHECKPOINT_FILE_MANAGER: FILE_SYSTEM_CHECKPOINT_MANAGER}
 
 
 def task_profile(master: Master, cpus: int, gpus: float) -> ResourceProfile | None:

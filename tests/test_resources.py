@@ -7,7 +7,8 @@ import pytest
 from streamhydro import spark as plumbing
 from streamhydro.config import Config, check_gpu_amounts
 from streamhydro.errors import ConfigError
-from streamhydro.spark import CHECKPOINT_FILE_MANAGER, CLUSTER, LOCAL, LOCAL_CLUSTER, Master, checkpoint_conf
+from streamhydro.internals import CHECKPOINT_FILE_MANAGER, SPARK_SUBMIT_GATEWAY_PORT
+from streamhydro.spark import CLUSTER, LOCAL, LOCAL_CLUSTER, Master, checkpoint_conf
 
 
 @pytest.mark.parametrize(
@@ -84,7 +85,7 @@ def test_bad_gpu_amounts_name_the_key_and_fix(task_gpus):
 
 def test_empty_master_outside_spark_submit_names_the_fix(monkeypatch):
     """An empty master is spark-submit's; in a plain process resolving it must say how to fix that."""
-    monkeypatch.delenv(plumbing.SUBMIT_GATEWAY, raising=False)
+    monkeypatch.delenv(SPARK_SUBMIT_GATEWAY_PORT, raising=False)
     with pytest.raises(ConfigError) as caught:
         plumbing.resolve_master("")
     assert "spark-submit" in caught.value.problem and "submit.sh" in caught.value.fix

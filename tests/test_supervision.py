@@ -11,6 +11,8 @@ import pytest
 
 from conftest import client
 from streamhydro.driver.failure import one_line, root_cause
+from streamhydro.driver.serve import StopRequested, ended_by_stop
+from streamhydro.errors import DeliveryError
 
 PROXY_TRACEBACK = """An exception was raised by the Python Proxy. Return Message: Traceback (most recent call last):
   File "/venv/lib/python3.11/site-packages/py4j/clientserver.py", line 644, in _call_proxy
@@ -41,6 +43,15 @@ def test_one_line_without_a_traceback_is_the_first_line_before_the_query_descrip
 
 
 @pytest.mark.spark
+def test_a_query_ended_by_a_requested_stop_is_told_from_a_failure_by_the_exception_type():
+    ended = RuntimeError("StreamingQueryException: ... StopRequested ...")
+    assert ended_by_stop(None, None)
+    assert ended_by_stop(ended, StopRequested("stop requested before micro-batch 3"))
+    assert not ended_by_stop(ended, DeliveryError(1, 2, "too large"))
+    assert not ended_by_stop(ended, None), "a failure outside foreachBatch (planning, offsets) is a failure"
+    assert not ended_by_stop(RuntimeError(StopRequested.__name__), ValueError("bad")), "the text does not decide"
+
+
 def test_the_root_cause_of_a_python_worker_error_is_its_exception_line(spark):
     def fail(batches):
         for _ in batches:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from streamhydro.internals import java_exception_of
+
 TRACEBACK = "Traceback (most recent call last):"
 # Spark appends the query's description to a StreamingQueryException's message.
 QUERY_DESCRIPTION = "\n=== Streaming Query ==="
@@ -46,11 +48,11 @@ def root_cause(batch_error: BaseException | None, query_exception: Any | None) -
 
     ``batch_error``: what ``foreachBatch`` raised in this process (a py4j ``Py4JJavaError``, a PySpark
     captured exception, or a plain Python exception), when the failure came from a micro-batch;
-    ``query_exception``: the query's Java ``StreamingQueryException`` (``query._jsq.exception().get()``),
+    ``query_exception``: the query's Java ``StreamingQueryException`` (:func:`streamhydro.internals.query_exception_chain`),
     for failures outside ``foreachBatch`` (planning, offsets).
     """
     if batch_error is not None:
-        java = getattr(batch_error, "java_exception", None) or getattr(batch_error, "_origin", None)
+        java = java_exception_of(batch_error)
         if java is not None:
             return one_line(_java_root(java))
         return one_line(f"{type(batch_error).__module__}.{type(batch_error).__qualname__}: {batch_error}")

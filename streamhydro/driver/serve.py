@@ -32,6 +32,7 @@ from typing import Any
 from streamhydro.config import Config, load, pipeline_depth, reference
 from streamhydro.errors import ConfigError, StreamhydroError
 from streamhydro.executor.engine import GPU_PIPELINE_DEPTH
+from streamhydro.internals import check_versions, jvm, load_jvm_class, query_exception_chain
 from streamhydro.kafka.options import EMIT, EMIT_RANGES, EXACTLY_ONCE
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ QUERY_STARTED = "query started"
 
 
 class StopRequested(StreamhydroError):
-    """Raised inside a micro-batch that started after a stop was asked for; ends the query cleanly."""
+    """Raised inside a micro-batch that started after a stop was asked for; ends the query cleanly.
+
+    The query then ends with an exception, which :func:`ended_by_stop` tells from a failure by this type."""
 
 
 class QueryFailed(StreamhydroError):
@@ -114,6 +117,7 @@ class Service:
         from streamhydro.metrics.multiprocess import executor_conf
         from streamhydro.spark import checkpoint_conf, gpu_conf, resolve_master, streaming_session, task_cpus, task_profile
 
+        check_versions()
         c = self.config
         s = c.spark
         check_gpu_build(engine_settings(c), s.task_gpus)
@@ -205,7 +209,7 @@ class Service:
                 return 0
             if not self.query.isActive:
                 exception = self.query.exception()
-                if exception is not None and not _is_stop(exception):
+                if not ended_by_stop(exception, self._batch_error):
                     raise self._failure(exception)
                 return 0
 
@@ -233,7 +237,7 @@ class Service:
         if self.query.isActive:
             self.query.stop()
         exception = self.query.exception()
-        if exception is not None and not _is_stop(exception):
+        if not ended_by_stop(exception, self._batch_error):
             raise self._failure(exception)
         log.info("query stopped after %d micro-batches", self.batches)
 
@@ -243,13 +247,14 @@ class Service:
         from streamhydro.driver.failure import root_cause
 
         log.debug("the streaming query failed:\n%s", exception)
-        java = self.query._jsq.exception()
-        return QueryFailed(root_cause(self._batch_error, java.get() if java.isDefined() else None))
+        return QueryFailed(root_cause(self._batch_error, query_exception_chain(self.query)))
 
     def _process_batch(self, batch_df: Any, batch_id: int) -> None:
         with self._lock:
             if self._stopping:
-                raise StopRequested(f"stop requested before micro-batch {batch_id}; it will run on restart")
+                # Kept before it is raised: the query ends with it, and ended_by_stop asks for its type.
+                self._batch_error = StopRequested(f"stop requested before micro-batch {batch_id}; it will run on restart")
+                raise self._batch_error
             self._in_batch = True
         try:
             if self.connector == "builtin":
@@ -345,7 +350,7 @@ def kafka_format(spark: Any, source: str, options: Mapping[str, str]) -> str:
     if source == "python":
         log.info("Kafka connector: streamhydro's (%s): each task reads, scores and writes its range", FORMAT)
         return FORMAT
-    if not _builtin_available(spark):
+    if not load_jvm_class(spark, BUILTIN_PROVIDER):
         raise ConfigError(
             "kafka.source",
             "Spark's built-in Kafka connector is not on the classpath",
@@ -358,21 +363,15 @@ def kafka_format(spark: Any, source: str, options: Mapping[str, str]) -> str:
 
 def _java_client_settings(spark: Any) -> set[str]:
     """Every setting name the Java Kafka consumer, producer and admin client know."""
-    clients = spark.sparkContext._jvm.org.apache.kafka.clients
+    clients = jvm(spark).org.apache.kafka.clients
     names: set[str] = set()
     for config in (clients.consumer.ConsumerConfig, clients.producer.ProducerConfig, clients.admin.AdminClientConfig):
         names.update(config.configNames())
     return names
 
 
-def _builtin_available(spark: Any) -> bool:
-    """Whether the connector's class loads, through the loader that holds ``spark.jars`` (as Spark's own)."""
-    try:
-        spark.sparkContext._jvm.java.lang.Thread.currentThread().getContextClassLoader().loadClass(BUILTIN_PROVIDER)
-    except Exception:  # noqa: BLE001 -- py4j wraps ClassNotFoundException; any failure means "not there"
-        return False
-    return True
-
-
-def _is_stop(exception: Any) -> bool:
-    return StopRequested.__name__ in str(exception)
+def ended_by_stop(query_exception: Any | None, batch_error: BaseException | None) -> bool:
+    """Whether a query that is no longer active ended because a stop was requested: without an exception,
+    or with the :class:`StopRequested` that :meth:`Service._process_batch` raised (``batch_error``, the
+    last exception ``foreachBatch`` raised in this process; the query ends with the first one)."""
+    return query_exception is None or isinstance(batch_error, StopRequested)

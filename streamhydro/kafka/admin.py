@@ -9,7 +9,7 @@ from confluent_kafka import KafkaError as ClientError
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streamhydro.errors import KafkaError
+from streamhydro.errors import KafkaConnectorError
 from streamhydro.kafka.clients import build_client
 from streamhydro.kafka.options import ClientConfig
 
@@ -32,7 +32,7 @@ def ensure_topics(client: ClientConfig, topics: Mapping[str, int]) -> None:
                 future.result()
             except KafkaException as exc:
                 if exc.args[0].code() != ClientError.TOPIC_ALREADY_EXISTS:
-                    raise KafkaError(f"could not create topic {name!r} on {bootstrap}: {exc.args[0].str()}") from exc
+                    raise KafkaConnectorError(f"could not create topic {name!r} on {bootstrap}: {exc.args[0].str()}") from exc
     deadline = time.monotonic() + _TIMEOUT_S
     while True:
         metadata = admin.list_topics(timeout=_TIMEOUT_S).topics
@@ -40,7 +40,7 @@ def ensure_topics(client: ClientConfig, topics: Mapping[str, int]) -> None:
         if not absent:
             return
         if time.monotonic() > deadline:
-            raise KafkaError(
+            raise KafkaConnectorError(
                 f"topics {absent} did not appear in the metadata of {bootstrap} within {_TIMEOUT_S} s. "
                 "Fix: check the broker's log and that the client may create topics"
             )

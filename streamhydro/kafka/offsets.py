@@ -33,13 +33,12 @@ from collections.abc import Iterable, Mapping
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as ClientError
 
-from streamhydro.errors import KafkaError
+from streamhydro.errors import KafkaConnectorError
 from streamhydro.kafka.clients import build_client
 from streamhydro.kafka.options import GROUP_ID, ISOLATION_LEVEL, READ_COMMITTED, ClientConfig, Subscription, isolation_level
+from streamhydro.kafka.planning import TopicPartitionKey
 
 log = logging.getLogger(__name__)
-
-TopicPartitionKey = tuple[str, int]
 
 # The probe reads one record per partition: small fetches, no prefetching of whole partitions.
 PROBE_CONSUMER_SETTINGS = {
@@ -94,7 +93,7 @@ class EndOffsetProbe:
                 return request()
             except KafkaException as exc:
                 if time.monotonic() > deadline:
-                    raise KafkaError(
+                    raise KafkaConnectorError(
                         f"{what}: no answer from {self._config.get('bootstrap.servers')} for {self._patience_s:.0f} s: {exc}. "
                         "Fix: check kafka.bootstrap.servers and that the brokers are reachable"
                     ) from exc
@@ -121,7 +120,7 @@ class EndOffsetProbe:
                 f"{topic}[{partition}] offsets",
             )
             if answer is None:
-                raise KafkaError(
+                raise KafkaConnectorError(
                     f"{topic}[{partition}]: no offsets from the broker within {self._timeout_s} s. "
                     "Fix: check the broker is up and the partition has a leader"
                 )

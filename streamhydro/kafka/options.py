@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from streamhydro.errors import ConfigError
+from streamhydro.kafka.planning import TopicPartitionKey
 from streamhydro.secrets import masked
 
 KAFKA_PREFIX = "kafka."
@@ -347,9 +348,6 @@ def parse_subscription(options: Mapping[str, str]) -> Subscription:
     return Subscription("assign", assigned=tuple(sorted((t, p) for t, parts in parsed.items() for p in parts)))
 
 
-TopicPartitionKey = tuple[str, int]
-
-
 @dataclass(frozen=True)
 class StartingOffsets:
     """``earliest``, ``latest``, or specific offsets per topic-partition (-2 earliest, -1 latest)."""
@@ -425,7 +423,7 @@ class SourceOptions:
     """Everything the streaming reader needs, parsed once on the driver.
 
     ``emit``: ``records`` (default) gives Spark's Kafka source schema, one row per record; ``ranges`` gives
-    one row per task, the topic-partition range the task is to read (:data:`RANGE_SCHEMA`), for a
+    one row per task, the topic-partition range the task is to read (:data:`~streamhydro.kafka.records.RANGE_SCHEMA`), for a
     consumer that reads the records itself in the same task (``streamhydro serve``, see
     :mod:`streamhydro.executor.direct`).
     ``end_offsets``: ``listOffsets`` (default) trusts ListOffsets(latest), as Spark's connector does, right

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+# (topic, partition): the key of every offset map in streamhydro's Kafka code.
 TopicPartitionKey = tuple[str, int]
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as ClientError
 
-from streamhydro.errors import DataLossError, KafkaError
+from streamhydro.errors import DataLossError, KafkaConnectorError
 from streamhydro.kafka.options import ClientConfig
 from streamhydro.kafka.planning import OffsetRange
 from streamhydro.kafka.records import columns_of, to_record_batch
@@ -103,7 +103,7 @@ def _handle_event(
         wait_s = recheck_s(poll_timeout_ms)
         marks, transient = settle(lambda: _watermarks(consumer, tp), position, wait_s)
         if marks is None:
-            raise KafkaError(f"{where}: offset {position} out of range and no offsets from the broker: {error.str()}")
+            raise KafkaConnectorError(f"{where}: offset {position} out of range and no offsets from the broker: {error.str()}")
         if transient:
             log.info("%s ended below %d for a moment (now %s); reading on", where, position, marks)
             consumer.assign([TopicPartition(offsets.topic, offsets.partition, position)])
@@ -113,7 +113,7 @@ def _handle_event(
             f"{where} ends at {marks.high}, offsets {marks.high}..{until - 1} are gone (still after {wait_s:.0f} s)",
         )
         return until
-    raise KafkaError(f"{where}: reading offset {position}: {error.str()}")
+    raise KafkaConnectorError(f"{where}: reading offset {position}: {error.str()}")
 
 
 def _watermarks(consumer: Consumer, tp: TopicPartition) -> Watermarks | None:
@@ -156,7 +156,7 @@ def read_range(
             if messages:
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > poll_timeout_ms / 1000:
-                raise KafkaError(
+                raise KafkaConnectorError(
                     f"{where}: no records for {poll_timeout_ms} ms while reading offsets {position}..{until - 1}. "
                     "Fix: check the broker, or raise kafkaConsumer.pollTimeoutMs"
                 )

@@ -26,7 +26,7 @@ from pyspark.sql.datasource import DataSource, DataSourceStreamReader, InputPart
 from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows, SupportsTriggerAvailableNow
 from pyspark.sql.types import StructType
 
-from streamhydro.errors import ConfigError, KafkaError
+from streamhydro.errors import ConfigError, KafkaConnectorError
 from streamhydro.kafka import clients
 from streamhydro.kafka.offsets import EndOffsetProbe
 from streamhydro.kafka.options import (
@@ -183,7 +183,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
     def _ask(self, tp: TopicPartitionKey) -> Watermarks | None:
         try:
             low, high = self.probe.offset_ranges([tp])[tp]
-        except KafkaError as exc:
+        except KafkaConnectorError as exc:
             log.debug("%s[%d] offsets: %s", *tp, exc)
             return None
         return Watermarks(low, high)

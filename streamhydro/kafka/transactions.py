@@ -38,11 +38,11 @@ import pyarrow as pa
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka import KafkaError as ClientError
 
-from streamhydro.errors import ConfigError, KafkaError
+from streamhydro.errors import ConfigError, KafkaConnectorError
 from streamhydro.kafka import clients
 from streamhydro.kafka.options import EXACTLY_ONCE, ClientConfig
 from streamhydro.kafka.planning import OffsetRange
-from streamhydro.kafka.writing import PRODUCER_DEFAULTS, send_all
+from streamhydro.kafka.writing import PREDICTION_PRODUCER_DEFAULTS, send_all
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,10 @@ log = logging.getLogger(__name__)
 # Spark retries it. Without a restart, a crashed task's open transaction holds read_committed consumers
 # of the output partitions back for up to this long.
 TRANSACTION_TIMEOUT_KEY = "transaction.timeout.ms"
-TRANSACTION_DEFAULTS = {**{k: v for k, v in PRODUCER_DEFAULTS.items() if k != "message.timeout.ms"}, TRANSACTION_TIMEOUT_KEY: "120000"}
+TRANSACTION_DEFAULTS = {
+    **{k: v for k, v in PREDICTION_PRODUCER_DEFAULTS.items() if k != "message.timeout.ms"},
+    TRANSACTION_TIMEOUT_KEY: "120000",
+}
 PROBE_TOPIC = "__streamhydro_transaction_probe"
 _TIMEOUT_S = 30.0
 _GRACE_S = 10.0
@@ -79,13 +82,13 @@ def _committed(marks: Consumer, topic: str, partition: int) -> tuple[int, str | 
     try:
         [found] = marks.committed([TopicPartition(topic, partition)], timeout=_TIMEOUT_S)
     except KafkaException as exc:
-        raise KafkaError(f"reading which ranges of {topic}[{partition}] are written: {exc.args[0].str()}") from exc
+        raise KafkaConnectorError(f"reading which ranges of {topic}[{partition}] are written: {exc.args[0].str()}") from exc
     if found.error is not None:
-        raise KafkaError(f"reading which ranges of {topic}[{partition}] are written: {found.error.str()}")
+        raise KafkaConnectorError(f"reading which ranges of {topic}[{partition}] are written: {found.error.str()}")
     return found.offset, found.metadata
 
 
-class MarkMismatch(KafkaError):
+class MarkMismatch(KafkaConnectorError):
     """The consumer group that marks written ranges says something this query's batch history cannot
     explain: it was reset, deleted and rewritten, or is shared with another deployment (a copied checkpoint).
     Skipping or rewriting the range would lose or duplicate predictions, so the task fails instead."""
@@ -194,7 +197,7 @@ def produce_exactly_once(
     except KafkaException as exc:
         if began is not None and not exc.args[0].fatal():
             _abort(producer, tid)
-        raise KafkaError(_failure(exc.args[0], tid, config, began)) from exc
+        raise KafkaConnectorError(_failure(exc.args[0], tid, config, began)) from exc
     except BaseException:
         if began is not None:
             _abort(producer, tid)
@@ -268,7 +271,7 @@ def check_transactions(client: ClientConfig) -> None:
     finally:
         producer.close()
     if not offsets:
-        raise KafkaError(f"the transaction probe's first record to {PROBE_TOPIC} on {bootstrap} was not acknowledged")
+        raise KafkaConnectorError(f"the transaction probe's first record to {PROBE_TOPIC} on {bootstrap} was not acknowledged")
     # A probe killed mid-transaction leaves it open, holding read_committed readers back until the broker
     # aborts it after the transaction timeout: wait that long for our records before giving up.
     wait_s = int(config.get(TRANSACTION_TIMEOUT_KEY)) / 1000 + _GRACE_S
@@ -281,7 +284,7 @@ def check_transactions(client: ClientConfig) -> None:
             refuse_fix,
         )
     if seen != [values[0], values[2]]:
-        raise KafkaError(
+        raise KafkaConnectorError(
             f"the transaction probe read {[v.decode().split('/', 1)[1] for v in seen]} from {PROBE_TOPIC} on {bootstrap} "
             f"within {wait_s:.0f} s, not its two committed records"
         )

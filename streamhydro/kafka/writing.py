@@ -29,8 +29,9 @@ from streamhydro.kafka.records import outgoing
 
 log = logging.getLogger(__name__)
 
-# Defaults for throughput and safety; user kafka.* settings win.
-PRODUCER_DEFAULTS = {
+# The prediction and dead-letter producer of a write task: defaults for throughput and safety; user kafka.*
+# settings win. Transactional writers start from these too (transactions.TRANSACTION_DEFAULTS).
+PREDICTION_PRODUCER_DEFAULTS = {
     "enable.idempotence": "true",
     "acks": "all",
     # A task flushes at its end, so a long linger is paid once per task and buys nothing on loopback:
@@ -49,7 +50,7 @@ _POLL_EVERY = 5000
 
 
 def producer_config(client: ClientConfig) -> ClientConfig:
-    return client.with_defaults(PRODUCER_DEFAULTS)
+    return client.with_defaults(PREDICTION_PRODUCER_DEFAULTS)
 
 
 class DeliveryTracker:
@@ -123,7 +124,7 @@ def _produce_all(producer: Producer, batch: pa.RecordBatch, default_topic: str |
 
 def flush_timeout_s(config: ClientConfig) -> float:
     """How long a flush may wait for the last confirmations: the producer's own delivery timeout and a grace."""
-    return int(config.get("message.timeout.ms") or PRODUCER_DEFAULTS["message.timeout.ms"]) / 1000 + _FLUSH_GRACE_S
+    return int(config.get("message.timeout.ms") or PREDICTION_PRODUCER_DEFAULTS["message.timeout.ms"]) / 1000 + _FLUSH_GRACE_S
 
 
 def send_all(producer: Producer, default_topic: str | None, batches: Iterable[pa.RecordBatch], timeout_s: float) -> DeliveryTracker:

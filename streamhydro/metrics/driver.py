@@ -20,11 +20,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prometheus_client import CollectorRegistry, values
+from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from streamhydro.config import MetricsSettings
 from streamhydro.errors import ConfigError
+from streamhydro.internals import prometheus_multiprocess_enabled
 from streamhydro.metrics import multiprocess
 from streamhydro.metrics.definitions import DriverMetricSet
 from streamhydro.metrics.endpoint import Endpoint
@@ -50,7 +51,7 @@ class DriverMetrics:
         if not settings.enabled:
             log.info("metrics disabled (metrics.enabled = false)")
             return
-        if values.ValueClass._multiprocess:
+        if prometheus_multiprocess_enabled():
             raise ConfigError(
                 "metrics.multiprocess_dir",
                 f"{multiprocess.ENV_VAR} is set in the driver's environment, so driver metrics would be counted twice",

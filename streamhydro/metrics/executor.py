@@ -79,11 +79,10 @@ def _create() -> ExecutorMetricSet | None:
         return None
     # On a cluster node nobody may have made it yet (the per-node exporter does, when it runs first).
     os.makedirs(os.environ[ENV_VAR], exist_ok=True)
-    from prometheus_client import values
-
+    from streamhydro.internals import prometheus_multiprocess_enabled
     from streamhydro.metrics.definitions import ExecutorMetricSet
 
-    if not values.ValueClass._multiprocess:
+    if not prometheus_multiprocess_enabled():
         log.warning(
             "%s was set after prometheus_client was imported in process %d: executor metrics are not recorded",
             ENV_VAR, os.getpid(),

@@ -23,9 +23,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from streamhydro.internals import check_versions
     from streamhydro.trainer.config import load
     from streamhydro.trainer.launch import build_session, train
 
+    check_versions()
     config = load(args.config)
     spark = build_session(config)
     try:

@@ -31,6 +31,7 @@ from pyspark.resource import ResourceProfile
 from pyspark.sql import DataFrame, SparkSession
 
 from streamhydro.devices import PCI_ORDER
+from streamhydro.internals import max_concurrent_tasks
 from streamhydro.registry import ModelVersion
 from streamhydro.spark import (
     DYNAMIC_ALLOCATION,
@@ -130,7 +131,7 @@ def check_cluster(spark: SparkSession, config: TrainConfig, profile: ResourcePro
         log.warning("master %s allows no task retry: a failed rank fails the run instead of resuming from its checkpoint", sc.master)
     deadline = time.monotonic() + config.training.slots_wait_seconds
     while True:
-        slots = _slots(spark, profile)
+        slots = max_concurrent_tasks(spark, profile)
         if slots >= ranks or time.monotonic() >= deadline:
             break
         log.info("waiting for executors: %d task slots free, training.ranks = %d", slots, ranks)
@@ -144,12 +145,6 @@ def check_cluster(spark: SparkSession, config: TrainConfig, profile: ResourcePro
             "(spark.executor.instances, spark.executor.cores; local[N] with N >= ranks)",
         )
     return slots
-
-
-def _slots(spark: SparkSession, profile: ResourceProfile | None) -> int:
-    jsc = spark.sparkContext._jsc.sc()
-    java_profile = profile._java_resource_profile if profile is not None else jsc.resourceProfileManager().defaultResourceProfile()
-    return int(jsc.maxNumConcurrentTasks(java_profile))
 
 
 def train(spark: SparkSession, config: TrainConfig, command: str) -> TrainResult:
