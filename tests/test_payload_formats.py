@@ -86,10 +86,28 @@ def proto_schema():
 
 
 @pytest.fixture(autouse=True)
-def registry_cache():
+def registry_cache(monkeypatch):
+    """An empty schema cache whose clock stands still: a remembered miss stays a miss for the whole test."""
     schemas.forget_all()
+    monkeypatch.setattr(schemas, "_now", lambda: 0.0)
     yield
     schemas.forget_all()
+
+
+def test_a_found_schema_is_kept_and_an_unknown_id_is_asked_again_after_a_while(monkeypatch):
+    now, asked = [0.0], []
+    registered = schemas.RegisteredSchema("AVRO", '"string"')
+    answers = {7: None}
+    monkeypatch.setattr(schemas, "_now", lambda: now[0])
+    monkeypatch.setattr(schemas, "client", lambda url, settings: None)
+    monkeypatch.setattr(schemas, "_fetch", lambda registry, url, schema_id: asked.append(schema_id) or answers[schema_id])
+    assert schemas.schema(URL, {}, 7) is None
+    assert schemas.schema(URL, {}, 7) is None and asked == [7], "a miss is remembered for a while"
+    answers[7] = registered  # a producer registers a schema, which gets id 7
+    now[0] = schemas.MISS_RETRY_S + 0.1
+    assert schemas.schema(URL, {}, 7) == registered and asked == [7, 7]
+    now[0] += 3600
+    assert schemas.schema(URL, {}, 7) == registered and asked == [7, 7], "a found schema is never asked again"
 
 
 # --- JSON -------------------------------------------------------------------------------------------

@@ -356,7 +356,7 @@ def test_streamhydros_connector_writes_what_the_input_let_through_however_large(
         producer.produce(source, value, key, headers=[("trace", b"t")])
     assert producer.flush(30) == 0
 
-    plan = ScoringPlan(version.manifest, Holder(version.read_bytes()), "json", output, dead, EngineSettings(pipeline_depth=0))
+    plan = ScoringPlan(version.manifest, Holder(version.read_bytes()), PayloadSettings(), output, dead, EngineSettings(pipeline_depth=0))
     written = score_range(plan, RangeIO(client(kafka_bootstrap)), OffsetRange(source, 0, 0, 3), TaskResources())
     assert written == 3
     [prediction] = read_all(kafka_bootstrap, output, 1, seconds=30)

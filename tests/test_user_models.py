@@ -32,7 +32,8 @@ from streamhydro.registry import Registry
 pytestmark = [pytest.mark.spark, pytest.mark.broker, pytest.mark.slow]
 
 REPEATS = 5  # events per training row of the converted model
-BAD_VALUES = (b"", b"\x00\x00\x00\x00\x07not an event", b"{\"truncated\": ")
+# Empty; the wire format's magic byte with a schema id no registry here hands out; truncated JSON.
+BAD_VALUES = (b"", b"\x00\x7f\xff\xff\xf0not an event", b"{\"truncated\": ")
 TOLERANCE = 1e-5
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,10 +52,17 @@ class RegisteredSchema:
     references: tuple[tuple[str, str], ...] = ()
 
 
+# A registered schema never changes, so a found one is kept for the worker's life. An id the registry does
+# not know may be registered a moment later (ids are handed out as producers register), so a miss is only
+# remembered this long: a burst of records with an unknown id costs one request per this many seconds.
+MISS_RETRY_S = 5.0
+
 _lock = threading.Lock()
 _owner_pid = os.getpid()
 _clients: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
-_schemas: dict[tuple[str, int], RegisteredSchema | None] = {}
+_schemas: dict[tuple[str, int], RegisteredSchema] = {}
+_misses: dict[tuple[str, int], float] = {}  # (url, id) -> monotonic time until which the id counts as unknown
+_now = time.monotonic
 
 
 def _reset_after_fork() -> None:
@@ -62,6 +70,7 @@ def _reset_after_fork() -> None:
     if os.getpid() != _owner_pid:
         _clients.clear()
         _schemas.clear()
+        _misses.clear()
         _owner_pid = os.getpid()
 
 
@@ -88,23 +97,28 @@ def _number(key: str, value: str) -> float | int:
 
 def schema(url: str, settings: Mapping[str, str], schema_id: int) -> RegisteredSchema | None:
     """The schema registered under ``schema_id`` (None when the registry does not know the id);
-    :class:`SchemaRegistryError` when it cannot answer."""
+    :class:`SchemaRegistryError` when it cannot answer. See :data:`MISS_RETRY_S` for what is cached."""
+    key = (url, schema_id)
     with _lock:
         _reset_after_fork()
-        if (url, schema_id) in _schemas:
-            return _schemas[(url, schema_id)]
-    registry = client(url, settings)
-    with _lock:
-        if (url, schema_id) not in _schemas:
-            _schemas[(url, schema_id)] = _fetch(registry, url, schema_id)
-        return _schemas[(url, schema_id)]
+        if key in _schemas:
+            return _schemas[key]
+        if _misses.get(key, float("-inf")) > _now():
+            return None
+    fetched = _fetch(client(url, settings), url, schema_id)
+    remember(url, schema_id, fetched)
+    return fetched
 
 
 def remember(url: str, schema_id: int, registered: RegisteredSchema | None) -> None:
-    """Put a schema in this process's cache, as if fetched (tests; a producer that just registered it)."""
+    """Put a fetch's answer in this process's cache (``None``: the registry does not know the id)."""
     with _lock:
         _reset_after_fork()
-        _schemas[(url, schema_id)] = registered
+        if registered is None:
+            _misses[(url, schema_id)] = _now() + MISS_RETRY_S
+        else:
+            _schemas[(url, schema_id)] = registered
+            _misses.pop((url, schema_id), None)
 
 
 def forget_all() -> None:
@@ -112,6 +126,7 @@ def forget_all() -> None:
     with _lock:
         _clients.clear()
         _schemas.clear()
+        _misses.clear()
 
 
 def _fetch(registry: Any, url: str, schema_id: int) -> RegisteredSchema | None:
