@@ -453,13 +453,6 @@ def _validated(config: Config) -> Config:
             "is chosen by serve, one per input partition, and only with delivery = \"exactly_once\"",
             'remove it (for transactions set delivery = "exactly_once")',
         )
-    if k.delivery == "exactly_once" and k.max_offsets_per_trigger == 0:
-        raise ConfigError(
-            "kafka.max_offsets_per_trigger",
-            "is 0 (no limit) with delivery = exactly_once: each input range of a micro-batch is written in one "
-            "transaction, and a range without a bound can outlast the transaction timeout on every retry",
-            "set a limit, e.g. 200000 (the default)",
-        )
     if k.max_offsets_per_trigger < 0:
         raise ConfigError("kafka.max_offsets_per_trigger", f"must be >= 0, got {k.max_offsets_per_trigger}", "use 0 for no limit")
     if k.output_topic == k.dead_letter_topic:

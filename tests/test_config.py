@@ -208,12 +208,6 @@ def test_an_unreadable_subscription_names_its_config_key(kafka, key):
     assert info.value.key == key
 
 
-def test_exactly_once_needs_a_bounded_micro_batch():
-    with pytest.raises(ConfigError) as refused:
-        config.Config().replace(kafka={"source": "python", "delivery": "exactly_once", "max_offsets_per_trigger": 0})
-    assert refused.value.key == "kafka.max_offsets_per_trigger" and "transaction" in refused.value.problem
-
-
 @pytest.mark.parametrize(("written", "depth"), [("auto", None), (0, 0), (2, 2), ("3", 3)])
 def test_pipeline_depth_is_auto_or_a_number_of_batches(written, depth):
     cfg = config.Config().replace(inference={"pipeline_depth": written})

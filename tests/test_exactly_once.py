@@ -8,10 +8,12 @@ checkpoint. Refusals at start: Spark's built-in sink, speculation, Tansu (transa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,13 +107,36 @@ def test_start_refuses_speculation(kafka_bootstrap, topics, model_registry, tmp_
     assert refused.value.key == f"spark.conf.{SPECULATION}"
 
 
-def _results(output: str, source: str, partition: int, count: int, fail_after: int | None = None):
-    """Sink rows for offsets 0..count-1 of ``source[partition]``, in batches of 100; raises after ``fail_after`` rows."""
-    for start in range(0, count, 100):
-        if fail_after is not None and start >= fail_after:
-            raise RuntimeError("injected: the scoring failed")
-        values = [f"{source}-{partition}-{o}".encode() for o in range(start, min(start + 100, count))]
-        yield pa.RecordBatch.from_pydict({"value": values, "topic": [output] * len(values)})
+def _reader(source: str, partition: int, fail_at: int | None = None, asked: list | None = None):
+    """A task's ``read``: input batches of 100 offsets of ``source[partition]`` (an ``offset`` and a
+    ``value`` column); raises on reaching ``fail_at``; notes each part it is asked for in ``asked``."""
+
+    def read(part: OffsetRange):
+        if asked is not None:
+            asked.append(part)
+        for start in range(part.from_offset, part.until_offset, 100):
+            if fail_at is not None and start >= fail_at:
+                raise RuntimeError("injected: the read failed")
+            offsets = list(range(start, min(start + 100, part.until_offset)))
+            yield pa.RecordBatch.from_pydict({"offset": offsets, "value": [f"{source}-{partition}-{o}".encode() for o in offsets]})
+
+    return read
+
+
+def _scorer(output: str, fail_at: int | None = None, seconds_per_batch: float = 0.0):
+    """A task's ``score``: one sink row per input row; raises once, after yielding the batch holding ``fail_at``."""
+    failures = [fail_at] if fail_at is not None else []
+
+    def score(batches):
+        for batch in batches:
+            time.sleep(seconds_per_batch)
+            yield pa.RecordBatch.from_pydict({"value": batch.column("value"), "topic": [output] * batch.num_rows})
+            offsets = batch.column("offset").to_pylist()
+            if failures and failures[0] in offsets:
+                failures.clear()
+                raise RuntimeError("injected: the scoring failed")
+
+    return score
 
 
 def _log_end(kafka_bootstrap, topic: str) -> int:
@@ -138,14 +163,18 @@ def test_a_range_is_written_once_and_recorded_in_the_same_transaction(kafka_boot
     prefix = f"test-{topic_name}"
     ranges = [OffsetRange(source, p, 0, 300) for p in (0, 1)]
 
-    def write(prefix: str, fail_after: int | None = None) -> list[int]:
-        return [produce_exactly_once(client(kafka_bootstrap), r, _results(output, source, r.partition, 300, fail_after), prefix) for r in ranges]
+    def write(prefix: str, fail_at: int | None = None) -> list[int]:
+        return [
+            produce_exactly_once(client(kafka_bootstrap), r, _reader(source, r.partition, fail_at), _scorer(output), prefix) for r in ranges
+        ]
 
     assert write(prefix) == [300, 300]
     written = read_all(kafka_bootstrap, output, 600, **COMMITTED)
     assert sorted(r.value for r in written) == sorted(f"{source}-{p}-{o}".encode() for p in (0, 1) for o in range(300))
     committed = _committed(kafka_bootstrap, prefix, source)
-    assert [tp.offset for tp in committed] == [300, 300] and json.loads(committed[0].metadata) == {"query": prefix, "batch": None, "from": 0, "until": 300}
+    assert [tp.offset for tp in committed] == [300, 300] and json.loads(committed[0].metadata) == {
+        "query": prefix, "batch": None, "from": 0, "until": 300, "end": 300
+    }
     log_end = _log_end(kafka_bootstrap, output)
 
     assert write(prefix) == [0, 0]
@@ -155,7 +184,7 @@ def test_a_range_is_written_once_and_recorded_in_the_same_transaction(kafka_boot
     assert len(read_all(kafka_bootstrap, output, 1200, **COMMITTED)) == 1200, "another query writes its own"
 
     with pytest.raises(RuntimeError, match="injected"):
-        write(f"{prefix}-cut", fail_after=200)
+        write(f"{prefix}-cut", fail_at=200)
     assert _log_end(kafka_bootstrap, output) > log_end + 600, "the failed attempt's records lie in the log"
     assert len(read_all(kafka_bootstrap, output, 1201, seconds=5, **COMMITTED)) == 1200, "aborted, invisible"
     assert [tp.offset for tp in _committed(kafka_bootstrap, f"{prefix}-cut", source)] == [-1001, -1001]
@@ -165,7 +194,56 @@ def test_a_range_is_written_once_and_recorded_in_the_same_transaction(kafka_boot
     marks.commit(offsets=[TopicPartition(source, 0, 900)], asynchronous=False)
     marks.close()
     with pytest.raises(MarkMismatch, match=rf"consumer group {prefix} marks {source}\[0\] written up to offset 900"):
-        produce_exactly_once(client(kafka_bootstrap), OffsetRange(source, 0, 300, 600), _results(output, source, 0, 300, None), prefix)
+        produce_exactly_once(client(kafka_bootstrap), OffsetRange(source, 0, 300, 600), _reader(source, 0), _scorer(output), prefix)
+
+
+def _one_each(kafka_bootstrap, output: str, source: str, offsets: range) -> None:
+    """The output, read read_committed, holds exactly one record per input offset."""
+    written = read_all(kafka_bootstrap, output, len(offsets), seconds=60, **COMMITTED)
+    assert sorted(r.value for r in written) == sorted(f"{source}-0-{o}".encode() for o in offsets)
+
+
+@pytest.mark.broker
+def test_a_retry_resumes_at_the_last_committed_transaction(kafka_bootstrap, topic_name):
+    output, source = f"{topic_name}-out", f"{topic_name}-src"
+    ensure_topics(client(kafka_bootstrap), {output: 2, source: 2})
+    prefix, whole = f"test-{topic_name}", OffsetRange(source, 0, 0, 500)
+    # Transactions of 200 input records in pieces of 50: [0, 200), [200, 400), [400, 500).
+    bounds = {"piece_rows": 50, "records": 200}
+    asked: list[OffsetRange] = []
+    with pytest.raises(RuntimeError, match="injected"):
+        produce_exactly_once(client(kafka_bootstrap), whole, _reader(source, 0, asked=asked), _scorer(output, fail_at=250), prefix, 3, **bounds)
+    [mark] = _committed(kafka_bootstrap, prefix, source)[:1]
+    assert mark.offset == 200 and json.loads(mark.metadata) == {"query": prefix, "batch": 3, "from": 0, "until": 500, "end": 200}
+
+    assert produce_exactly_once(client(kafka_bootstrap), whole, _reader(source, 0, asked=asked), _scorer(output), prefix, 3, **bounds) == 300
+    assert asked == [whole, OffsetRange(source, 0, 200, 500)], "the retry reads only what is not written"
+    _one_each(kafka_bootstrap, output, source, range(500))
+    [mark] = _committed(kafka_bootstrap, prefix, source)[:1]
+    assert mark.offset == 500 and json.loads(mark.metadata)["end"] == 500
+    assert produce_exactly_once(client(kafka_bootstrap), whole, _reader(source, 0), _scorer(output), prefix, 3, **bounds) == 0
+
+    # Another batch finds the range's mark partway: a copy of the checkpoint, refused.
+    with pytest.raises(MarkMismatch, match="marked by batch 3"):
+        produce_exactly_once(client(kafka_bootstrap), OffsetRange(source, 0, 400, 500), _reader(source, 0), _scorer(output), prefix, 4)
+
+
+@pytest.mark.broker
+def test_a_task_slower_than_the_transaction_timeout_commits_every_transaction(kafka_bootstrap, topic_name, caplog):
+    output, source = f"{topic_name}-out", f"{topic_name}-src"
+    ensure_topics(client(kafka_bootstrap), {output: 2, source: 2})
+    slow = client(kafka_bootstrap, {"transaction.timeout.ms": "3000"})  # transactions stop reading after 1 s
+    whole = OffsetRange(source, 0, 0, 1500)
+    caplog.set_level(logging.INFO, logger="streamhydro.kafka.transactions")
+    began = time.monotonic()
+    # 0.25 s per input batch of 100: 3.75 s in all, longer than the transaction timeout.
+    written = produce_exactly_once(slow, whole, _reader(source, 0), _scorer(output, seconds_per_batch=0.25), f"test-{topic_name}", 0, piece_rows=100)
+    took = time.monotonic() - began
+    assert written == 1500 and took > 3.0, took
+    [summary] = [r.getMessage() for r in caplog.records if "transactions:" in r.getMessage()]
+    assert int(summary.split(" in ")[1].split()[0]) >= 3, summary
+    _one_each(kafka_bootstrap, output, source, range(1500))
+    assert _committed(kafka_bootstrap, f"test-{topic_name}", source)[0].offset == 1500
 
 
 def _serve(tmp_path: Path, toml: str, name: str, fault: tuple[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
@@ -278,3 +356,35 @@ def test_kill_between_the_transactions_commit_and_the_batch_commit_then_restart(
         _stop(process, log)
     in_log = read_all(kafka_bootstrap, topics["output"], events + 1, seconds=10)
     assert len(in_log) == events, "the replayed batch 1 must write nothing, not even records it then aborts"
+
+
+@pytest.mark.broker
+def test_a_task_writes_its_range_in_bounded_transactions_with_the_shared_scoring(kafka_bootstrap, topic_name, model_registry, caplog, monkeypatch):
+    from _inference_models import Holder
+    from streamhydro.config import PayloadSettings
+    from streamhydro.executor.direct import RangeIO, score_range
+    from streamhydro.executor.scoring import EngineSettings, ScoringPlan
+    from streamhydro.executor.sessions import TaskResources
+    from streamhydro.kafka import transactions
+
+    topics = {"input": f"{topic_name}-in", "output": f"{topic_name}-out", "dlq": f"{topic_name}-dlq"}
+    ensure_topics(client(kafka_bootstrap), {topics["input"]: 1, topics["output"]: 2, topics["dlq"]: 1})
+    events = 1000
+    version = model_registry.get("iris_like", "1")
+    send(kafka_bootstrap, topics["input"], make_values(version.manifest, "json", events, np.random.default_rng(6)))
+    plan = ScoringPlan(
+        version.manifest, Holder(version.read_bytes()), PayloadSettings(), topics["output"], topics["dlq"],
+        EngineSettings(batch_size=100, pipeline_depth=2),  # the scoring reads the transaction's input in its own thread
+    )
+    monkeypatch.setattr(transactions, "TRANSACTION_RECORDS", 300)
+    caplog.set_level(logging.INFO, logger="streamhydro.kafka.transactions")
+    prefix = f"test-{topics['input']}"
+    whole = OffsetRange(topics["input"], 0, 0, events)
+    io = RangeIO(client(kafka_bootstrap), transactional_id_prefix=prefix, batch_id=0)
+    assert score_range(plan, io, whole, TaskResources()) == events
+    assert any(f"up to offset {events} written by" in m and "in 4 transactions" in m for m in caplog.messages), caplog.messages
+    records = read_all(kafka_bootstrap, topics["output"], events, seconds=60, **COMMITTED)
+    keys = [json.loads(r.value)["idempotency_key"] for r in records]
+    assert sorted(keys) == sorted(f"{topics['input']}/0/{o}" for o in range(events))
+    assert _committed(kafka_bootstrap, prefix, topics["input"])[0].offset == events
+

@@ -10,11 +10,13 @@ Python workers, once per task, each task holding one topic-partition range of th
 Records never cross between the JVM and Python: the worker's cached consumer reads the range
 (:mod:`streamhydro.kafka.reading`), :func:`~streamhydro.executor.scoring.score_partition` decodes, scores
 and encodes it, and the worker's cached producer writes predictions and dead letters
-(:mod:`streamhydro.kafka.writing`), or, for exactly-once, a transactional producer writes them with the
-range's end offset (:mod:`streamhydro.kafka.transactions`). The only rows Spark moves are the range in and
+(:mod:`streamhydro.kafka.writing`), or, for exactly-once, a transactional producer writes them in a
+sequence of bounded transactions, each with the offset its part of the range ends at
+(:mod:`streamhydro.kafka.transactions`). The only rows Spark moves are the range in and
 one summary row out. A task ends after every record it wrote is confirmed (or its transaction committed),
 so when Spark commits the micro-batch every prediction of it is in Kafka; a task that fails is retried
-by Spark and writes its range again (at least once), or, transactionally, writes it once.
+by Spark and writes its range again (at least once), or, transactionally, writes the part after the last
+committed transaction (once).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class RangeIO:
 
     ``client``: the ``kafka.*`` settings (both clients); ``fail_on_data_loss`` and ``poll_timeout_ms`` as
     the source's options. ``transactional_id_prefix``: None writes at least once; else each range is
-    written in one transaction (ids ``<prefix>-<topic>-<partition>``). ``batch_id`` labels logs and
+    written in bounded transactions (ids ``<prefix>-<topic>-<partition>``). ``batch_id`` labels logs and
     transaction marks.
     """
 
@@ -74,13 +76,24 @@ def score_ranges(plan: ScoringPlan, io: RangeIO) -> Callable[[Iterator[pa.Record
 def score_range(plan: ScoringPlan, io: RangeIO, offsets: OffsetRange, resources: TaskResources | None = None) -> int:
     """Read ``offsets``, score them and write the results; returns the number of records written.
 
-    ``resources`` defaults to what Spark assigned the running task (nothing outside Spark).
+    ``resources`` defaults to what Spark assigned the running task (nothing outside Spark). Both delivery
+    modes read and score with the same two functions; exactly-once reads the part of the range still to
+    write and scores it one transaction's input at a time.
     """
     consumer = clients.consumer(reader_config(io.client))
-    records = read_range(consumer, offsets, io.fail_on_data_loss, io.poll_timeout_ms)
-    results = score_partition(plan, records, resources=resources)
+
+    def read(part: OffsetRange) -> Iterator[pa.RecordBatch]:
+        return read_range(consumer, part, io.fail_on_data_loss, io.poll_timeout_ms)
+
+    def score(records: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        return score_partition(plan, records, resources=resources)
+
     if io.transactional_id_prefix is None:
-        written = produce_batches(io.client, None, results)
+        written = produce_batches(io.client, None, score(read(offsets)))
         observe_delivery_wait(written.flush_seconds)
         return written.rows
-    return produce_exactly_once(io.client, offsets, results, io.transactional_id_prefix, io.batch_id)
+    # Pieces of one model batch: a transaction checks its clock before each, so one batch's scoring is the
+    # most it can overrun its time bound by.
+    return produce_exactly_once(
+        io.client, offsets, read, score, io.transactional_id_prefix, io.batch_id, piece_rows=plan.engine.batch_size
+    )

@@ -1,26 +1,34 @@
-"""Exactly-once writes: one Kafka transaction per (micro-batch, input range), marked done inside itself.
+"""Exactly-once writes: each input range as a sequence of bounded Kafka transactions, each marked done inside itself.
 
 Where things run:
 
 - :func:`produce_exactly_once` runs in executor Python workers, once per task of ``streamhydro serve``'s
-  micro-batch, that is once per input topic-partition range (:mod:`streamhydro.executor.direct`: the task
-  reads its range, scores it and hands the results here). The range comes from Spark's offset planning,
-  the same on every attempt and every replay of the micro-batch.
+  micro-batch, that is once per input topic-partition range (:mod:`streamhydro.executor.direct` hands it
+  the task's read and scoring functions). The range comes from Spark's offset planning, the same on every
+  attempt and every replay of the micro-batch.
 - :func:`check_transactions` runs on the driver once at start.
 
-A task's transaction (``transactional.id`` = ``<prefix>-<input topic>-<input partition>``, the same for
-every attempt and every restart of the query) holds its predictions, its dead letters and, through
-``send_offsets_to_transaction``, the range's end offset as the committed offset of the input partition in
-the consumer group ``<prefix>``. Before writing, an attempt calls ``init_transactions``, which fences every
-earlier producer of that id and finishes its transaction (commit or abort), then reads the group's
-committed offset (a stable read: librdkafka asks with ``require_stable``) and checks it with its metadata
-(:func:`range_written`): a mark of this query at the range's end means an earlier attempt committed the
-range and the attempt writes nothing; a mark this query's history cannot explain (the group reset or
-deleted, a copied checkpoint) fails the task with :class:`MarkMismatch`, naming the group and the fix.
+A task's transactions (``transactional.id`` = ``<prefix>-<input topic>-<input partition>``, the same for
+every attempt and every restart of the query) each hold the predictions and dead letters of a contiguous
+sub-range ``[a, b)`` of the task's range ``[from, until)`` and, through ``send_offsets_to_transaction``,
+the mark ``b`` as the committed offset of the input partition in the consumer group ``<prefix>``
+(:func:`mark_metadata`: query, batch, ``from``, ``until`` and ``end = b``). Before writing, an attempt
+calls ``init_transactions``, which fences every earlier producer of that id and finishes its transaction
+(commit or abort), then reads the group's committed offset (a stable read: librdkafka asks with
+``require_stable``) and checks it with its metadata (:func:`written_up_to`): a mark of this query and
+batch at ``b`` means earlier attempts wrote ``[from, b)`` and the attempt reads, scores and writes only
+``[b, until)``; a mark this query's history cannot explain (the group reset or deleted, a copied
+checkpoint) fails the task with :class:`MarkMismatch`, naming the group and the fix.
 
-The results are whole when the results iterator ends: the task reads its range itself, in the same
-process, and a failure to read or score any of it raises through the iterator, which aborts the
-transaction. The races this answers, and why each is safe, are in ``docs/delivery.md``.
+A transaction is closed, and the next begun, once it holds about :data:`TRANSACTION_RECORDS` input records
+or has been open :data:`TRANSACTION_TIME_SHARE` of ``transaction.timeout.ms`` (:class:`TransactionBounds`;
+the cut is between input pieces, :class:`Transaction`), so no transaction nears its timeout whatever the
+range's size or the model's speed, and a retry never starts over: no batch can fail forever for its size.
+
+A transaction's results are whole when its scoring ends: the task reads its range itself, in the same
+process, and a failure to read or score any of it raises through the iterator, which aborts the open
+transaction (the committed ones stay, with their marks). The races this answers, and why each is safe,
+are in ``docs/delivery.md``.
 
 A transactional producer serves one task: it is created for the task and closed at its end, never cached,
 because ``init_transactions`` is allowed once per producer and must run in every attempt.
@@ -28,11 +36,12 @@ because ``init_transactions`` is allowed once per producer and must run in every
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -46,15 +55,20 @@ from streamhydro.kafka.writing import PREDICTION_PRODUCER_DEFAULTS, send_all
 
 log = logging.getLogger(__name__)
 
-# A transaction stays open while its task reads, scores and writes. The broker aborts one open longer
-# than this (its own cap, transaction.max.timeout.ms, is 15 minutes by default); the task then fails and
-# Spark retries it. Without a restart, a crashed task's open transaction holds read_committed consumers
+# A transaction stays open while its task reads, scores and writes one part of its range. The broker
+# aborts one open longer than this (its own cap, transaction.max.timeout.ms, is 15 minutes by default);
+# the task then fails and Spark retries it from the last committed part. Without a restart, a crashed task's open transaction holds read_committed consumers
 # of the output partitions back for up to this long.
 TRANSACTION_TIMEOUT_KEY = "transaction.timeout.ms"
 TRANSACTION_DEFAULTS = {
     **{k: v for k, v in PREDICTION_PRODUCER_DEFAULTS.items() if k != "message.timeout.ms"},
     TRANSACTION_TIMEOUT_KEY: "120000",
 }
+# A range is written as a sequence of transactions, each closed once it holds this many input records or
+# has been open this share of transaction.timeout.ms, so none nears the timeout whatever the range's size
+# and a retry resumes at the last one committed.
+TRANSACTION_RECORDS = 50_000
+TRANSACTION_TIME_SHARE = 1 / 3
 PROBE_TOPIC = "__streamhydro_transaction_probe"
 _TIMEOUT_S = 30.0
 _GRACE_S = 10.0
@@ -108,92 +122,210 @@ class MarkMismatch(KafkaConnectorError):
         )
 
 
-def mark_metadata(prefix: str, batch_id: int | None, offsets: OffsetRange) -> str:
-    """The metadata committed with a range's end offset: enough to check it belongs to this query and range."""
+@dataclasses.dataclass(frozen=True)
+class TransactionBounds:
+    """When a task closes its open transaction and begins the next one (pure: tested without Kafka).
+
+    A transaction takes input pieces until it holds ``records`` input records or has been open ``seconds``
+    (checked before each piece is read); it always takes at least one piece, so every transaction moves
+    the mark forwards. ``piece_rows`` cuts the input into pieces that small, so the clock is read at least
+    every ``piece_rows`` records: one piece's scoring is the most a transaction can overrun ``seconds`` by
+    (plus the pieces already in the scoring pipeline, its flush and its commit).
+    """
+
+    records: int = TRANSACTION_RECORDS
+    seconds: float = int(TRANSACTION_DEFAULTS[TRANSACTION_TIMEOUT_KEY]) / 1000 * TRANSACTION_TIME_SHARE
+    piece_rows: int = TRANSACTION_RECORDS
+
+    @classmethod
+    def of(cls, config: ClientConfig, piece_rows: int, records: int = TRANSACTION_RECORDS) -> TransactionBounds:
+        """The bounds for a transactional producer's ``config``: a share of its ``transaction.timeout.ms``."""
+        timeout_ms = int(config.get(TRANSACTION_TIMEOUT_KEY) or TRANSACTION_DEFAULTS[TRANSACTION_TIMEOUT_KEY])
+        return cls(records=records, seconds=timeout_ms / 1000 * TRANSACTION_TIME_SHARE, piece_rows=max(1, min(piece_rows, records)))
+
+    def full(self, records: int, open_s: float) -> bool:
+        """Whether a transaction holding ``records`` input records, open for ``open_s`` seconds, takes no more."""
+        return records > 0 and (records >= self.records or open_s >= self.seconds)
+
+
+def pieces(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """``batches`` cut (without copying) into batches of at most ``rows`` rows; empty ones dropped."""
+    for batch in batches:
+        for start in range(0, batch.num_rows, rows):
+            yield batch.slice(start, rows)
+
+
+class Transaction:
+    """The input of one transaction: pieces pulled from ``source`` until ``bounds`` say it is full.
+
+    Iterate it once (the scoring reads it, possibly from its own thread); then ``finished`` says the
+    scoring read it to its end, ``source_ended`` whether the input ended in it, and ``end`` is one past the
+    last input offset it held (None when it held none).
+    """
+
+    def __init__(self, source: Iterator[pa.RecordBatch], bounds: TransactionBounds, clock=time.monotonic) -> None:
+        self._source = source
+        self._bounds = bounds
+        self._clock = clock
+        self._began = clock()
+        self.records = 0
+        self.end: int | None = None
+        self.source_ended = False
+        self.finished = False
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        while not self._bounds.full(self.records, self._clock() - self._began):
+            piece = next(self._source, None)
+            if piece is None:
+                self.source_ended = True
+                break
+            self.records += piece.num_rows
+            self.end = piece.column("offset")[-1].as_py() + 1
+            yield piece
+        self.finished = True
+
+    def mark_offset(self, until: int) -> int:
+        """Where this transaction's mark goes: ``until`` when the input ended in it (offsets past its last
+        record are gaps or gone), else one past its last record."""
+        if not self.finished:
+            raise KafkaError(f"the scoring ended before it had read its input (after {self.records} records); nothing is committed")
+        return until if self.source_ended or self.end is None else self.end
+
+
+def mark_metadata(prefix: str, batch_id: int | None, offsets: OffsetRange, end: int | None = None) -> str:
+    """The metadata committed with a mark at ``end`` (default: the range's end) inside the range ``offsets``:
+    enough to check it belongs to this query, this batch and this range."""
     return json.dumps(
-        {"query": prefix, "batch": batch_id, "from": offsets.from_offset, "until": offsets.until_offset}, separators=(",", ":")
+        {
+            "query": prefix,
+            "batch": batch_id,
+            "from": offsets.from_offset,
+            "until": offsets.until_offset,
+            "end": offsets.until_offset if end is None else end,
+        },
+        separators=(",", ":"),
     )
 
 
-def range_written(prefix: str, batch_id: int | None, offsets: OffsetRange, committed: int, metadata: str | None) -> bool:
-    """Whether the group's mark (``committed`` offset and its ``metadata``) says ``offsets`` was written by an
-    earlier attempt (True: write nothing) or that the range is still to write (False); raises
-    :class:`MarkMismatch` when the mark fits neither (pure: tested without Kafka).
+def written_up_to(prefix: str, batch_id: int | None, offsets: OffsetRange, committed: int, metadata: str | None) -> int:
+    """Up to which offset earlier attempts wrote ``offsets``, from the group's mark (``committed`` offset and
+    its ``metadata``): ``from`` (write it all), ``until`` (write nothing) or an offset between them (write the
+    rest, from there). Raises :class:`MarkMismatch` when this query's history cannot explain the mark
+    (pure: tested without Kafka).
 
     This query's ranges of a partition follow each other (each starts where the previous ended), and a
-    range's mark is committed in the transaction that writes it, so a mark is either at ``until`` (this
-    range, this batch: written), at ``from`` (the previous range: not written), or absent (no range of
-    this partition written yet). A mark set by hand (``kafka-consumer-groups --reset-offsets`` leaves no
-    metadata) is trusted only at exactly ``from`` or ``until``: the operator's answer to a MarkMismatch.
+    range is written as a sequence of transactions, each committing a mark at the end of what it wrote
+    (metadata: query, batch, the range's ``from`` and ``until``, the mark's ``end``). So a mark is either at
+    ``until`` (this range, this batch: written), strictly inside the range (this range, this batch: written
+    up to there), at ``from`` (the previous range's last mark, from an earlier batch: nothing written), or
+    absent (no range of this partition written yet). A mark set by hand (``kafka-consumer-groups
+    --reset-offsets`` leaves no metadata) is trusted only at exactly ``from`` or ``until``: the operator's
+    answer to a MarkMismatch. A mark inside the range is checked against ``until`` and the batch, not
+    ``from``: a partition's first range starts at its log start, which retention can move before a replay.
     """
     group = prefix
+    start, until = offsets.from_offset, offsets.until_offset
     if committed < 0:
-        return False
+        return start
     try:
         mark = json.loads(metadata) if metadata else None
     except json.JSONDecodeError:
         mark = None
     if not isinstance(mark, dict) or "query" not in mark or "until" not in mark:
-        if committed in (offsets.from_offset, offsets.until_offset):
-            return committed == offsets.until_offset
+        if committed in (start, until):
+            return committed
         raise MarkMismatch(group, offsets, batch_id, committed, f"the mark is not streamhydro's (metadata {metadata!r}): the group was reset or written by another client")
     if mark["query"] != prefix:
         raise MarkMismatch(group, offsets, batch_id, committed, f"the mark belongs to {mark['query']}, another query")
-    if mark["until"] != committed:
-        raise MarkMismatch(group, offsets, batch_id, committed, f"the mark says it ends at {mark['until']}: the offset was moved")
-    if committed == offsets.until_offset:
-        if batch_id is not None and mark.get("batch") is not None and mark["batch"] != batch_id:
+    end = mark.get("end", mark["until"])
+    if end != committed:
+        raise MarkMismatch(group, offsets, batch_id, committed, f"the mark says it ends at {end}: the offset was moved")
+    marked_by = mark.get("batch")
+    same_batch = batch_id is None or marked_by is None or marked_by == batch_id
+    if start < committed <= until:
+        if not same_batch:
             raise MarkMismatch(
                 group, offsets, batch_id, committed,
-                f"the range was marked by batch {mark['batch']}: another deployment with a copy of this checkpoint writes the same ranges",
+                f"the range was marked by batch {marked_by}: another deployment with a copy of this checkpoint writes the same ranges",
             )
-        return True
-    if committed == offsets.from_offset:
-        if batch_id is not None and mark.get("batch") is not None and mark["batch"] >= batch_id:
+        if mark["until"] != until:
             raise MarkMismatch(
                 group, offsets, batch_id, committed,
-                f"the previous range was marked by batch {mark['batch']}, not an earlier one: another deployment with a copy of this checkpoint writes the same partition",
+                f"the mark is of a range ending at {mark['until']}, where no range of this query's batch {batch_id} ends",
             )
-        return False
-    if committed > offsets.until_offset:
+        return committed
+    if committed == start:
+        if batch_id is not None and marked_by is not None and marked_by >= batch_id:
+            raise MarkMismatch(
+                group, offsets, batch_id, committed,
+                f"the previous range was marked by batch {marked_by}, not an earlier one: another deployment with a copy of this checkpoint writes the same partition",
+            )
+        if mark["until"] != committed:
+            raise MarkMismatch(
+                group, offsets, batch_id, committed,
+                f"the mark is partway through batch {marked_by}'s range, which ends at {mark['until']}: that batch was never finished",
+            )
+        return start
+    if committed > until:
         problem = "the mark is past this range: the group was reset forwards (to latest?) or another deployment with a copy of this checkpoint is ahead"
-    elif committed < offsets.from_offset:
-        problem = "the mark is before this range: the group was reset backwards, or another deployment with a copy of this checkpoint is behind"
     else:
-        problem = "the mark is inside this range, where no range of this query ends"
+        problem = "the mark is before this range: the group was reset backwards, or another deployment with a copy of this checkpoint is behind"
     raise MarkMismatch(group, offsets, batch_id, committed, problem)
 
 
 def produce_exactly_once(
     client: ClientConfig,
     offsets: OffsetRange,
-    results: Iterable[pa.RecordBatch],
+    read: Callable[[OffsetRange], Iterator[pa.RecordBatch]],
+    score: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]],
     prefix: str,
     batch_id: int | None = None,
+    piece_rows: int = TRANSACTION_RECORDS,
+    records: int | None = None,
 ) -> int:
-    """Write the results of the input range ``offsets`` in one transaction, unless an earlier attempt
-    committed it. ``results`` are sink rows (their ``topic`` column says where each goes). Returns the
-    number of records written (0 when the range was already written).
+    """Write the results of the input range ``offsets`` as a sequence of bounded transactions, from where
+    earlier attempts' marks say they stopped. Returns the number of records this call wrote (0 when the
+    range was already written).
+
+    ``read(rest)`` yields the input records of the sub-range ``rest`` as RecordBatches with an ``offset``
+    column; ``score(batches)`` turns input batches into sink rows (their ``topic`` column says where each
+    goes). Each transaction scores a group of input pieces (:class:`TransactionBounds`: at most about
+    ``records`` records, default :data:`TRANSACTION_RECORDS`, cut into pieces of ``piece_rows``, open at most a third of ``transaction.timeout.ms``
+    before it stops reading) and commits the mark one past its last input offset, the last one at ``until``.
     """
     where = f"{offsets.topic}[{offsets.partition}]"
     tid = transactional_id(prefix, offsets.topic, offsets.partition)
     marks = clients.consumer(marks_config(client, prefix))
     config = transactional_config(client, tid)
+    bounds = TransactionBounds.of(config, piece_rows, TRANSACTION_RECORDS if records is None else records)
     producer = clients.build_client(Producer, config)
     began: float | None = None
+    sent = transactions = 0
     try:
         producer.init_transactions(_TIMEOUT_S)
         done, metadata = _committed(marks, offsets.topic, offsets.partition)
-        if range_written(prefix, batch_id, offsets, done, metadata):
+        position = written_up_to(prefix, batch_id, offsets, done, metadata)
+        if position >= offsets.until_offset:
             log.info("batch %s: %s up to offset %d was written by an earlier attempt; writing nothing", batch_id, where, done)
             return 0
-        producer.begin_transaction()
-        began = time.monotonic()
+        if position > offsets.from_offset:
+            log.info("batch %s: %s written up to offset %d by an earlier attempt; writing the rest", batch_id, where, position)
+        source = pieces(read(OffsetRange(offsets.topic, offsets.partition, position, offsets.until_offset)), bounds.piece_rows)
         flush_s = int(config.get("message.timeout.ms") or config.get(TRANSACTION_TIMEOUT_KEY)) / 1000 + _GRACE_S
-        sent = send_all(producer, None, results, flush_s).confirmed(flush_s)
-        mark = TopicPartition(offsets.topic, offsets.partition, offsets.until_offset, metadata=mark_metadata(prefix, batch_id, offsets))
-        producer.send_offsets_to_transaction([mark], marks.consumer_group_metadata(), _TIMEOUT_S)
-        producer.commit_transaction(_TIMEOUT_S)
+        while position < offsets.until_offset:
+            producer.begin_transaction()
+            began = time.monotonic()
+            part = Transaction(source, bounds)
+            written = send_all(producer, None, score(iter(part)), flush_s).confirmed(flush_s)
+            end = part.mark_offset(offsets.until_offset)
+            mark = TopicPartition(offsets.topic, offsets.partition, end, metadata=mark_metadata(prefix, batch_id, offsets, end))
+            producer.send_offsets_to_transaction([mark], marks.consumer_group_metadata(), _TIMEOUT_S)
+            producer.commit_transaction(_TIMEOUT_S)
+            log.debug("batch %s: %s [%d, %d) written in transaction %s: %d records", batch_id, where, position, end, tid, written)
+            began = None
+            position = end
+            sent += written
+            transactions += 1
     except KafkaException as exc:
         if began is not None and not exc.args[0].fatal():
             _abort(producer, tid)
@@ -204,7 +336,10 @@ def produce_exactly_once(
         raise
     finally:
         producer.close()
-    log.info("batch %s: %s up to offset %d written in transaction %s: %d records", batch_id, where, offsets.until_offset, tid, sent)
+    log.info(
+        "batch %s: %s up to offset %d written by %s in %d transactions: %d records",
+        batch_id, where, offsets.until_offset, tid, transactions, sent,
+    )
     return sent
 
 
@@ -223,9 +358,10 @@ def _failure(error: ClientError, tid: str, config: ClientConfig, began: float | 
     timeout_ms = int(config.get(TRANSACTION_TIMEOUT_KEY) or TRANSACTION_DEFAULTS[TRANSACTION_TIMEOUT_KEY])
     if began is not None and (time.monotonic() - began) * 1000 >= timeout_ms:
         message += (
-            f". It was open longer than {TRANSACTION_TIMEOUT_KEY} ({timeout_ms} ms), so the broker aborted it. "
+            f". It was open longer than {TRANSACTION_TIMEOUT_KEY} ({timeout_ms} ms), so the broker aborted it: a transaction "
+            f"stops reading after a third of that, so scoring one batch took longer than the rest. "
             f"Fix: raise kafka.client.{TRANSACTION_TIMEOUT_KEY} (at most the broker's transaction.max.timeout.ms) "
-            "or lower kafka.max_offsets_per_trigger"
+            "or lower inference.batch_size"
         )
     return message
 
