@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamhydro.errors import KafkaError
+from streamhydro.errors import KafkaConnectorError
 from streamhydro.kafka.transactions import (
     MarkMismatch,
     Transaction,
@@ -166,7 +166,7 @@ def test_an_input_ending_in_a_gap_is_marked_at_the_range_end():
 def test_no_mark_when_the_scoring_stopped_before_its_input_ended():
     part = Transaction(iter(_input(list(range(10)), 5)), TransactionBounds(records=100, seconds=1e9, piece_rows=5))
     next(iter(part))
-    with pytest.raises(KafkaError, match="ended before it had read its input"):
+    with pytest.raises(KafkaConnectorError, match="ended before it had read its input"):
         part.mark_offset(10)
 
 

@@ -188,7 +188,7 @@ class Transaction:
         """Where this transaction's mark goes: ``until`` when the input ended in it (offsets past its last
         record are gaps or gone), else one past its last record."""
         if not self.finished:
-            raise KafkaError(f"the scoring ended before it had read its input (after {self.records} records); nothing is committed")
+            raise KafkaConnectorError(f"the scoring ended before it had read its input (after {self.records} records); nothing is committed")
         return until if self.source_ended or self.end is None else self.end
 
 
