@@ -86,8 +86,8 @@ class KafkaSettings:
     )
     delivery: str = doc(
         "Delivery guarantee of predictions and dead letters: at_least_once (a micro-batch replayed after a crash "
-        "is written again, with the same idempotency_key) or exactly_once (one Kafka transaction per micro-batch "
-        "and input partition; needs source = python, a broker with transactions such as Apache Kafka 3 or later, "
+        "is written again, with the same idempotency_key) or exactly_once (each micro-batch's range of each input "
+        "partition written in bounded Kafka transactions that a retry resumes; needs source = python, a broker with transactions such as Apache Kafka 3 or later, "
         "and consumers reading with isolation.level = read_committed). See docs/delivery.md.",
         default="at_least_once",
     )
