@@ -189,3 +189,22 @@ def test_retries_resume_at_the_last_mark_and_write_every_offset_once(length, rec
             committed, metadata = end, mark_metadata(QUERY, 7, offsets_range, end)
     assert written == list(range(start, until))
     assert written_up_to(QUERY, 7, offsets_range, committed, metadata) == until
+
+
+def test_closing_a_producer_in_a_fatal_state_does_not_replace_the_tasks_error(caplog):
+    """librdkafka raises a fatal transaction error again on close(); the error that ended the task must win."""
+    from confluent_kafka import KafkaError as ClientError
+    from confluent_kafka import KafkaException
+
+    from streamhydro.kafka import transactions
+
+    class FatalProducer:
+        def close(self):
+            raise KafkaException(ClientError(ClientError.INVALID_TXN_STATE, "Failed to end transaction", fatal=True))
+
+    with pytest.raises(RuntimeError, match="the task's own error"):
+        try:
+            raise RuntimeError("the task's own error")
+        finally:
+            transactions._close(FatalProducer(), "tid-0")
+    assert "closed in a failed state" in caplog.text

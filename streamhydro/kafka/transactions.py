@@ -335,12 +335,22 @@ def produce_exactly_once(
             _abort(producer, tid)
         raise
     finally:
-        producer.close()
+        _close(producer, tid)
     log.info(
         "batch %s: %s up to offset %d written by %s in %d transactions: %d records",
         batch_id, where, offsets.until_offset, tid, transactions, sent,
     )
     return sent
+
+
+def _close(producer: Producer, tid: str) -> None:
+    """Close a transactional producer. One left in a fatal state (an abort that failed: librdkafka answers
+    INVALID_TXN_STATE to an abort racing the transaction's first partitions) raises that error again on
+    close, which would replace the exception that ended the task; it is logged instead."""
+    try:
+        producer.close()
+    except KafkaException as exc:
+        log.warning("transactional producer %s closed in a failed state (%s); the next attempt with this id starts clean", tid, exc.args[0].str())
 
 
 def _abort(producer: Producer, tid: str) -> None:
@@ -405,7 +415,7 @@ def check_transactions(client: ClientConfig) -> None:
             ) from exc
         raise ConfigError("kafka.delivery", f"{EXACTLY_ONCE} needs Kafka transactions; the broker at {bootstrap} refused them: {error.str()}", refuse_fix) from exc
     finally:
-        producer.close()
+        _close(producer, config.get("transactional.id"))
     if not offsets:
         raise KafkaConnectorError(f"the transaction probe's first record to {PROBE_TOPIC} on {bootstrap} was not acknowledged")
     # A probe killed mid-transaction leaves it open, holding read_committed readers back until the broker
