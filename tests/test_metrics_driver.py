@@ -108,6 +108,16 @@ def test_records_come_from_offsets_when_spark_counts_one_row_per_range(registry:
     assert records_read(progress(0, 7, {"ev": {"0": 9}}, None, {"ev": {"0": 9}})) == 7, "no start offsets: Spark's count"
 
 
+def test_a_first_micro_batch_of_ranges_counts_the_records_the_driver_saw(registry: CollectorRegistry) -> None:
+    """Spark reports no start offsets for a query's first micro-batch and counts streamhydro's ranges as
+    rows: the records come from the ranges the tasks reported (998 of 1,000 went uncounted before)."""
+    recorder = ProgressRecorder(DriverMetricSet(registry))
+    recorder.ranges_read(0, 1000)
+    recorder.progress(progress(0, 2, {"ev": {"0": 506, "1": 494}}, None, {"ev": {"0": 506, "1": 494}}))
+    recorder.progress(progress(1, 2, {"ev": {"0": 1012, "1": 988}}, {"ev": {"0": 506, "1": 494}}, {"ev": {"0": 1012, "1": 988}}))
+    assert value(registry, "streamhydro_input_rows_total", query="serve") == 2000
+
+
 def test_an_empty_batch_reports_zero_rates_not_nan(registry: CollectorRegistry) -> None:
     recorder = ProgressRecorder(DriverMetricSet(registry))
     recorder.progress(progress(0, 0, {"ev": {"0": 0}}, {"ev": {"0": 0}}, {"ev": {"0": 0}}))

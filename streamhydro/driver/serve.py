@@ -282,7 +282,9 @@ class Service:
             self._query_started.wait()
             prefix = f"streamhydro-{self.query.id}"
         io = RangeIO(k.librdkafka(), k.fail_on_data_loss, transactional_id_prefix=prefix, batch_id=batch_id)
-        ranges.mapInArrow(score_ranges(self.follower.plan, io), SUMMARY_SCHEMA, profile=self._profile).collect()
+        summaries = ranges.mapInArrow(score_ranges(self.follower.plan, io), SUMMARY_SCHEMA, profile=self._profile).collect()
+        if self.metrics is not None:
+            self.metrics.recorder.ranges_read(batch_id, sum(row.until_offset - row.from_offset for row in summaries))
 
     def _score_records(self, records: Any) -> None:
         """Spark's connector: records come from its source, go through ``mapInArrow`` and to its sink."""

@@ -81,6 +81,14 @@ class ProgressRecorder:
         self._names: dict[str, str] = {}
         self._last_seen: dict[str, float] = {}
         self._partitions: dict[str, set[tuple[str, str]]] = {}
+        self._ranges_read: dict[int, int] = {}
+
+    def ranges_read(self, batch_id: int, records: int) -> None:
+        """The records a micro-batch of streamhydro's source read, counted from its tasks' ranges by the
+        driver. Its progress event then counts these: Spark reports no start offsets for a query's first
+        micro-batch, and its ``numInputRows`` counts ranges, not records."""
+        with self._lock:
+            self._ranges_read[batch_id] = records
 
     def started(self, query_id: str, name: str | None) -> None:
         label = name or query_id
@@ -94,7 +102,9 @@ class ProgressRecorder:
         label = self._label(str(progress["id"]), progress.get("name"))
         m = self._metrics
         spark_rows = int(progress.get("numInputRows") or 0)
-        rows = records_read(progress)
+        with self._lock:
+            counted = self._ranges_read.pop(progress.get("batchId"), None)
+        rows = records_read(progress) if counted is None else counted
         # Spark's rates count its rows; scaled to records (they differ for the source with emit=ranges).
         scale = rows / spark_rows if spark_rows else 0.0
         m.batches.labels(label).inc()
