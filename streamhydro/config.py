@@ -197,7 +197,8 @@ class InferenceSettings:
     )
     intra_op_threads: int = doc("ONNX Runtime intra-op threads per task; 0 = the task's CPUs.", default=0)
     gpu_mem_limit_mb: int = doc(
-        "GPU memory arena limit per session in MiB; 0 = the task's share: spark.task_gpus x the GPU's memory x 0.8.",
+        "GPU memory per session in MiB (its arena plus the engine's input buffers); 0 = the task's share: "
+        "spark.task_gpus x the GPU's memory x 0.8.",
         default=0,
     )
     allow_tf32: bool = doc(

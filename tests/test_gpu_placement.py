@@ -16,6 +16,7 @@ from _inference_models import Holder, feature_spec, softmax_model
 from streamhydro import devices
 from streamhydro.config import PayloadSettings
 from streamhydro.devices import DeviceError, cuda_ordinal
+from streamhydro.errors import ConfigError
 from streamhydro.executor import sessions
 from streamhydro.executor.engine import EngineSettings
 from streamhydro.executor.sessions import Placement, TaskResources
@@ -133,10 +134,69 @@ def test_arena_defaults_to_the_tasks_share_of_the_gpu(gpu_build):
     quarter = dataclasses.replace(GPU_SETTINGS, gpu_share=0.25)
     sessions._create(manifest, data, PayloadSettings(), _placement("0", quarter), quarter)
     cuda = _by_name(gpu_build.asked[-1])["CUDAExecutionProvider"]
-    assert cuda["gpu_mem_limit"] == int((80 << 30) * 0.25 * sessions.ARENA_FRACTION)
+    # The input buffers (auto depth on a GPU: 2 queued + staging + computing = 4 sets of 4096 rows x 4 floats)
+    # come out of the same budget.
+    buffers = 4 * 4096 * 4 * 4
+    assert sessions.input_buffer_bytes(manifest, quarter) == buffers
+    assert cuda["gpu_mem_limit"] == int((80 << 30) * 0.25 * sessions.ARENA_FRACTION) - buffers
     fixed = dataclasses.replace(GPU_SETTINGS, gpu_mem_limit_bytes=1 << 30)
     sessions._create(manifest, data, PayloadSettings(), _placement("0", fixed), fixed)
-    assert _by_name(gpu_build.asked[-1])["CUDAExecutionProvider"]["gpu_mem_limit"] == 1 << 30
+    assert _by_name(gpu_build.asked[-1])["CUDAExecutionProvider"]["gpu_mem_limit"] == (1 << 30) - buffers
+
+
+def test_input_buffers_larger_than_the_budget_are_refused_naming_the_keys():
+    _, manifest = softmax_model([feature_spec("x", 1000)])
+    settings = dataclasses.replace(GPU_SETTINGS, gpu_mem_limit_bytes=64 << 20, batch_size=8192)
+    with pytest.raises(ConfigError) as caught:
+        sessions.arena_limit_bytes(Placement("cuda:0", 0, settings.providers, 1, "assigned"), settings, manifest)
+    assert caught.value.key == "inference.gpu_mem_limit_mb" and "inference.batch_size" in caught.value.fix
+    assert "125 MiB" in caught.value.problem  # 4 sets x 8192 rows x 1000 floats
+    _, strings = softmax_model([TensorSpec("s", "string", (-1, 1))])
+    assert sessions.input_buffer_bytes(strings, settings) == 0, "string inputs stay on the host"
+
+
+def _bound_on_cpu(data: bytes, manifest, rows: int, slots: int) -> sessions.ModelSession:
+    """A session whose runs go through the engine's input buffers and IOBinding, on the CPU device: the same
+    code path a GPU session takes, with ``"cpu"`` where it has ``"cuda"``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    buffers = sessions.InputBuffers(manifest.inputs, rows, slots, "cpu", 0)
+    return sessions.ModelSession(session, manifest, "cpu", "cpu", 0, ("CPUExecutionProvider",), buffers)
+
+
+@pytest.mark.parametrize(("slots_short_by", "matches"), [(0, True), (1, False)])
+def test_input_buffers_are_reused_round_robin_and_never_overwritten_in_flight(slots_short_by, matches):
+    import time
+
+    import numpy as np
+
+    from streamhydro.executor.engine import run_pipeline
+
+    data, manifest = softmax_model([feature_spec("x", 4), feature_spec("y", 2)])
+    depth, rows = 2, 64
+    model = _bound_on_cpu(data, manifest, rows, sessions.input_slots(EngineSettings(pipeline_depth=depth), True) - slots_short_by)
+    rng = np.random.default_rng(3)
+    sizes = [rows] * 9 + [17]  # the rebatcher's full batches, then a task's shorter last one
+    batches = [{"x": rng.normal(size=(n, 4)).astype(np.float32), "y": rng.normal(size=(n, 2)).astype(np.float32)} for n in sizes]
+    expected = [model.session.run(None, batch)[0] for batch in batches]
+    pointers = set()
+
+    def stage(items):
+        for batch in items:
+            staged = model.to_device(batch)
+            pointers.add(staged.buffers["x"].data_ptr())
+            yield staged
+
+    def slow_compute(staged):
+        time.sleep(0.05)  # the front fills the queue and stages one more meanwhile
+        return model.compute(staged)
+
+    got = list(run_pipeline(batches, stage, slow_compute, lambda outputs: [model.to_host(outputs)], depth))
+    assert len(pointers) == model.buffers.slots, "every set of buffers is used, and no other memory"
+    same = all(np.allclose(g[manifest.outputs[0].name], e, atol=1e-6) for g, e in zip(got, expected))
+    assert [len(g[manifest.outputs[0].name]) for g in got] == sizes
+    assert same is matches, "one set fewer than a task holds in flight must overwrite an input before it is computed"
 
 
 def test_a_worker_keeps_sessions_on_one_gpu_only(gpu_build):

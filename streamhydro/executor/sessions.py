@@ -27,9 +27,9 @@ Cache caveats: sessions live in module state of the Python worker. With
 tasks on the same model and device reuse the session; tasks that share a GPU through fractional
 amounts run in different workers and each holds its own session and CUDA arena. A worker keeps
 sessions on one GPU at a time: a task on another GPU evicts the sessions (and so the arenas) on
-the old one; the CUDA context ORT opened there stays until the worker exits. Each CUDA arena is
-bounded: by ``gpu_mem_limit_bytes``, or else by the task's share of the GPU's memory
-(``gpu_share`` x total x :data:`ARENA_FRACTION`). At most ``MAX_SESSIONS`` sessions are kept;
+the old one; the CUDA context ORT opened there stays until the worker exits. Each session's device
+memory, its CUDA arena plus the engine's :class:`InputBuffers`, is bounded: by ``gpu_mem_limit_bytes``,
+or else by the task's share of the GPU's memory (``gpu_share`` x total x :data:`ARENA_FRACTION`). At most ``MAX_SESSIONS`` sessions are kept;
 creating a session for a new version of a model evicts that model's older versions on the same
 device. Each session holds the model's weights (and, on CUDA, its arena) until evicted or the
 worker exits.
@@ -211,15 +211,94 @@ def place(settings: EngineSettings, resources: TaskResources) -> Placement:
     return Placement(DEVICE_CPU, None, cpu_only, threads, note)
 
 
+class InputBuffers:
+    """Device memory for a session's inputs that the engine owns: ``slots`` sets of one tensor per input, each
+    ``rows`` rows long, allocated once when the session is created and reused round-robin.
+
+    :meth:`stage` copies a batch of at most ``rows`` rows host->device into the next set (a shorter batch is
+    padded on the host to the set's size, once per task at most: the rebatcher cuts full batches until the
+    last) and returns it bound as its first ``n`` rows. A set is overwritten ``slots`` stagings later, so
+    ``slots`` must exceed the batches a task holds at once between staging and compute: the pipeline's queue
+    (``pipeline_depth``), the one being staged and the one being computed (:func:`input_slots`). Staging runs
+    in one thread only, the engine's front stage.
+
+    With these, and outputs bound to the session's own allocator, every byte a session puts on its device
+    is either in its arena or in these buffers, a size known before the session exists
+    (:func:`input_buffer_bytes`), so ``gpu_mem_limit`` bounds both (:func:`arena_limit_bytes`).
+    """
+
+    def __init__(self, specs: Iterable[TensorSpec], rows: int, slots: int, device_type: str, device_id: int) -> None:
+        ort = onnxruntime()
+        self.rows = rows
+        self.device_type = device_type
+        self.device_id = device_id
+        self._specs = {spec.name: spec for spec in specs}
+        shapes = {name: (rows, *spec.shape[1:]) for name, spec in self._specs.items()}
+        self._host = {name: np.zeros(shapes[name], dtype=numpy_dtype(spec.dtype)) for name, spec in self._specs.items()}
+        self._sets = [
+            {name: ort.OrtValue.ortvalue_from_shape_and_type(list(shapes[name]), self._host[name].dtype, device_type, device_id)
+             for name in self._specs}
+            for _ in range(slots)
+        ]
+        self._next = 0
+
+    @property
+    def slots(self) -> int:
+        return len(self._sets)
+
+    def stage(self, inputs: dict[str, np.ndarray]) -> "StagedInputs":
+        buffers = self._sets[self._next]
+        self._next = (self._next + 1) % len(self._sets)
+        rows = len(next(iter(inputs.values())))
+        if rows > self.rows:
+            raise ValueError(f"a batch of {rows} rows does not fit input buffers of {self.rows} rows")
+        for name, array in inputs.items():
+            if rows == self.rows:
+                buffers[name].update_inplace(np.ascontiguousarray(array, dtype=self._host[name].dtype))
+            else:
+                host = self._host[name]
+                host[:rows] = array
+                buffers[name].update_inplace(host)
+        return StagedInputs(buffers, rows)
+
+    def bind(self, binding: Any, staged: "StagedInputs") -> None:
+        for name, value in staged.buffers.items():
+            shape = [staged.rows, *self._specs[name].shape[1:]]
+            binding.bind_input(name, self.device_type, self.device_id, self._host[name].dtype, shape, value.data_ptr())
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedInputs:
+    """One batch's inputs on the device: the first ``rows`` rows of one set of :class:`InputBuffers`."""
+
+    buffers: dict[str, Any]
+    rows: int
+
+
+def input_slots(settings: EngineSettings, on_gpu: bool) -> int:
+    """How many sets of input buffers a session needs: the batches one task holds between staging and compute
+    (the queue of ``pipeline_depth`` items, one being staged, one being computed)."""
+    return settings.depth_for(on_gpu) + 2
+
+
+def input_buffer_bytes(manifest: Manifest, settings: EngineSettings) -> int:
+    """The device bytes a GPU session's :class:`InputBuffers` take (0 when its inputs are not bound)."""
+    if any(spec.dtype == "string" for spec in (*manifest.inputs, *manifest.outputs)):
+        return 0
+    row_bytes = sum(spec.width * np.dtype(numpy_dtype(spec.dtype)).itemsize for spec in manifest.inputs)
+    return input_slots(settings, on_gpu=True) * settings.batch_size * row_bytes
+
+
 @dataclasses.dataclass
 class ModelSession:
     """An ORT session bound to one device, with the three device-facing stages of the engine.
 
     :meth:`compute` runs every manifest output; :meth:`to_host` gives them as ``{output name:
-    array}``, batch axis first. On CUDA, inputs are copied host->device explicitly
-    (:meth:`to_device`), the run is bound with IOBinding so each output stays on the device
-    (:meth:`compute`), and :meth:`to_host` copies them back. On CPU the copies are no-ops and
-    :meth:`compute` is a plain ``run``; so is a model with a string input or output (ORT keeps
+    array}``, batch axis first. With ``buffers`` (a session on a GPU whose inputs and outputs are all
+    numeric), inputs are copied host->device into the engine's :class:`InputBuffers` (:meth:`to_device`),
+    the run is bound with IOBinding so each output stays on the device, allocated by the session's arena
+    (:meth:`compute`), and :meth:`to_host` copies them back. Without, the copies are no-ops and
+    :meth:`compute` is a plain ``run``: on the CPU, and for a model with a string input or output (ORT keeps
     strings on the host and cannot make a device OrtValue of them).
     """
 
@@ -229,42 +308,30 @@ class ModelSession:
     device: str
     device_id: int | None
     providers: tuple[str, ...]
+    buffers: InputBuffers | None = None
 
     @property
     def on_gpu(self) -> bool:
         return self.device != DEVICE_CPU
 
-    @property
-    def bound(self) -> bool:
-        """Whether runs go through IOBinding with device-resident inputs and outputs."""
-        specs = (*self.manifest.inputs, *self.manifest.outputs)
-        return self.on_gpu and all(spec.dtype != "string" for spec in specs)
+    def to_device(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | StagedInputs:
+        return inputs if self.buffers is None else self.buffers.stage(inputs)
 
-    def to_device(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        if not self.bound:
-            return inputs
-        ort = onnxruntime()
-        return {
-            name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
-            for name, array in inputs.items()
-        }
-
-    def compute(self, staged: dict[str, Any]) -> dict[str, Any]:
+    def compute(self, staged: dict[str, np.ndarray] | StagedInputs) -> dict[str, Any]:
         names = [spec.name for spec in self.manifest.outputs]
-        if not self.bound:
+        if self.buffers is None:
             return dict(zip(names, self.session.run(names, staged)))
         binding = self.session.io_binding()
-        for name, value in staged.items():
-            binding.bind_ortvalue_input(name, value)
+        self.buffers.bind(binding, staged)
         for name in names:
-            binding.bind_output(name, "cuda", self.device_id)
+            binding.bind_output(name, self.buffers.device_type, self.buffers.device_id)
         binding.synchronize_inputs()
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         return dict(zip(names, binding.get_outputs()))
 
     def to_host(self, outputs: dict[str, Any]) -> dict[str, np.ndarray]:
-        if not self.bound:
+        if self.buffers is None:
             return outputs
         return {name: value.numpy() for name, value in outputs.items()}
 
@@ -281,7 +348,7 @@ def get_session(manifest: Manifest, model_bytes: Any, payload: PayloadSettings, 
     """
     key = (manifest.sha256, placement.device, placement.providers, placement.intra_op_threads, settings.gpu_mem_limit_bytes,
            settings.gpu_share, settings.allow_tf32, settings.allow_cpu_fallback, settings.tensorrt_cache_dir,
-           settings.batch_size if TENSORRT_PROVIDER in placement.providers else None)
+           settings.batch_size, settings.pipeline_depth)
     with _lock:
         cached = _sessions.get(key)
         if cached is not None:
@@ -363,15 +430,19 @@ def _create(manifest: Manifest, model_bytes: bytes, payload: PayloadSettings | N
         sorted(available),
         placement.intra_op_threads,
     )
-    created = ModelSession(session, manifest, placement.device, device, placement.device_id, actual)
+    buffers = None
+    if on_gpu and input_buffer_bytes(manifest, settings):
+        buffers = InputBuffers(manifest.inputs, settings.batch_size, input_slots(settings, on_gpu), "cuda", placement.device_id)
+    created = ModelSession(session, manifest, placement.device, device, placement.device_id, actual, buffers)
     _smoke_run(created, label)
     return created
 
 
-def gpu_options(placement: Placement, settings: EngineSettings) -> dict[str, Any]:
-    """Options of the CUDA provider: the task's device, a bounded arena, TF32 only when allowed."""
+def gpu_options(placement: Placement, settings: EngineSettings, manifest: Manifest | None = None) -> dict[str, Any]:
+    """Options of the CUDA provider: the task's device, a bounded arena (what ``manifest``'s input buffers
+    leave of the limit), TF32 only when allowed."""
     options: dict[str, Any] = {"device_id": placement.device_id, "use_tf32": int(settings.allow_tf32)}
-    limit = arena_limit_bytes(placement, settings)
+    limit = arena_limit_bytes(placement, settings, manifest)
     if limit is not None:
         options["gpu_mem_limit"] = limit
         options["arena_extend_strategy"] = "kSameAsRequested"
@@ -417,7 +488,7 @@ def provider_options(placement: Placement, settings: EngineSettings, available: 
         if name not in available:
             continue
         if name == CUDA_PROVIDER:
-            providers.append((name, gpu_options(placement, settings)))
+            providers.append((name, gpu_options(placement, settings, manifest)))
         elif name == TENSORRT_PROVIDER:
             options = tensorrt_options(placement, settings, manifest)
             os.makedirs(options["trt_engine_cache_path"], exist_ok=True)
@@ -485,15 +556,28 @@ def check_gpu_build(settings: EngineSettings, task_gpus: float, available: Itera
         )
 
 
-def arena_limit_bytes(placement: Placement, settings: EngineSettings, total: int | None = None) -> int | None:
-    """The CUDA arena limit: the configured one, else the task's share of the device's memory (None when unknown)."""
+def arena_limit_bytes(placement: Placement, settings: EngineSettings, manifest: Manifest | None = None, total: int | None = None) -> int | None:
+    """The CUDA arena limit: the session's device budget (``gpu_mem_limit_bytes``, else the task's share of the
+    device's memory) less what its :class:`InputBuffers` take, so arena and buffers together stay within the
+    budget. None when the device's memory is unknown and no limit is set; a :class:`ConfigError` when the
+    buffers alone exceed it."""
     if settings.gpu_mem_limit_bytes is not None:
-        return settings.gpu_mem_limit_bytes
-    total = device_memory_bytes(placement.device_id) if total is None else total
-    if total is None:
-        log.warning("GPU %s: memory size unknown (NVML not available); the ORT arena is not bounded", placement.device_id)
-        return None
-    return int(total * min(settings.gpu_share, 1.0) * ARENA_FRACTION)
+        budget, key = settings.gpu_mem_limit_bytes, "inference.gpu_mem_limit_mb"
+    else:
+        total = device_memory_bytes(placement.device_id) if total is None else total
+        if total is None:
+            log.warning("GPU %s: memory size unknown (NVML not available); the ORT arena is not bounded", placement.device_id)
+            return None
+        budget, key = int(total * min(settings.gpu_share, 1.0) * ARENA_FRACTION), "spark.task_gpus"
+    buffers = input_buffer_bytes(manifest, settings) if manifest is not None else 0
+    if buffers >= budget:
+        raise ConfigError(
+            key,
+            f"gives each session {budget / 2**20:.0f} MiB of GPU memory, and the input buffers of {manifest.name} "
+            f"({input_slots(settings, True)} x {settings.batch_size} rows) alone take {buffers / 2**20:.0f} MiB",
+            f"raise {key} or lower inference.batch_size",
+        )
+    return budget - buffers
 
 
 def _described(placement: Placement, settings: EngineSettings) -> str:
