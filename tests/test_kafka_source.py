@@ -213,17 +213,18 @@ def test_restart_from_checkpoint_reads_everything_once(spark, kafka_bootstrap, t
 
 @with_spark
 def test_data_loss_fails_the_query_unless_allowed(spark, kafka_bootstrap, topic_name, tmp_path):
-    """Starting past the end of a partition looks like truncated records: DataLossError by default."""
+    """Starting past the end of a partition looks like truncated records: DataLossError by default, after the
+    planner re-checked the end for half the read timeout (4 s here: 2 s)."""
     ensure_topics(client(kafka_bootstrap), {topic_name: 1})
     _produce(kafka_bootstrap, topic_name, 10, partitions=1)
-    beyond = f'{{"{topic_name}": {{"0": 50}}}}'
+    beyond = {"startingOffsets": f'{{"{topic_name}": {{"0": 50}}}}', "kafkaConsumer.pollTimeoutMs": 4000}
 
     with pytest.raises(StreamingQueryException, match="DataLossError"):
         _available_now(
-            spark, _stream(spark, kafka_bootstrap, topic_name, startingOffsets=beyond), "lost", tmp_path / "a"
+            spark, _stream(spark, kafka_bootstrap, topic_name, **beyond), "lost", tmp_path / "a"
         )
 
-    tolerant = _stream(spark, kafka_bootstrap, topic_name, startingOffsets=beyond, failOnDataLoss="false")
+    tolerant = _stream(spark, kafka_bootstrap, topic_name, **beyond, failOnDataLoss="false")
     rows, query = _available_now(spark, tolerant, "tolerated", tmp_path / "b")
     assert rows == []
     assert json_progress(query.lastProgress)["sources"][0]["endOffset"] == {topic_name: {"0": 10}}

@@ -160,12 +160,12 @@ class Probe:
 
 
 def reader_with(probe, monkeypatch):
-    monkeypatch.setattr(source_module, "RECHECK_S", 1.0)
     monkeypatch.setattr(source_module, "RECHECK_EVERY_S", 0.01)
     monkeypatch.setattr("streamhydro.kafka.truncation.RECHECK_EVERY_S", 0.01)
     reader = source_module.KafkaStreamReader.__new__(source_module.KafkaStreamReader)
     reader._probe, reader._target = probe, None
-    reader.options = type("Options", (), {"subscription": None})()
+    # A read timeout of 2 s: the planner re-checks for half of it, 1 s.
+    reader.options = type("Options", (), {"subscription": None, "poll_timeout_ms": 2000})()
     return reader
 
 

@@ -44,7 +44,7 @@ from streamhydro.kafka.planning import TopicPartitionKey, admit, cap, ranges, re
 from streamhydro.kafka.reading import read_range, reader_config, report_data_loss
 from streamhydro.kafka.records import KAFKA_SCHEMA, RANGE_SCHEMA, range_batch
 from streamhydro.kafka.sink import KafkaArrowWriter, KafkaStreamArrowWriter
-from streamhydro.kafka.truncation import RECHECK_EVERY_S, RECHECK_S, Watermarks, settle
+from streamhydro.kafka.truncation import RECHECK_EVERY_S, Watermarks, recheck_s, settle
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,10 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         return offsets_to_json(admit(filled, latest, max_rows))
 
     def _present(self, begin: dict[TopicPartitionKey, int]) -> dict[TopicPartitionKey, tuple[int, int]]:
-        """:meth:`_current`, asked again for up to :data:`~streamhydro.kafka.truncation.RECHECK_S` while a
+        """:meth:`_current`, asked again for up to :func:`~streamhydro.kafka.truncation.recheck_s` while a
         partition the query reads is missing from the metadata (a topic's metadata fails for a moment during a
         leader election); what is still missing after that is reported as gone."""
-        deadline = time.monotonic() + RECHECK_S
+        deadline = time.monotonic() + recheck_s(self.options.poll_timeout_ms)
         while True:
             current = self._current()
             missing = sorted(set(begin) - set(current))
@@ -163,13 +163,13 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         self, begin: dict[TopicPartitionKey, int], current: dict[TopicPartitionKey, tuple[int, int]]
     ) -> dict[TopicPartitionKey, tuple[int, int]]:
         """``current``, with each partition that ends below the query's position asked again for up to
-        :data:`~streamhydro.kafka.truncation.RECHECK_S` in all (a leader change lowers the end for a moment);
+        :func:`~streamhydro.kafka.truncation.recheck_s` in all (a leader change lowers the end for a moment);
         what is still short after that is reported as loss by ``partitions``."""
         short = sorted(tp for tp, (_, hi) in current.items() if tp in begin and hi < begin[tp])
         if not short:
             return current
         settled = dict(current)
-        deadline = time.monotonic() + RECHECK_S
+        deadline = time.monotonic() + recheck_s(self.options.poll_timeout_ms)
         for tp in short:
             marks, transient = settle(lambda tp=tp: self._ask(tp), begin[tp], max(0.0, deadline - time.monotonic()))
             if marks is not None:

@@ -39,7 +39,9 @@ class Watermarks:
 
 
 def recheck_s(poll_timeout_ms: int) -> float:
-    """How long an end short of a range is asked again: :data:`RECHECK_S`, at most half the read's timeout."""
+    """How long an end short of a range (or a partition missing from the metadata) is asked again, by the
+    readers and the planner alike: :data:`RECHECK_S`, at most half the read's timeout (the source option
+    ``kafkaConsumer.pollTimeoutMs``)."""
     return min(RECHECK_S, poll_timeout_ms / 2000)
 
 
