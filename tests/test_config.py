@@ -9,6 +9,7 @@ from streamhydro.errors import ConfigError
 from streamhydro.kafka.options import Connector, Delivery, EndOffsets, parse_source_options
 from streamhydro.payload import PayloadFormat
 from streamhydro.registry import Selector
+from streamhydro.spark import Master
 
 
 def load(text: str, tmp_path, environ=None):
@@ -307,3 +308,51 @@ def test_an_unknown_end_offsets_option_is_refused_by_the_data_source():
     assert refused.value.key == "endOffsetsFrom" and "listOffsets or fetch" in refused.value.fix
     assert parse_source_options({**config.Config().kafka.source_options(), "endoffsetsfrom": "FETCH"}).end_offsets is EndOffsets.FETCH
 
+
+SERVE_GPUS = {"executor_gpus": 1, "task_gpus": 1.0, "gpu_discovery_script": "deploy/gpu/get_gpus_resources.sh"}
+TRAIN_DATA = {"format": "csv", "path": "x.csv", "features": ["a", "b"], "label": "y", "labels": ["n", "p"]}
+
+
+def _serve(spark):
+    return config.Config().replace(spark=spark)
+
+
+def _train(spark):
+    from streamhydro.trainer.config import from_mapping
+
+    return from_mapping({"data": TRAIN_DATA, "spark": spark}, {})
+
+
+@pytest.mark.parametrize(("build", "gpus"), [(_serve, SERVE_GPUS), (_train, {"gpus_per_rank": 1})], ids=["serve", "train"])
+def test_serve_and_train_refuse_gpus_on_a_local_master_alike(build, gpus):
+    with pytest.raises(ConfigError) as refused:
+        build({"master": "local[4]", **gpus})
+    assert refused.value.key == "spark.master" and "local-cluster" in refused.value.fix
+    assert next(iter(gpus)) in refused.value.problem
+    for master in ("local-cluster[2,1,1024]", "spark://host:7077"):
+        assert build({"master": master, **gpus}).spark.master == master
+    assert build({"master": "local[4]"}).spark.master == "local[4]"
+
+
+@pytest.mark.parametrize(("build", "gpus"), [(_serve, SERVE_GPUS), (_train, {"gpus_per_rank": 1})], ids=["serve", "train"])
+def test_gpus_under_spark_submits_local_master_are_refused_once_it_is_known(build, gpus):
+    """An empty spark.master is spark-submit's, known only once Spark runs; both commands then ask the same check."""
+    settings = build({"master": "", **gpus}).spark
+    with pytest.raises(ConfigError) as refused:
+        settings.check_master(Master.parse("local[2]"))
+    assert refused.value.key == "spark.master"
+    settings.check_master(Master.parse("spark://host:7077"))
+
+
+def test_serve_and_train_share_the_spark_and_metrics_sections():
+    from streamhydro.trainer import config as train
+
+    assert issubclass(config.SparkSettings, config.SparkSection) and issubclass(train.SparkSettings, config.SparkSection)
+    assert issubclass(config.MetricsSettings, config.MetricsSection) and issubclass(train.MetricsSettings, config.MetricsSection)
+    for build in (_serve, _train):
+        with pytest.raises(ConfigError) as refused:
+            build({"master": "local[N]"})
+        assert refused.value.key == "spark.master"
+    with pytest.raises(ConfigError) as refused:
+        config.Config().replace(metrics={"host": ""})
+    assert refused.value.key == "metrics.host"
