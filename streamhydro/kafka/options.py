@@ -35,6 +35,8 @@ from streamhydro.secrets import masked
 KAFKA_PREFIX = "kafka."
 BOOTSTRAP = "kafka.bootstrap.servers"
 GROUP_ID = "group.id"
+# Chosen by streamhydro for exactly-once delivery, one per input partition; refused from users.
+TRANSACTIONAL_ID = "transactional.id"
 ISOLATION_LEVEL = "isolation.level"
 READ_COMMITTED = "read_committed"
 READ_UNCOMMITTED = "read_uncommitted"
@@ -62,6 +64,7 @@ class EndOffsets(enum.StrEnum):
 
     LIST_OFFSETS = "listOffsets"  # ListOffsets(latest), as Apache Kafka answers it and Spark's connector trusts it
     FETCH = "fetch"  # a Fetch response's high watermark, for brokers whose ListOffsets is wrong (Tansu)
+
 
 # Spark Kafka options this connector does not implement: refused, never silently ignored.
 _UNSUPPORTED_SOURCE_OPTIONS = {
@@ -353,7 +356,7 @@ def parse_subscription(options: Mapping[str, str], names: Mapping[str, str] | No
         raise ConfigError(
             subscribe,
             f"exactly one of {subscribe}, {pattern}, {assign} must be set, got {[shown[kind] for kind in given] or 'none'}",
-            f'set one of them, the others to "": {subscribe} = "topic1,topic2", {pattern} = "regex" or '
+            f'set exactly one: {subscribe} = "topic1,topic2", {pattern} = "regex" or '
             f"{assign} = '{{\"topic\": [0, 1]}}'",
         )
     kind = given[0]
@@ -511,9 +514,6 @@ def parse_sink_options(options: Mapping[str, str]) -> SinkOptions:
     client = client_config(options)
     check_no_transactional_id(client, KAFKA_PREFIX + TRANSACTIONAL_ID)
     return SinkOptions(client=client, topic=lowered.get("topic", "").strip() or None)
-
-
-TRANSACTIONAL_ID = "transactional.id"
 
 
 def check_no_transactional_id(client: ClientConfig, key: str) -> None:
