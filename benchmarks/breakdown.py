@@ -48,14 +48,14 @@ from streamhydro.config import Config
 from streamhydro.driver.demo import latency_summary
 from streamhydro.driver.serve import Service
 from streamhydro.kafka.admin import ensure_topics
-from streamhydro.kafka.options import client_for
+from streamhydro.kafka.options import Connector, client_for
 from streamhydro.metrics.listener import records_read
 from streamhydro.outputs import OutputReader
 from streamhydro.producer import LoadGenerator
 from streamhydro.registry import Registry
 
 PARTITIONS = 2
-CONNECTORS = ("python", "builtin")
+CONNECTORS = (Connector.PYTHON, Connector.BUILTIN)
 DRIVER_PHASES = ("latestOffset", "walCommit", "queryPlanning", "getBatch", "addBatch", "commitOffsets")
 TASK_STAGES = ("read", "decode", "h2d", "compute", "d2h", "encode", "write")
 DEADLINE_S = 300.0
@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     if args.one:
-        print(json.dumps(run_connector(args.one, args.bootstrap, args)))
+        print(json.dumps(run_connector(Connector(args.one), args.bootstrap, args)))
         return
     result: dict[str, Any] = {"cpus": os.cpu_count(), "rates": args.rates, "seconds": args.seconds, "burst": args.burst}
     with ApacheKafkaBroker() as broker:
@@ -89,7 +89,7 @@ def main() -> None:
     print(json.dumps(result))
 
 
-def run_connector(connector: str, bootstrap: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_connector(connector: Connector, bootstrap: str, args: argparse.Namespace) -> dict[str, Any]:
     """Start serve with ``connector`` and run every phase through it (in this process)."""
     model = Registry(args.registry).get(args.model, "promoted")
     source, output = f"breakdown-{connector}", f"breakdown-{connector}-out"

@@ -32,10 +32,10 @@ from typing import Any
 from end_to_end import arguments, backlog, compared, latency, serve_starter, throughput
 
 from streamhydro.brokers import ApacheKafkaBroker
+from streamhydro.kafka.options import Connector, Delivery
 from streamhydro.registry import Registry
 from streamhydro.spark import Master, streaming_session
 
-MODES = ("at_least_once", "exactly_once")
 READ_COMMITTED = {"isolation.level": "read_committed"}
 
 
@@ -52,9 +52,9 @@ def main() -> None:
         bootstrap = broker.bootstrap_servers
         backlog(bootstrap, model.manifest, args.events)
         for turn in range(args.rounds):
-            for mode in MODES:
+            for mode in Delivery:
                 name = f"{mode}-r{turn}"
-                start = serve_starter(name, bootstrap, args, work, {"source": "python", "delivery": mode})
+                start = serve_starter(name, bootstrap, args, work, {"source": Connector.PYTHON, "delivery": mode})
                 rows[mode] = {
                     **throughput(start, bootstrap, name, args, READ_COMMITTED),
                     **latency(start, bootstrap, name, model.manifest, args, READ_COMMITTED),
@@ -63,7 +63,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "events": args.events, "max_offsets_per_trigger": args.max_offsets_per_trigger, "rounds": args.rounds,
         "latency_rate_per_s": args.latency_rate, "cpus": os.cpu_count(), **rows,
-        "exactly_once_vs_at_least_once": compared(rows["exactly_once"], rows["at_least_once"]),
+        "exactly_once_vs_at_least_once": compared(rows[Delivery.EXACTLY_ONCE], rows[Delivery.AT_LEAST_ONCE]),
     }
     for key, value in result.items():
         print(f"{key:>30}  {value}", file=sys.stderr)

@@ -52,7 +52,7 @@ from streamhydro.executor.scoring import ScoringPlan
 from streamhydro.executor.sessions import TaskResources
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.offsets import EndOffsetProbe
-from streamhydro.kafka.options import client_for
+from streamhydro.kafka.options import Connector, client_for
 from streamhydro.kafka.planning import OffsetRange
 from streamhydro.outputs import OutputReader, topic_ends
 from streamhydro.producer import LoadGenerator
@@ -90,7 +90,7 @@ def main() -> None:
 
     model = Registry(args.registry).get(args.model, "promoted")
     # Every contender gets what serve sets for a local checkpoint (the peer too: it shares the session).
-    conf = {"spark.ui.enabled": "false", **checkpoint_conf(tempfile.gettempdir()), **connector_conf("builtin", {})}
+    conf = {"spark.ui.enabled": "false", **checkpoint_conf(tempfile.gettempdir()), **connector_conf(Connector.BUILTIN, {})}
     spark = streaming_session(Master.parse("local[2]"), "streamhydro-bench", conf)
     rows: dict[str, dict[str, Any]] = {}
     with ApacheKafkaBroker() as broker, tempfile.TemporaryDirectory(prefix="streamhydro-bench-") as work:

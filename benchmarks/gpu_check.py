@@ -117,7 +117,7 @@ def compute_bound_mlp(hidden: int, depth: int, seed: int = 0) -> tuple[bytes, An
 def demo_model() -> tuple[bytes, Any, float | None]:
     from streamhydro.registry import Registry
 
-    version = Registry(str(ROOT / "models")).get("breast_cancer", "1")
+    version = Registry(str(ROOT / "models")).get("breast_cancer", 1)
     return version.read_bytes(), version.manifest, None
 
 

@@ -34,7 +34,7 @@ import numpy as np
 from streamhydro.brokers import BROKERS
 from streamhydro.driver.demo import latency_summary
 from streamhydro.kafka.admin import ensure_topics
-from streamhydro.kafka.options import client_for
+from streamhydro.kafka.options import Connector, EndOffsets, client_for
 from streamhydro.outputs import OutputReader, topic_ends
 from streamhydro.producer import LoadGenerator
 from streamhydro.registry import Registry
@@ -51,17 +51,17 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--rate", type=float, default=5000.0)
     parser.add_argument("--broker", choices=sorted(BROKERS), default="kafka")
-    parser.add_argument("--source", choices=("builtin", "python"), default="builtin")
+    parser.add_argument("--source", type=Connector, choices=list(Connector), default=Connector.BUILTIN)
     parser.add_argument("--sample-seconds", type=float, default=30.0)
     args = parser.parse_args()
-    if args.broker == "tansu" and args.source != "python":
+    if args.broker == "tansu" and args.source != Connector.PYTHON:
         parser.error("Tansu needs --source python (the JVM connector trusts its wrong ListOffsets)")
 
     work = Path(tempfile.mkdtemp(prefix="streamhydro-soak-"))
     with BROKERS[args.broker]() as broker:
         bootstrap = broker.bootstrap_servers
         ensure_topics(client_for(bootstrap), {"events": PARTITIONS, "predictions": PARTITIONS, "predictions-dlq": 1})
-        end_offsets_from = "fetch" if args.broker == "tansu" else "listOffsets"
+        end_offsets_from = EndOffsets.FETCH if args.broker == "tansu" else EndOffsets.LIST_OFFSETS
         config = write_serve_config(work / "serve.toml", work, bootstrap, kafka={"source": args.source, "end_offsets_from": end_offsets_from})
         serve = ServeProcess(config, work / "serve.log")
         serve.start()

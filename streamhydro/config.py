@@ -8,12 +8,20 @@ Secrets stay out of the file: any string value may be ``"${NAME}"``, replaced by
 variable NAME (an unset variable is an error naming the key). Any scalar key can also be
 overridden by an environment variable ``STREAMHYDRO_<SECTION>_<KEY>`` in upper case, e.g.
 ``STREAMHYDRO_KAFKA_BOOTSTRAP_SERVERS``. Values of keys that look secret are masked in ``repr``.
+
+A key with a few allowed values holds an enum member (``kafka.source``, ``kafka.delivery``,
+``kafka.end_offsets_from``, ``payload.format``, ``model.version``), parsed once here
+(:func:`streamhydro.choices.parse_choice`); the file and the reference hold the plain values. Each
+section checks itself, with the parsers the Kafka connector applies to its options, so one rule has
+one implementation and its error names the key where the value was written. ``serve`` and ``train``
+share :class:`SparkSection` (and its GPU policy) and :class:`MetricsSection`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import json
 import math
 import os
@@ -23,15 +31,29 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from streamhydro.choices import allowed, parse_choice
 from streamhydro.errors import ConfigError
-from streamhydro.payload import PAYLOAD_FORMATS, PayloadFormat
+from streamhydro.kafka.options import (
+    TRANSACTIONAL_ID,
+    ClientConfig,
+    Connector,
+    Delivery,
+    EndOffsets,
+    Subscription,
+    check_no_transactional_id,
+    client_config,
+    isolation_level,
+    max_record_bytes,
+    parse_starting_offsets,
+    parse_subscription,
+    spark_options,
+)
+from streamhydro.payload import PayloadFormat
+from streamhydro.registry import Selector, parse_version
 from streamhydro.secrets import masked, remember
 from streamhydro.spark import CLUSTER, Master, check_gpu_master
-
-if TYPE_CHECKING:
-    from streamhydro.kafka.options import ClientConfig
 
 ENV_PREFIX = "STREAMHYDRO_"
 PIPELINE_AUTO = "auto"
@@ -51,12 +73,40 @@ class Masked(dict):
 
 
 @dataclasses.dataclass(frozen=True)
-class SparkSettings:
+class SparkSection:
+    """The [spark] keys ``serve`` and ``train`` share, and their checks: one GPU policy for both.
+
+    A subclass names the GPUs its command asks for (:meth:`gpus`); a master that cannot schedule them
+    (``local[N]``) is refused, in the file's check when the file names the master and again once
+    spark-submit's master is known (:meth:`check_master`).
+    """
+
     master: str = doc(
         "Spark master URL: local[N], local-cluster[N,C,MB], spark://, yarn, k8s://; empty = spark-submit's --master.",
         default="local[2]",
     )
     app_name: str = doc("Spark application name.", default="streamhydro")
+    conf: Mapping[str, str] = doc("Extra Spark configuration passed as is.", default_factory=dict)
+
+    def gpus(self) -> tuple[str, float]:
+        """The key that asks for GPUs and how many it asks for (0: none)."""
+        raise NotImplementedError
+
+    def check(self) -> Master | None:
+        """The master the file names (None: spark-submit's, known only once Spark runs), checked."""
+        master = Master.parse(self.master) if self.master else None
+        if master is not None:
+            self.check_master(master)
+        return master
+
+    def check_master(self, master: Master) -> None:
+        """Refuse GPUs that ``master`` cannot schedule (:func:`streamhydro.spark.check_gpu_master`)."""
+        key, amount = self.gpus()
+        check_gpu_master(master, amount, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparkSettings(SparkSection):
     checkpoint_location: str = doc(
         "Where the query keeps offsets and state; a restart resumes from here.", default="var/checkpoints/serve"
     )
@@ -64,7 +114,18 @@ class SparkSettings:
     executor_gpus: int = doc("GPUs per executor (spark.executor.resource.gpu.amount); 0 = no GPUs.", default=0)
     task_gpus: float = doc("GPUs per inference task; a fraction shares a GPU (0.25 = four tasks per GPU).", default=0.0)
     gpu_discovery_script: str = doc("Script printing the executor's GPU addresses (deploy/gpu/get_gpus_resources.sh).", default="")
-    conf: Mapping[str, str] = doc("Extra Spark configuration passed as is.", default_factory=dict)
+
+    def gpus(self) -> tuple[str, float]:
+        return "spark.executor_gpus", self.executor_gpus
+
+    def check(self) -> Master | None:
+        check_gpu_amounts(self.executor_gpus, self.task_gpus)
+        if self.task_gpus and not self.executor_gpus:
+            raise ConfigError("spark.executor_gpus", "is 0 while spark.task_gpus asks for GPUs", "set spark.executor_gpus to the GPUs per executor")
+        master = super().check()
+        if self.executor_gpus and not self.gpu_discovery_script and (master is None or master.kind == CLUSTER):
+            raise ConfigError("spark.gpu_discovery_script", "is empty while GPUs are requested", "point it at deploy/gpu/get_gpus_resources.sh")
+        return master
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,24 +139,24 @@ class KafkaSettings:
     fail_on_data_loss: bool = doc("Fail the query when offsets it should read are gone (retention).", default=True)
     output_topic: str = doc("Topic the predictions go to.", default="predictions")
     dead_letter_topic: str = doc("Topic records that cannot be scored go to, with their origin in headers.", default="predictions-dlq")
-    source: str = doc(
+    source: Connector = doc(
         "Kafka connector: builtin (Spark's JVM source and sink around the scoring; spark-sql-kafka, resolved by "
         "`streamhydro jars`) or python (streamhydro's: each task reads, scores and writes its range in one Python "
         "worker; needed for exactly_once and for Tansu).",
-        default="builtin",
+        default=Connector.BUILTIN,
     )
-    delivery: str = doc(
+    delivery: Delivery = doc(
         "Delivery guarantee of predictions and dead letters: at_least_once (a micro-batch replayed after a crash "
         "is written again, with the same idempotency_key) or exactly_once (each micro-batch's range of each input "
         "partition written in bounded Kafka transactions that a retry resumes; needs source = python, a broker with transactions such as Apache Kafka 3 or later, "
         "and consumers reading with isolation.level = read_committed). See docs/delivery.md.",
-        default="at_least_once",
+        default=Delivery.AT_LEAST_ONCE,
     )
-    end_offsets_from: str = doc(
+    end_offsets_from: EndOffsets = doc(
         "How streamhydro's source learns where partitions end: listOffsets (what Apache Kafka and Spark's "
         "connector use) or fetch (a Fetch response's high watermark, for brokers whose ListOffsets is wrong, "
         "such as Tansu).",
-        default="listOffsets",
+        default=EndOffsets.LIST_OFFSETS,
     )
     client: Mapping[str, str] = doc(
         "Kafka client settings for every client, written once in the Java or the librdkafka spelling and "
@@ -107,21 +168,15 @@ class KafkaSettings:
     def client_options(self) -> dict[str, str]:
         """Options every Spark Kafka reader and writer gets: bootstrap servers and the client settings,
         Java-spelled (:func:`streamhydro.kafka.options.spark_options`)."""
-        from streamhydro.kafka.options import spark_options
-
         return spark_options(self.bootstrap_servers, self.client)
 
-    def librdkafka(self) -> "ClientConfig":
+    def librdkafka(self) -> ClientConfig:
         """The settings of streamhydro's own clients (admin, load generator, readers of the output)."""
-        from streamhydro.kafka.options import client_config
-
         return client_config(self.client_options())
 
     def max_record_bytes(self) -> int:
         """The largest output record the sink's producer accepts (:func:`streamhydro.kafka.options.max_record_bytes`)."""
-        from streamhydro.kafka.options import max_record_bytes
-
-        return max_record_bytes(self.client_options(), jvm=self.source == "builtin")
+        return max_record_bytes(self.client_options(), jvm=self.source == Connector.BUILTIN)
 
     def source_options(self) -> dict[str, str]:
         """The reader's options, named as Spark's Kafka source names them (same for both connectors)."""
@@ -135,30 +190,66 @@ class KafkaSettings:
         options["startingOffsets"] = self.starting_offsets
         options["failOnDataLoss"] = "true" if self.fail_on_data_loss else "false"
         options["includeHeaders"] = "true"
-        if self.end_offsets_from != "listOffsets":
+        if self.end_offsets_from != EndOffsets.LIST_OFFSETS:
             options["endOffsetsFrom"] = self.end_offsets_from
         if self.max_offsets_per_trigger:
             options["maxOffsetsPerTrigger"] = str(self.max_offsets_per_trigger)
         return options
+
+    def subscription(self) -> Subscription:
+        """What the input is, parsed by the source's parser; errors name the settings keys."""
+        return parse_subscription(
+            {"subscribe": self.subscribe, "subscribePattern": self.subscribe_pattern, "assign": self.assign},
+            {"subscribe": "kafka.subscribe", "subscribePattern": "kafka.subscribe_pattern", "assign": "kafka.assign"},
+        )
+
+    def check(self) -> None:
+        """Every rule the source and sink apply to these settings, by their own parsers, naming the settings keys."""
+        subscription = self.subscription()
+        parse_starting_offsets(self.starting_offsets, "kafka.starting_offsets")
+        if self.delivery == Delivery.EXACTLY_ONCE and self.source == Connector.BUILTIN:
+            raise ConfigError(
+                "kafka.delivery",
+                f"{Delivery.EXACTLY_ONCE} needs streamhydro's connector: Spark's built-in Kafka sink has no transactions",
+                f'set source = "{Connector.PYTHON}" (or delivery = "{Delivery.AT_LEAST_ONCE}" to keep the built-in connector)',
+            )
+        if self.end_offsets_from == EndOffsets.FETCH and self.source == Connector.BUILTIN:
+            raise ConfigError(
+                "kafka.end_offsets_from",
+                f"{EndOffsets.FETCH} needs streamhydro's source; Spark's JVM connector always trusts ListOffsets",
+                f'set source = "{Connector.PYTHON}" (or end_offsets_from = "{EndOffsets.LIST_OFFSETS}" on a broker that answers it right)',
+            )
+        check_no_transactional_id(self.librdkafka(), f"kafka.client.{TRANSACTIONAL_ID}")
+        if self.max_offsets_per_trigger < 0:
+            raise ConfigError("kafka.max_offsets_per_trigger", f"must be >= 0, got {self.max_offsets_per_trigger}", "use 0 for no limit")
+        if self.output_topic == self.dead_letter_topic:
+            raise ConfigError("kafka.dead_letter_topic", "is the same topic as kafka.output_topic", "give dead letters their own topic")
+        check_no_feedback(self, subscription)
+        self.max_record_bytes()  # refuses a producer limit too small for a dead letter's origin and error headers
+        isolation_level(self.librdkafka())  # the input's, for both connectors; refuses a value neither client knows
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
     registry: str = doc("Model registry directory.", default="models")
     name: str = doc("Model name in the registry.", default="breast_cancer")
-    version: str = doc("Version to serve: latest | promoted | a number (pinned).", default="promoted")
+    version: Selector | int = doc(f"Version to serve: {allowed(Selector)}, or a number (pinned).", default=Selector.PROMOTED)
     refresh_seconds: float = doc("How often the registry is checked for a new version, at micro-batch boundaries.", default=10.0)
+
+    def check(self) -> None:
+        if self.refresh_seconds <= 0:
+            raise ConfigError("model.refresh_seconds", f"must be > 0, got {self.refresh_seconds}", "e.g. 10")
 
 
 @dataclasses.dataclass(frozen=True)
 class PayloadSettings:
     """How input record values are encoded. Picklable: it travels to executors in the scoring plan."""
 
-    format: str = doc(
-        f"Input value format: {' | '.join(PAYLOAD_FORMATS)}. json: one object per record; avro / protobuf: "
+    format: PayloadFormat = doc(
+        f"Input value format: {allowed(PayloadFormat)}. json: one object per record; avro / protobuf: "
         "binary, with schema_registry_url (Confluent wire format) or a fixed schema; tensor: the raw "
         "little-endian float32 row of a single-input model.",
-        default=PayloadFormat.JSON.value,
+        default=PayloadFormat.JSON,
     )
     schema_registry_url: str = doc(
         "avro / protobuf: Confluent-compatible schema registry URL; values are in the Confluent wire format "
@@ -182,6 +273,32 @@ class PayloadSettings:
         "without its value (error class ValueTooLarge). Tensor values are always exactly the model's row size.",
         default=1_048_576,
     )
+
+    def check(self) -> None:
+        if self.max_value_bytes < 1:
+            raise ConfigError("payload.max_value_bytes", f"must be >= 1, got {self.max_value_bytes}", "e.g. 1048576 (1 MiB)")
+        schema_formats = (PayloadFormat.AVRO, PayloadFormat.PROTOBUF)
+        if self.format in schema_formats:
+            if bool(self.schema_registry_url) == bool(self.schema):
+                raise ConfigError(
+                    "payload.schema_registry_url",
+                    f"{self.format} needs exactly one of payload.schema_registry_url and payload.schema",
+                    "set schema_registry_url for values in the Confluent wire format, or schema to the path of a "
+                    f"{'.avsc' if self.format == PayloadFormat.AVRO else '.proto'} file for bare values",
+                )
+            if self.schema and not Path(self.schema).is_file():
+                raise ConfigError("payload.schema", f"{self.schema!r} is not a file", "give the path of the schema file")
+        else:
+            for key in ("schema_registry_url", "schema", "message"):
+                if getattr(self, key):
+                    raise ConfigError(
+                        f"payload.{key}", f"is only read for {' and '.join(schema_formats)}, not {self.format}",
+                        'remove it, or set format = "avro" / "protobuf"',
+                    )
+            if self.schema_registry_client:
+                raise ConfigError("payload.schema_registry_client", f"is only read with a schema registry, not for {self.format}", "remove it")
+        if self.message and self.format != PayloadFormat.PROTOBUF:
+            raise ConfigError("payload.message", f"names a protobuf message, but format is {self.format}", "remove it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,15 +334,43 @@ class InferenceSettings:
         default="",
     )
 
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("inference.batch_size", f"must be >= 1, got {self.batch_size}", "e.g. 4096")
+        pipeline_depth(self)
+        if not self.providers:
+            raise ConfigError("inference.providers", "is empty", 'e.g. ["CPUExecutionProvider"]')
+
 
 @dataclasses.dataclass(frozen=True)
-class MetricsSettings:
-    enabled: bool = doc("Serve Prometheus metrics.", default=True)
+class MetricsSection:
+    """The [metrics] keys ``serve`` and ``train`` share: where an endpoint binds, and its checks."""
+
     host: str = doc("Address the metrics endpoint binds.", default="127.0.0.1")
     port: int = doc("Port of the metrics endpoint; 0 = any free port.", default=9108)
+
+    def check(self, ports: int = 1) -> None:
+        """``ports``: how many endpoints take consecutive ports from ``port`` (train: one per rank)."""
+        if not self.host:
+            raise ConfigError("metrics.host", "is empty", 'e.g. "127.0.0.1", or "0.0.0.0" to be scraped from other hosts')
+        if not 0 <= self.port <= 65536 - ports:
+            endpoints = "" if ports == 1 else f" (+ rank, for all {ports} ranks)"
+            raise ConfigError(
+                "metrics.port", f"{self.port}{endpoints} is not a port", f"use 1-{65536 - ports}, or 0 for any free port"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsSettings(MetricsSection):
+    enabled: bool = doc("Serve Prometheus metrics.", default=True)
     certfile: str = doc("TLS certificate for the endpoint (with keyfile); empty = plain HTTP.", default="")
     keyfile: str = doc("TLS private key for the endpoint.", default="")
     multiprocess_dir: str = doc("Directory for the Python workers' metric files, emptied at start.", default="var/metrics")
+
+    def check(self, ports: int = 1) -> None:
+        super().check(ports)
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ConfigError("metrics.keyfile", "TLS needs both metrics.certfile and metrics.keyfile", "set both, or neither")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,6 +511,10 @@ def _build(cls: type, values: Mapping[str, Any], section: str) -> Any:
 def _coerce(key: str, hint: Any, value: Any) -> Any:
     """Check ``value`` against the field type; strings from the environment are converted."""
     origin = typing.get_origin(hint)
+    if isinstance(hint, type) and issubclass(hint, enum.StrEnum):
+        return parse_choice(hint, value, key)
+    if hint == Selector | int:
+        return parse_version(value, key)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -422,122 +571,19 @@ def _scalar_str(key: str, value: Any) -> str:
 
 
 def _validated(config: Config) -> Config:
-    k, m, s, i = config.kafka, config.model, config.spark, config.inference
-    chosen = [name for name, value in (("subscribe", k.subscribe), ("subscribe_pattern", k.subscribe_pattern), ("assign", k.assign)) if value]
-    if len(chosen) != 1:
-        raise ConfigError(
-            "kafka.subscribe",
-            f"exactly one of kafka.subscribe, kafka.subscribe_pattern, kafka.assign must be set, got {chosen or 'none'}",
-            "keep one of them and set the others to \"\"",
-        )
-    if k.source not in ("builtin", "python"):
-        raise ConfigError("kafka.source", f"unknown connector {k.source!r}", "use builtin (default) or python")
-    if k.delivery not in ("at_least_once", "exactly_once"):
-        raise ConfigError("kafka.delivery", f"unknown guarantee {k.delivery!r}", "use at_least_once or exactly_once")
-    if k.delivery == "exactly_once" and k.source == "builtin":
-        raise ConfigError(
-            "kafka.delivery",
-            "exactly_once needs streamhydro's connector: Spark's built-in Kafka sink has no transactions",
-            'set source = "python" (or delivery = "at_least_once" to keep the built-in connector)',
-        )
-    if k.end_offsets_from not in ("listOffsets", "fetch"):
-        raise ConfigError("kafka.end_offsets_from", f"unknown method {k.end_offsets_from!r}", "use listOffsets or fetch")
-    if k.end_offsets_from == "fetch" and k.source == "builtin":
-        raise ConfigError(
-            "kafka.end_offsets_from",
-            "fetch needs streamhydro's source; Spark's JVM connector always trusts ListOffsets",
-            'set source = "python" (or end_offsets_from = "listOffsets" on a broker that answers it right)',
-        )
-    if "transactional.id" in k.librdkafka().as_dict():
-        raise ConfigError(
-            "kafka.client.transactional.id",
-            "is chosen by serve, one per input partition, and only with delivery = \"exactly_once\"",
-            'remove it (for transactions set delivery = "exactly_once")',
-        )
-    if k.max_offsets_per_trigger < 0:
-        raise ConfigError("kafka.max_offsets_per_trigger", f"must be >= 0, got {k.max_offsets_per_trigger}", "use 0 for no limit")
-    if k.output_topic == k.dead_letter_topic:
-        raise ConfigError("kafka.dead_letter_topic", "is the same topic as kafka.output_topic", "give dead letters their own topic")
-    check_no_feedback(k)
-    k.max_record_bytes()  # refuses a producer limit too small for a dead letter's origin and error headers
-    check_isolation_level(k)
-    if k.starting_offsets not in ("earliest", "latest"):
-        try:
-            json.loads(k.starting_offsets)
-        except json.JSONDecodeError as exc:
-            raise ConfigError("kafka.starting_offsets", f"{k.starting_offsets!r} is neither earliest, latest nor JSON", 'e.g. {"events": {"0": 42}}') from exc
-    if not (m.version in ("latest", "promoted") or m.version.isdigit()):
-        raise ConfigError("model.version", f"{m.version!r} is not a version", "use latest, promoted or a version number")
-    if m.refresh_seconds <= 0:
-        raise ConfigError("model.refresh_seconds", f"must be > 0, got {m.refresh_seconds}", "e.g. 10")
-    _check_payload(config.payload)
-    if i.batch_size < 1:
-        raise ConfigError("inference.batch_size", f"must be >= 1, got {i.batch_size}", "e.g. 4096")
-    pipeline_depth(i)
-    if not i.providers:
-        raise ConfigError("inference.providers", "is empty", 'e.g. ["CPUExecutionProvider"]')
-    check_gpu_amounts(s.executor_gpus, s.task_gpus)
-    if s.task_gpus and not s.executor_gpus:
-        raise ConfigError("spark.executor_gpus", "is 0 while spark.task_gpus asks for GPUs", "set spark.executor_gpus to the GPUs per executor")
-    master = Master.parse(s.master) if s.master else None
-    if master is not None:
-        check_gpu_master(master, s.executor_gpus)
-    if s.executor_gpus and not s.gpu_discovery_script and (master is None or master.kind == CLUSTER):
-        raise ConfigError("spark.gpu_discovery_script", "is empty while GPUs are requested", "point it at deploy/gpu/get_gpus_resources.sh")
-    if bool(config.metrics.certfile) != bool(config.metrics.keyfile):
-        raise ConfigError("metrics.keyfile", "TLS needs both metrics.certfile and metrics.keyfile", "set both, or neither")
-    if not 0 <= config.metrics.port < 65536:
-        raise ConfigError("metrics.port", f"{config.metrics.port} is not a port", "use 1-65535, or 0 for any free port")
+    """The file's and the environment's values, checked once: each section checks itself (``check()``)."""
+    for section in dataclasses.fields(config):
+        getattr(config, section.name).check()
     return config
 
 
-def _check_payload(p: PayloadSettings) -> None:
-    if p.format not in PAYLOAD_FORMATS:
-        raise ConfigError("payload.format", f"unknown format {p.format!r}", f"use one of {', '.join(PAYLOAD_FORMATS)}")
-    if p.max_value_bytes < 1:
-        raise ConfigError("payload.max_value_bytes", f"must be >= 1, got {p.max_value_bytes}", "e.g. 1048576 (1 MiB)")
-    schema_formats = (PayloadFormat.AVRO.value, PayloadFormat.PROTOBUF.value)
-    if p.format in schema_formats:
-        if bool(p.schema_registry_url) == bool(p.schema):
-            raise ConfigError(
-                "payload.schema_registry_url",
-                f"{p.format} needs exactly one of payload.schema_registry_url and payload.schema",
-                "set schema_registry_url for values in the Confluent wire format, or schema to the path of a "
-                f"{'.avsc' if p.format == PayloadFormat.AVRO.value else '.proto'} file for bare values",
-            )
-        if p.schema and not Path(p.schema).is_file():
-            raise ConfigError("payload.schema", f"{p.schema!r} is not a file", "give the path of the schema file")
-    else:
-        for key in ("schema_registry_url", "schema", "message"):
-            if getattr(p, key):
-                raise ConfigError(f"payload.{key}", f"is only read for {' and '.join(schema_formats)}, not {p.format}", 'remove it, or set format = "avro" / "protobuf"')
-        if p.schema_registry_client:
-            raise ConfigError("payload.schema_registry_client", f"is only read with a schema registry, not for {p.format}", "remove it")
-    if p.message and p.format != PayloadFormat.PROTOBUF.value:
-        raise ConfigError("payload.message", f"names a protobuf message, but format is {p.format}", "remove it")
-
-
-def check_isolation_level(kafka: KafkaSettings) -> None:
-    """``isolation.level`` in ``kafka.client`` is the input's, for both connectors (read_committed: only
-    committed records are scored); a value neither client knows is refused here."""
-    from streamhydro.kafka.options import isolation_level
-
-    isolation_level(kafka.librdkafka())
-
-
-def check_no_feedback(kafka: KafkaSettings) -> None:
+def check_no_feedback(kafka: KafkaSettings, subscription: Subscription) -> None:
     """Refuse an input that reads what serve writes: every prediction would be scored again, forever.
 
-    The subscription is resolved as the source resolves it (:func:`streamhydro.kafka.options.parse_subscription`:
+    ``subscription`` is ``kafka``'s, resolved as the source resolves it (:func:`streamhydro.kafka.options.parse_subscription`:
     topic list, a regex that must match the whole topic name, or assigned partitions).
     """
-    from streamhydro.kafka.options import parse_subscription
-
     key = next(f"kafka.{name}" for name in ("subscribe", "subscribe_pattern", "assign") if getattr(kafka, name))
-    try:
-        subscription = parse_subscription(kafka.source_options())
-    except ConfigError as exc:
-        raise ConfigError(key, exc.problem, exc.fix) from exc
     for written in ("output_topic", "dead_letter_topic"):
         topic = getattr(kafka, written)
         if subscription.matches(topic):

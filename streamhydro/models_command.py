@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from streamhydro.errors import ConfigError, ModelError
-from streamhydro.registry import KINDS, Registry
+from streamhydro.registry import KINDS, Registry, Selector, parse_version
 
 SHOWN_METRICS = ("validation_accuracy", "validation_loss", "validation_rows")
 
@@ -72,7 +72,7 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"no models in {registry.root}")
         return 0
     for name in names:
-        current = registry.resolve(name, "promoted")
+        current = registry.resolve(name, Selector.PROMOTED)
         explicit = registry.promoted(name) is not None
         print(f"{name} (promoted: {current}{'' if explicit else ', the latest: nothing promoted yet'})")
         for version in registry.versions(name):
@@ -139,7 +139,7 @@ def input_mapping(path: Path | None, features: list[str], fields: list[str]) -> 
 def run_show(args: argparse.Namespace) -> int:
     from streamhydro.models_add import input_lines, prediction_schema
 
-    model = Registry(args.registry).get(args.name, args.version)
+    model = Registry(args.registry).get(args.name, parse_version(args.version, "version"))
     model.read_bytes()
     shown = {**model.manifest.to_json(), "path": str(model.path), "checksum": "ok"}
     shown.update(input_mapping=input_lines(model.manifest), prediction_schema=prediction_schema(model.manifest))
@@ -149,7 +149,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_promote(args: argparse.Namespace) -> int:
     registry = Registry(args.registry)
-    registry.get(args.name, str(args.version)).read_bytes()
+    registry.get(args.name, args.version).read_bytes()
     registry.promote(args.name, args.version)
     print(f"promoted {args.name}:{args.version}")
     return 0

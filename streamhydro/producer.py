@@ -24,19 +24,19 @@ import numpy as np
 from streamhydro.config import load
 from streamhydro.errors import ConfigError, DeliveryError
 from streamhydro.kafka.options import ClientConfig
-from streamhydro.payload import PAYLOAD_FORMATS
+from streamhydro.payload import PayloadFormat
 from streamhydro.payload.fields import BOOLEAN, INTS, NUMBER, TEXT, input_fields
-from streamhydro.registry import Manifest, Registry
+from streamhydro.registry import Manifest, Registry, Selector, parse_version
 
 log = logging.getLogger(__name__)
 
 JSON_BAD_KINDS = ("truncated_json", "wrong_type", "missing_feature", "empty_value", "not_json")
 TENSOR_BAD_KINDS = ("wrong_tensor_length", "empty_value")
 BAD_KINDS = {
-    "json": JSON_BAD_KINDS,
-    "tensor": TENSOR_BAD_KINDS,
-    "avro": ("truncated_record", "trailing_bytes", "empty_value"),
-    "protobuf": ("corrupt_message", "empty_value"),
+    PayloadFormat.JSON: JSON_BAD_KINDS,
+    PayloadFormat.TENSOR: TENSOR_BAD_KINDS,
+    PayloadFormat.AVRO: ("truncated_record", "trailing_bytes", "empty_value"),
+    PayloadFormat.PROTOBUF: ("corrupt_message", "empty_value"),
 }
 WIRE_BAD_KINDS = ("not_wire_format", "unknown_schema")  # added for avro / protobuf in the wire format
 UNKNOWN_SCHEMA_ID = 2**31 - 1  # a schema id no registry hands out this early
@@ -60,7 +60,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--count", type=int, default=10_000, help="events to send; 0 = until interrupted (default %(default)s)")
     parser.add_argument("--rate", type=float, default=0.0, help="events per second; 0 = as fast as possible (default)")
     add_event_arguments(parser)
-    parser.add_argument("--version", default="promoted", help="latest | promoted | N (default %(default)s)")
+    parser.add_argument("--version", default=Selector.PROMOTED, help="latest | promoted | N (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--schema-registry-url",
@@ -73,7 +73,9 @@ def add_parser(subparsers: Any) -> None:
 
 def add_event_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that shape generated events: shared by ``produce`` and ``demo``."""
-    parser.add_argument("--payload", choices=PAYLOAD_FORMATS, default="json", help="event format (default %(default)s)")
+    parser.add_argument(
+        "--payload", type=PayloadFormat, choices=list(PayloadFormat), default=PayloadFormat.JSON, help="event format (default %(default)s)"
+    )
     parser.add_argument("--bad-fraction", type=_fraction, default=0.0, help="fraction of malformed events, 0..1 (default 0)")
     parser.add_argument("--registry", default="models", help="model registry directory (default %(default)s)")
     parser.add_argument("--model", default="breast_cancer", help="model in --registry whose inputs shape the events; demo also takes the path of an ONNX file, "
@@ -91,13 +93,13 @@ def _fraction(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
-    manifest = Registry(args.registry).get(args.model, args.version).manifest
+    manifest = Registry(args.registry).get(args.model, parse_version(args.version, "--version")).manifest
     config = load(args.config)
     kafka = config.kafka
     if args.bootstrap_servers:
         kafka = dataclasses.replace(kafka, bootstrap_servers=args.bootstrap_servers)
     registry_url = args.schema_registry_url if args.schema_registry_url is not None else config.payload.schema_registry_url
-    if args.payload not in ("avro", "protobuf"):
+    if args.payload not in (PayloadFormat.AVRO, PayloadFormat.PROTOBUF):
         registry_url = ""
     generator = LoadGenerator(
         kafka.librdkafka(), args.topic, manifest, args.payload, args.bad_fraction, seed=args.seed,
@@ -145,17 +147,17 @@ class EventFormat:
     (derived from the manifest) and the schema id (None: bare values, for ``payload.schema``)."""
 
     manifest: Manifest
-    payload: str = "json"
+    payload: PayloadFormat = PayloadFormat.JSON
     schema_id: int | None = None
 
     @functools.cached_property
     def schema(self) -> str:
         """The derived schema's text: Avro JSON or .proto source ("" for json and tensor)."""
-        if self.payload == "avro":
+        if self.payload == PayloadFormat.AVRO:
             from streamhydro.payload.formats import avro
 
             return json.dumps(avro.schema_for(self.manifest))
-        if self.payload == "protobuf":
+        if self.payload == PayloadFormat.PROTOBUF:
             from streamhydro.payload.formats import protobuf
 
             return protobuf.proto_for(self.manifest)
@@ -163,16 +165,16 @@ class EventFormat:
 
     def values(self, count: int, rng: np.random.Generator) -> list[bytes]:
         columns = _columns(self.manifest, count, rng)
-        if self.payload == "tensor":
+        if self.payload == PayloadFormat.TENSOR:
             from streamhydro.payload.formats import tensor
 
             if len(self.manifest.inputs) != 1:
                 raise ConfigError("--payload", f"tensor payloads need a single-input model, {self.manifest.name} has {len(self.manifest.inputs)}", "use --payload json")
             return tensor.encode(np.column_stack([columns[f.path] for f in input_fields(self.manifest)]).reshape(count, -1))
-        if self.payload == "json":
+        if self.payload == PayloadFormat.JSON:
             return _json_values(self.manifest, columns, count)
         events = _events(self.manifest, columns, count)
-        if self.payload == "avro":
+        if self.payload == PayloadFormat.AVRO:
             from streamhydro.payload.formats import avro
 
             return avro.encode(events, json.loads(self.schema), self.schema_id)
@@ -187,7 +189,7 @@ class EventFormat:
 
 
 def make_values(
-    manifest: Manifest, payload: str, count: int, rng: np.random.Generator | None = None, schema_id: int | None = None
+    manifest: Manifest, payload: PayloadFormat, count: int, rng: np.random.Generator | None = None, schema_id: int | None = None
 ) -> list[bytes]:
     """``count`` well-formed event values for ``manifest``'s inputs in the given payload format
     (avro / protobuf: bare, or in the wire format with ``schema_id``)."""
@@ -315,7 +317,7 @@ class LoadGenerator:
     client: ClientConfig
     topic: str
     manifest: Manifest
-    payload: str = "json"
+    payload: PayloadFormat = PayloadFormat.JSON
     bad_fraction: float = 0.0
     seed: int = 0
     schema_registry_url: str = ""
@@ -330,7 +332,7 @@ class LoadGenerator:
         if self.schema_registry_url:
             from streamhydro.payload import schemas
 
-            schema_type = "AVRO" if self.payload == "avro" else "PROTOBUF"
+            schema_type = "AVRO" if self.payload == PayloadFormat.AVRO else "PROTOBUF"
             schema_id = schemas.register(
                 self.schema_registry_url, self.schema_registry_client, f"{self.topic}-value",
                 schemas.RegisteredSchema(schema_type, self.format.schema),

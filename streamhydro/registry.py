@@ -22,6 +22,7 @@ drops PROMOTED's last line; PROMOTED is rewritten whole and renamed into place, 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import os
@@ -32,12 +33,34 @@ from typing import Any
 
 import numpy as np
 
-from streamhydro.errors import ModelError
+from streamhydro.choices import allowed
+from streamhydro.errors import ConfigError, ModelError
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 PROMOTED_FILE = "PROMOTED"
-SELECTORS = ("latest", "promoted")
+
+
+class Selector(enum.StrEnum):
+    """A version named by what it is rather than by its number (``model.version``, ``models show``)."""
+
+    LATEST = "latest"  # the highest version
+    PROMOTED = "promoted"  # the last line of PROMOTED, or the highest version when nothing was promoted
+
+
+def parse_version(value: object, key: str) -> Selector | int:
+    """A :class:`Selector`, or a pinned version number (>= 1) from an int or a string of digits; a
+    ConfigError naming ``key`` for anything else."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        for member in Selector:
+            if member.value == text.lower():
+                return member
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ConfigError(key, f"{value!r} is not a version", f"use {allowed(Selector)}, or a version number (pinned)")
 
 
 KIND_CLASSIFIER = "classifier"
@@ -372,19 +395,19 @@ class Registry:
         except ValueError as exc:
             raise ModelError(name, f"{pointer} is not a list of version numbers ({exc})") from exc
 
-    def resolve(self, name: str, selector: str = "latest") -> int:
-        """The version number that ``selector`` (latest | promoted | a number) names."""
+    def resolve(self, name: str, selector: Selector | int = Selector.LATEST) -> int:
+        """The version number that ``selector`` (a :class:`Selector` or a pinned number) names."""
         versions = self.versions(name)
         if not versions:
             raise ModelError(name, f"no versions under {self.root / name}")
-        if selector == "latest":
+        if selector == Selector.LATEST:
             return versions[-1]
-        if selector == "promoted":
+        if selector == Selector.PROMOTED:
             promoted = self.promoted(name)
             return versions[-1] if promoted is None else promoted
-        if selector.isdigit() and int(selector) in versions:
-            return int(selector)
-        raise ModelError(name, f"version '{selector}' not found; have {versions}, or use latest | promoted")
+        if selector in versions:
+            return selector
+        raise ModelError(name, f"version '{selector}' not found; have {versions}, or use {allowed(Selector)}")
 
     def manifest(self, name: str, version: int) -> Manifest:
         path = self.root / name / str(version) / MANIFEST_FILE
@@ -396,7 +419,7 @@ class Registry:
             raise ModelError(f"{name}:{version}", f"manifest {path} is not JSON ({exc})") from exc
         return Manifest.from_json(data)
 
-    def get(self, name: str, selector: str = "latest") -> ModelVersion:
+    def get(self, name: str, selector: Selector | int = Selector.LATEST) -> ModelVersion:
         """Resolve ``selector`` and return the version, without reading the model bytes."""
         version = self.resolve(name, selector)
         manifest = self.manifest(name, version)

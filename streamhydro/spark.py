@@ -146,12 +146,14 @@ def resolve_master(url: str) -> Master:
     return Master.parse(SparkConf().get("spark.master", ""))
 
 
-def check_gpu_master(master: Master, executor_gpus: float, key: str = "spark.executor_gpus") -> None:
-    """Refuse GPUs on a master that cannot schedule them: under local[N] a job asking for GPUs never starts."""
-    if executor_gpus and not master.schedules_resources:
+def check_gpu_master(master: Master, gpus: float, key: str) -> None:
+    """Refuse GPUs (``key`` = ``gpus``) on a master that cannot schedule them, for serve and train alike: under
+    local[N] a job asking for GPUs never starts, and without the ask its tasks would get no GPU and run on
+    the CPU, much slower than the configuration says."""
+    if gpus and not master.schedules_resources:
         raise ConfigError(
             "spark.master",
-            f"{master.url} does not schedule GPUs ({key} = {executor_gpus}): Spark's local mode never starts a task "
+            f"{master.url} does not schedule GPUs ({key} = {gpus}): Spark's local mode never starts a task "
             "that asks for one",
             "use a standalone cluster (deploy/standalone/), local-cluster[N,C,MB] on one machine, or set the GPU amounts to 0",
         )
@@ -164,7 +166,7 @@ def gpu_conf(master: Master, executor_gpus: int, discovery_script: str) -> dict[
     deployments announce their GPUs. No ``spark.task.resource.gpu.amount``: only stages that
     ask through a profile take GPUs.
     """
-    check_gpu_master(master, executor_gpus)
+    check_gpu_master(master, executor_gpus, "spark.executor_gpus")
     if executor_gpus == 0:
         return {}
     return {
@@ -223,7 +225,7 @@ def task_profile(master: Master, cpus: int, gpus: float) -> ResourceProfile | No
     """A stage-level task profile asking ``cpus`` CPUs and ``gpus`` GPUs per task, or None for none.
 
     None when no GPU is asked for (the application's task resources apply) or when the master
-    cannot schedule profiles (local mode, where the caller decides whether that is an error).
+    cannot schedule profiles (local mode; serve and train refuse GPUs there first, :func:`check_gpu_master`).
     """
     if cpus < 1:
         raise ConfigError("spark.task.cpus", f"must be at least 1, got {cpus}", "set it to 1 or more")

@@ -123,9 +123,10 @@ def spark():
     and Spark's own Kafka connector on the classpath (from the jar cache), as users run it."""
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from streamhydro.driver.serve import connector_conf
+    from streamhydro.kafka.options import Connector
     from streamhydro.spark import Master, streaming_session
 
-    conf = {"spark.ui.enabled": "false", **connector_conf("builtin", {})}
+    conf = {"spark.ui.enabled": "false", **connector_conf(Connector.BUILTIN, {})}
     session = streaming_session(Master.parse("local[2]"), "streamhydro-tests", conf)
     yield session
     session.stop()

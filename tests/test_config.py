@@ -6,6 +6,10 @@ import pytest
 
 from streamhydro import config
 from streamhydro.errors import ConfigError
+from streamhydro.kafka.options import Connector, Delivery, EndOffsets, parse_source_options
+from streamhydro.payload import PayloadFormat
+from streamhydro.registry import Selector
+from streamhydro.spark import Master
 
 
 def load(text: str, tmp_path, environ=None):
@@ -17,7 +21,10 @@ def load(text: str, tmp_path, environ=None):
 def test_defaults_are_valid():
     cfg = config.load(None, {})
     assert cfg.kafka.subscribe == "events"
-    assert cfg.model.version == "promoted"
+    assert cfg.model.version is Selector.PROMOTED
+    assert (cfg.kafka.source, cfg.kafka.delivery, cfg.kafka.end_offsets_from) == (
+        Connector.BUILTIN, Delivery.AT_LEAST_ONCE, EndOffsets.LIST_OFFSETS
+    )
 
 
 def test_file_values_and_types(tmp_path):
@@ -228,3 +235,124 @@ def test_auto_pipelines_on_a_gpu_only():
     assert EngineSettings().depth_for(on_gpu=True) == GPU_PIPELINE_DEPTH
     assert EngineSettings().depth_for(on_gpu=False) == 0
     assert EngineSettings(pipeline_depth=2).depth_for(on_gpu=False) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "values"),
+    [
+        ("[kafka]\nsource = 'jvm'", "kafka.source", "builtin or python"),
+        ("[kafka]\nsource = 'python'\ndelivery = 'exactly-once'", "kafka.delivery", "at_least_once or exactly_once"),
+        ("[kafka]\nsource = 'python'\nend_offsets_from = 'watermark'", "kafka.end_offsets_from", "listOffsets or fetch"),
+        ("[payload]\nformat = 'csv'", "payload.format", "json, avro, protobuf or tensor"),
+        ("[model]\nversion = 'newest'", "model.version", "latest or promoted"),
+        ("[model]\nversion = 0", "model.version", "latest or promoted"),
+    ],
+)
+def test_an_unknown_choice_is_refused_naming_the_key_and_the_allowed_values(text, key, values, tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        load(text, tmp_path)
+    assert refused.value.key == key
+    assert values in refused.value.problem + refused.value.fix
+
+
+def test_choices_are_enum_members_from_the_file_and_the_environment(tmp_path):
+    cfg = load(
+        "[kafka]\nsource = 'python'\n[payload]\nformat = 'tensor'\n[model]\nversion = 3\n",
+        tmp_path,
+        {"STREAMHYDRO_KAFKA_DELIVERY": "exactly_once", "STREAMHYDRO_KAFKA_END_OFFSETS_FROM": "FETCH"},
+    )
+    assert cfg.kafka.source is Connector.PYTHON and cfg.payload.format is PayloadFormat.TENSOR and cfg.model.version == 3
+    assert cfg.kafka.delivery is Delivery.EXACTLY_ONCE and cfg.kafka.end_offsets_from is EndOffsets.FETCH
+    assert load("", tmp_path, {"STREAMHYDRO_MODEL_VERSION": "latest"}).model.version is Selector.LATEST
+    assert load("", tmp_path, {"STREAMHYDRO_MODEL_VERSION": "7"}).model.version == 7
+    assert cfg.kafka.source_options()["endOffsetsFrom"] == "fetch"
+
+
+def test_an_environment_override_of_a_choice_is_checked_like_the_file(tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        load("", tmp_path, {"STREAMHYDRO_KAFKA_SOURCE": "jvm"})
+    assert refused.value.key == "kafka.source" and "builtin or python" in refused.value.fix
+
+
+@pytest.mark.parametrize(
+    ("kafka", "key", "option"),
+    [
+        ({"starting_offsets": '{"events": {"0": -3}}'}, "kafka.starting_offsets", {"startingOffsets": '{"events": {"0": -3}}'}),
+        ({"subscribe": "", "subscribe_pattern": "(ev"}, "kafka.subscribe_pattern", {"subscribe": "", "subscribePattern": "(ev"}),
+        ({"subscribe": "", "assign": '{"events": "0"}'}, "kafka.assign", {"subscribe": "", "assign": '{"events": "0"}'}),
+        ({"subscribe": ""}, "kafka.subscribe", {"subscribe": ""}),
+        ({"client": {"transactional.id": "mine"}}, "kafka.client.transactional.id", {"kafka.transactional.id": "mine"}),
+    ],
+)
+def test_one_rule_names_the_settings_key_from_the_file_and_the_option_from_spark(kafka, key, option):
+    """The configuration is checked with the connector's own parsers: the same refusal, named for where it was written."""
+    with pytest.raises(ConfigError) as from_settings:
+        config.Config().replace(kafka=kafka)
+    assert from_settings.value.key == key
+    options = {**config.Config().kafka.source_options(), **option}
+    with pytest.raises(ConfigError) as from_options:
+        if "kafka.transactional.id" in option:
+            from streamhydro.kafka.options import parse_sink_options
+
+            parse_sink_options(options)
+        else:
+            parse_source_options(options)
+    assert from_options.value.key == next(iter(option.keys() - {"subscribe"}), "subscribe")
+    if key != "kafka.subscribe":  # that one's problem lists the three keys, each in its own spelling
+        assert from_settings.value.problem == from_options.value.problem
+
+
+def test_an_unknown_end_offsets_option_is_refused_by_the_data_source():
+    with pytest.raises(ConfigError) as refused:
+        parse_source_options({**config.Config().kafka.source_options(), "endOffsetsFrom": "watermark"})
+    assert refused.value.key == "endOffsetsFrom" and "listOffsets or fetch" in refused.value.fix
+    assert parse_source_options({**config.Config().kafka.source_options(), "endoffsetsfrom": "FETCH"}).end_offsets is EndOffsets.FETCH
+
+
+SERVE_GPUS = {"executor_gpus": 1, "task_gpus": 1.0, "gpu_discovery_script": "deploy/gpu/get_gpus_resources.sh"}
+TRAIN_DATA = {"format": "csv", "path": "x.csv", "features": ["a", "b"], "label": "y", "labels": ["n", "p"]}
+
+
+def _serve(spark):
+    return config.Config().replace(spark=spark)
+
+
+def _train(spark):
+    from streamhydro.trainer.config import from_mapping
+
+    return from_mapping({"data": TRAIN_DATA, "spark": spark}, {})
+
+
+@pytest.mark.parametrize(("build", "gpus"), [(_serve, SERVE_GPUS), (_train, {"gpus_per_rank": 1})], ids=["serve", "train"])
+def test_serve_and_train_refuse_gpus_on_a_local_master_alike(build, gpus):
+    with pytest.raises(ConfigError) as refused:
+        build({"master": "local[4]", **gpus})
+    assert refused.value.key == "spark.master" and "local-cluster" in refused.value.fix
+    assert next(iter(gpus)) in refused.value.problem
+    for master in ("local-cluster[2,1,1024]", "spark://host:7077"):
+        assert build({"master": master, **gpus}).spark.master == master
+    assert build({"master": "local[4]"}).spark.master == "local[4]"
+
+
+@pytest.mark.parametrize(("build", "gpus"), [(_serve, SERVE_GPUS), (_train, {"gpus_per_rank": 1})], ids=["serve", "train"])
+def test_gpus_under_spark_submits_local_master_are_refused_once_it_is_known(build, gpus):
+    """An empty spark.master is spark-submit's, known only once Spark runs; both commands then ask the same check."""
+    settings = build({"master": "", **gpus}).spark
+    with pytest.raises(ConfigError) as refused:
+        settings.check_master(Master.parse("local[2]"))
+    assert refused.value.key == "spark.master"
+    settings.check_master(Master.parse("spark://host:7077"))
+
+
+def test_serve_and_train_share_the_spark_and_metrics_sections():
+    from streamhydro.trainer import config as train
+
+    assert issubclass(config.SparkSettings, config.SparkSection) and issubclass(train.SparkSettings, config.SparkSection)
+    assert issubclass(config.MetricsSettings, config.MetricsSection) and issubclass(train.MetricsSettings, config.MetricsSection)
+    for build in (_serve, _train):
+        with pytest.raises(ConfigError) as refused:
+            build({"master": "local[N]"})
+        assert refused.value.key == "spark.master"
+    with pytest.raises(ConfigError) as refused:
+        config.Config().replace(metrics={"host": ""})
+    assert refused.value.key == "metrics.host"

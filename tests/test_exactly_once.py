@@ -370,7 +370,7 @@ def test_a_task_writes_its_range_in_bounded_transactions_with_the_shared_scoring
     topics = {"input": f"{topic_name}-in", "output": f"{topic_name}-out", "dlq": f"{topic_name}-dlq"}
     ensure_topics(client(kafka_bootstrap), {topics["input"]: 1, topics["output"]: 2, topics["dlq"]: 1})
     events = 1000
-    version = model_registry.get("iris_like", "1")
+    version = model_registry.get("iris_like", 1)
     send(kafka_bootstrap, topics["input"], make_values(version.manifest, "json", events, np.random.default_rng(6)))
     plan = ScoringPlan(
         version.manifest, Holder(version.read_bytes()), PayloadSettings(), topics["output"], topics["dlq"],

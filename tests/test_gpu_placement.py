@@ -226,7 +226,7 @@ def test_trainer_refuses_more_than_one_gpu_per_rank():
     with pytest.raises(ConfigError) as caught:
         from_mapping(raw, {})
     assert caught.value.key == "spark.gpus_per_rank" and "training.ranks to 4" in caught.value.fix
-    raw["spark"]["gpus_per_rank"] = 1
+    raw["spark"].update(gpus_per_rank=1, master="spark://host:7077")
     assert from_mapping(raw, {}).spark.gpus_per_rank == 1
 
 

@@ -40,7 +40,7 @@ def test_show_prints_the_manifest_with_a_verified_checksum(root, capsys):
 
 
 def test_show_reports_a_corrupt_model(root, capsys):
-    Registry(root).get("m", "2").path.write_bytes(b"tampered")
+    Registry(root).get("m", 2).path.write_bytes(b"tampered")
     assert models(root, "show", "m", "2") == 2
     assert "checksum mismatch" in capsys.readouterr().err
 

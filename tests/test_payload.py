@@ -154,9 +154,15 @@ def test_payload_must_fit_the_model():
     _, two_inputs = softmax_model([feature_spec("a", 2), feature_spec("b", 2)])
     with pytest.raises(ModelError, match="exactly one input"):
         make_decoder(two_inputs, PayloadSettings(format="tensor"))
-    _, one = softmax_model([feature_spec("a", 2)])
-    with pytest.raises(ModelError, match="not one of"):
-        make_decoder(one, PayloadSettings(format="csv"))
+
+
+def test_an_unknown_payload_format_is_refused_by_the_settings():
+    from streamhydro.config import Config
+    from streamhydro.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        Config().replace(payload={"format": "csv"})
+    assert refused.value.key == "payload.format" and "json, avro, protobuf or tensor" in str(refused.value)
 
 
 record = st.one_of(

@@ -348,7 +348,7 @@ def test_streamhydros_connector_writes_what_the_input_let_through_however_large(
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
     admin.create_topics([NewTopic(source, 1, config={"max.message.bytes": "4000000"})])[source].result(30)
     ensure_topics(client(kafka_bootstrap), {source: 1, output: 1, dead: 1})
-    version = model_registry.get("iris_like", "1")
+    version = model_registry.get("iris_like", 1)
     good = json_values(version.manifest, np.ones((2, 4), np.float32))
     events = [(b"k0", good[0]), (b"K" * 1_500_000, good[1]), (b"k2", b"{" + b" " * 1_020_000)]
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "message.max.bytes": 4_000_000})

@@ -41,7 +41,7 @@ def test_publish_numbers_versions_and_records_the_checksum(registry):
     second = registry.publish(manifest(), b"two")
     assert (first.manifest.version, second.manifest.version) == (1, 2)
     assert registry.versions("m") == [1, 2]
-    assert registry.get("m", "1").read_bytes() == b"one"
+    assert registry.get("m", 1).read_bytes() == b"one"
     stored = json.loads((registry.root / "m" / "2" / MANIFEST_FILE).read_text())
     assert stored["sha256"] == second.digest != first.digest
     assert [p.name for p in (registry.root / "m").iterdir() if p.name.startswith(".")] == []
@@ -66,9 +66,9 @@ def test_resolve_latest_promoted_and_pinned(registry):
     assert registry.resolve("m", "promoted") == 3
     registry.promote("m", 2)
     assert registry.resolve("m", "promoted") == 2
-    assert registry.resolve("m", "1") == 1
+    assert registry.resolve("m", 1) == 1
     with pytest.raises(ModelError, match="version '7' not found"):
-        registry.resolve("m", "7")
+        registry.resolve("m", 7)
 
 
 def test_rollback_returns_to_the_previous_promotion(registry):
@@ -112,14 +112,14 @@ def test_manifest_that_names_another_version_is_refused(registry):
     data["version"] = 9
     path.write_text(json.dumps(data))
     with pytest.raises(ModelError, match="does not match its directory"):
-        registry.get("m", "1")
+        registry.get("m", 1)
 
 
 def test_malformed_manifest_is_a_model_error(registry):
     registry.publish(manifest(), b"1")
     (registry.root / "m" / "1" / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(ModelError, match="is not JSON"):
-        registry.get("m", "1")
+        registry.get("m", 1)
 
 
 def test_directories_without_versions_are_not_models(registry):

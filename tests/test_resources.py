@@ -96,3 +96,18 @@ def test_local_checkpoints_get_the_file_system_manager_and_others_keep_sparks():
         assert CHECKPOINT_FILE_MANAGER in checkpoint_conf(local), local
     for remote in ("hdfs://nn:8020/cp", "s3a://bucket/cp", "abfss://c@a.dfs.core.windows.net/cp"):
         assert checkpoint_conf(remote) == {}, remote
+
+
+def test_train_refuses_gpus_when_spark_submit_gave_a_local_master():
+    """The trainer's runtime check is serve's: a session on local[N] gets no GPU, so gpus_per_rank is refused."""
+    from types import SimpleNamespace
+
+    from streamhydro.trainer.config import from_mapping
+    from streamhydro.trainer.launch import resource_profile
+
+    data = {"format": "csv", "path": "x.csv", "features": ["a", "b"], "label": "y", "labels": ["n", "p"]}
+    config = from_mapping({"data": data, "spark": {"master": "", "gpus_per_rank": 1}}, {})
+    spark = SimpleNamespace(sparkContext=SimpleNamespace(master="local[4]"))
+    with pytest.raises(ConfigError) as caught:
+        resource_profile(spark, config)
+    assert caught.value.key == "spark.master" and "spark.gpus_per_rank = 1" in caught.value.problem

@@ -32,7 +32,9 @@ from streamhydro.config import Config
 from streamhydro.errors import ConfigError
 from streamhydro.outputs import OutputReader
 from streamhydro.producer import add_event_arguments
-from streamhydro.registry import KINDS
+from streamhydro.kafka.options import Connector, EndOffsets
+from streamhydro.payload import PayloadFormat
+from streamhydro.registry import KINDS, Selector
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--rate", type=float, default=None, help="events per second (default: 2000 interactive, unthrottled with --events)")
     add_event_arguments(parser)
     parser.add_argument("--broker", choices=("kafka", "tansu"), default="kafka", help="local broker: Apache Kafka (Java, the jar cache) or Tansu (no Java, in memory, not for live streams of small batches) (default %(default)s)")
-    parser.add_argument("--source", choices=("builtin", "python"), default="builtin", help="Kafka connector, as kafka.source in serve's config (default %(default)s)")
+    parser.add_argument("--source", type=Connector, choices=list(Connector), default=Connector.BUILTIN, help="Kafka connector, as kafka.source in serve's config (default %(default)s)")
     parser.add_argument("--master", default="local[2]", help="Spark master (default %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=9108, help="port of the metrics endpoint; 0 = any free port (default %(default)s)")
     parser.add_argument("--mapping", type=Path, metavar="FILE.toml",
@@ -87,13 +89,13 @@ def run_demo(
     events: int | None,
     rate: float | None,
     bad_fraction: float,
-    payload: str,
+    payload: PayloadFormat,
     registry: str,
     model: str,
     master: str,
     metrics_port: int = 9108,
     broker: str = "kafka",
-    source: str = "builtin",
+    source: Connector = Connector.BUILTIN,
     added: AddedModel | None = None,
 ) -> dict[str, Any]:
     """Run the demo; returns the summary. ``events=None`` runs until SIGINT/SIGTERM.
@@ -110,9 +112,9 @@ def run_demo(
     launched = time.monotonic()
     kafka_settings = {"subscribe": INPUT_TOPIC, "source": source}
     if broker == "tansu":
-        if source == "builtin":
+        if source == Connector.BUILTIN:
             raise ConfigError("--source", "builtin cannot read from Tansu: its ListOffsets answer is wrong", "add --source python, or use --broker kafka")
-        kafka_settings.update(end_offsets_from="fetch")
+        kafka_settings.update(end_offsets_from=EndOffsets.FETCH)
     stop = threading.Event()
     with tempfile.TemporaryDirectory(prefix="streamhydro-demo-") as work, BROKERS[broker]() as running:
         if model.endswith(".onnx"):
@@ -120,7 +122,7 @@ def run_demo(
         config = Config().replace(
             spark={"master": master, "app_name": "streamhydro-demo", "checkpoint_location": f"{work}/checkpoint"},
             kafka={"bootstrap_servers": running.bootstrap_servers, **kafka_settings},
-            model={"registry": registry, "name": model, "version": "promoted"},
+            model={"registry": registry, "name": model, "version": Selector.PROMOTED},
             payload=_payload_settings(payload, registry, model, work),
             metrics={"port": metrics_port, "multiprocess_dir": f"{work}/metrics"},
         )
@@ -203,19 +205,19 @@ def _add_to_scratch_registry(path: Path, root: Path, added: AddedModel) -> tuple
     return str(root), name
 
 
-def _payload_settings(payload: str, registry: str, model: str, work: str) -> dict[str, str]:
+def _payload_settings(payload: PayloadFormat, registry: str, model: str, work: str) -> dict[str, str]:
     """The demo's [payload]: avro and protobuf are sent bare, with the schema derived from the model in a file."""
     from streamhydro.producer import EventFormat
     from streamhydro.registry import Registry
 
-    if payload not in ("avro", "protobuf"):
+    if payload not in (PayloadFormat.AVRO, PayloadFormat.PROTOBUF):
         return {"format": payload}
-    path = Path(work) / ("events.avsc" if payload == "avro" else "events.proto")
-    path.write_text(EventFormat(Registry(registry).get(model, "promoted").manifest, payload).schema)
+    path = Path(work) / ("events.avsc" if payload == PayloadFormat.AVRO else "events.proto")
+    path.write_text(EventFormat(Registry(registry).get(model, Selector.PROMOTED).manifest, payload).schema)
     return {"format": payload, "schema": str(path)}
 
 
-def _live_phase(client: Any, manifest: Any, payload: str, reader: OutputReader, stop: threading.Event) -> int:
+def _live_phase(client: Any, manifest: Any, payload: PayloadFormat, reader: OutputReader, stop: threading.Event) -> int:
     """Events at LIVE_RATE for LIVE_SECONDS, as a live producer sends them; returns how many, once all are scored."""
     from streamhydro.producer import LoadGenerator
 

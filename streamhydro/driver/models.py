@@ -102,7 +102,7 @@ class ModelFollower:
         if number == self._plan.manifest.version or number in self._refused:
             return
         try:
-            self._switch(self._registry.get(m.name, str(number)))
+            self._switch(self._registry.get(m.name, number))
         except ModelError as exc:
             self._refused[number] = exc.problem
             log.error(

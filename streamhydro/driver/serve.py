@@ -33,7 +33,7 @@ from streamhydro.config import Config, load, pipeline_depth, reference
 from streamhydro.errors import ConfigError, StreamhydroError
 from streamhydro.executor.engine import GPU_PIPELINE_DEPTH
 from streamhydro.internals import check_versions, jvm, load_jvm_class, query_exception_chain
-from streamhydro.kafka.options import EMIT, EMIT_RANGES, EXACTLY_ONCE
+from streamhydro.kafka.options import EMIT, EMIT_RANGES, Connector, Delivery
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Service:
         self.follower = None
         self.metrics = None
         self._profile = None
-        self.connector: str | None = None
+        self.connector: Connector | None = None
         self.batches = 0
         self._query_started = threading.Event()
         self._batch_error: BaseException | None = None
@@ -155,12 +155,12 @@ class Service:
             on_refuse=self.metrics.model_refused,
         )
         source = kafka_format(self.spark, c.kafka.source, c.kafka.client_options())
-        self.connector = "builtin" if source == BUILTIN_FORMAT else "python"
+        self.connector = c.kafka.source
         ensure_topics(c.kafka.librdkafka(), {c.kafka.output_topic: 1, c.kafka.dead_letter_topic: 1})
-        if c.kafka.delivery == EXACTLY_ONCE:
+        if c.kafka.delivery == Delivery.EXACTLY_ONCE:
             check_exactly_once(self.spark, c.kafka.librdkafka())
         options = c.kafka.source_options()
-        if self.connector == "python":
+        if self.connector == Connector.PYTHON:
             options[EMIT] = EMIT_RANGES
         # Python workers start while the query starts (its driver-side source, first offsets, first plan):
         # the warm-up job takes the task slots first, so the first micro-batch finds the workers ready.
@@ -179,7 +179,7 @@ class Service:
                 "%s: %s via %s connector -> %s (dead letters -> %s), checkpoint %s",
                 QUERY_STARTED,
                 c.kafka.subscribe or c.kafka.subscribe_pattern or c.kafka.assign,
-                "Spark's built-in" if self.connector == "builtin" else "streamhydro's Python",
+                "Spark's built-in" if self.connector == Connector.BUILTIN else "streamhydro's Python",
                 c.kafka.output_topic, c.kafka.dead_letter_topic, c.spark.checkpoint_location,
             )
             try:
@@ -257,7 +257,7 @@ class Service:
                 raise self._batch_error
             self._in_batch = True
         try:
-            if self.connector == "builtin":
+            if self.connector == Connector.BUILTIN:
                 self._score_records(batch_df)
             else:
                 self._score_ranges(batch_df, batch_id)
@@ -277,7 +277,7 @@ class Service:
 
         k = self.config.kafka
         prefix = None
-        if k.delivery == EXACTLY_ONCE:
+        if k.delivery == Delivery.EXACTLY_ONCE:
             # The query's id is in its checkpoint: the same across restarts, new for a new checkpoint.
             self._query_started.wait()
             prefix = f"streamhydro-{self.query.id}"
@@ -328,18 +328,18 @@ def check_exactly_once(spark: Any, client: Any) -> None:
     check_transactions(client)
 
 
-def connector_conf(source: str, conf: Mapping[str, str]) -> dict[str, str]:
+def connector_conf(source: Connector, conf: Mapping[str, str]) -> dict[str, str]:
     """``spark.jars`` with Spark's Kafka connector (resolved from Maven when the jar cache lacks it), for
     ``source = builtin``; nothing for ``python`` or when ``conf`` already brings the connector."""
     from streamhydro import jars
 
-    if source == "python" or "spark-sql-kafka" in conf.get(JARS, "") + conf.get(PACKAGES, ""):
+    if source == Connector.PYTHON or "spark-sql-kafka" in conf.get(JARS, "") + conf.get(PACKAGES, ""):
         return {}
     found = jars.resolve(jars.spark_kafka_connector())
     return {JARS: ",".join(filter(None, [conf.get(JARS, ""), *map(str, found)]))}
 
 
-def kafka_format(spark: Any, source: str, options: Mapping[str, str]) -> str:
+def kafka_format(spark: Any, source: Connector, options: Mapping[str, str]) -> str:
     """The format to read with: Spark's JVM connector for ``builtin`` (refused when it is not on the
     classpath), else streamhydro's.
 
@@ -349,7 +349,7 @@ def kafka_format(spark: Any, source: str, options: Mapping[str, str]) -> str:
     from streamhydro.kafka.options import check_jvm_options
     from streamhydro.kafka.source import FORMAT
 
-    if source == "python":
+    if source == Connector.PYTHON:
         log.info("Kafka connector: streamhydro's (%s): each task reads, scores and writes its range", FORMAT)
         return FORMAT
     if not load_jvm_class(spark, BUILTIN_PROVIDER):

@@ -20,12 +20,14 @@ connector reads. Users write them once, in either client's spelling (``[kafka].c
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from streamhydro.choices import parse_choice
 from streamhydro.errors import ConfigError
 from streamhydro.kafka.planning import TopicPartitionKey
 from streamhydro.secrets import masked
@@ -33,12 +35,36 @@ from streamhydro.secrets import masked
 KAFKA_PREFIX = "kafka."
 BOOTSTRAP = "kafka.bootstrap.servers"
 GROUP_ID = "group.id"
+# Chosen by streamhydro for exactly-once delivery, one per input partition; refused from users.
+TRANSACTIONAL_ID = "transactional.id"
 ISOLATION_LEVEL = "isolation.level"
 READ_COMMITTED = "read_committed"
 READ_UNCOMMITTED = "read_uncommitted"
 
 EARLIEST = -2
 LATEST = -1
+
+
+class Connector(enum.StrEnum):
+    """Which Kafka connector ``serve`` reads and writes with (``kafka.source``)."""
+
+    BUILTIN = "builtin"  # Spark's JVM source and sink around the scoring (spark-sql-kafka)
+    PYTHON = "python"  # streamhydro's: each task reads, scores and writes its range in one Python worker
+
+
+class Delivery(enum.StrEnum):
+    """The delivery guarantee of predictions and dead letters (``kafka.delivery``)."""
+
+    AT_LEAST_ONCE = "at_least_once"  # a replayed micro-batch is written again, with the same idempotency key
+    EXACTLY_ONCE = "exactly_once"  # each range written in Kafka transactions (streamhydro.kafka.transactions)
+
+
+class EndOffsets(enum.StrEnum):
+    """How streamhydro's source learns where partitions end (``kafka.end_offsets_from``, option ``endOffsetsFrom``)."""
+
+    LIST_OFFSETS = "listOffsets"  # ListOffsets(latest), as Apache Kafka answers it and Spark's connector trusts it
+    FETCH = "fetch"  # a Fetch response's high watermark, for brokers whose ListOffsets is wrong (Tansu)
+
 
 # Spark Kafka options this connector does not implement: refused, never silently ignored.
 _UNSUPPORTED_SOURCE_OPTIONS = {
@@ -314,37 +340,45 @@ class Subscription:
         return [(t, p) for t in sorted(metadata) if self.matches(t) for p in range(metadata[t])]
 
 
-def parse_subscription(options: Mapping[str, str]) -> Subscription:
+# The reader options that choose what to read, in Spark's spelling; exactly one is set.
+SUBSCRIPTION_OPTIONS = ("subscribe", "subscribePattern", "assign")
+
+
+def parse_subscription(options: Mapping[str, str], names: Mapping[str, str] | None = None) -> Subscription:
+    """The subscription that ``options`` (subscribe, subscribePattern, assign, in any case) set; a ConfigError
+    for none, several, a bad regex or bad JSON. Errors name each option as ``names`` does (the settings keys,
+    when the configuration is checked), by default as Spark does."""
     lowered = _lower(options)
-    given = [name for name in ("subscribe", "subscribepattern", "assign") if lowered.get(name, "").strip()]
+    shown = {kind: (names or {}).get(kind, kind) for kind in SUBSCRIPTION_OPTIONS}
+    given = [kind for kind in SUBSCRIPTION_OPTIONS if lowered.get(kind.lower(), "").strip()]
     if len(given) != 1:
+        subscribe, pattern, assign = shown.values()
         raise ConfigError(
-            "subscribe",
-            f"exactly one of subscribe, subscribePattern, assign must be set, got {given or 'none'}",
-            'set subscribe="topic1,topic2", subscribePattern="regex" or assign=\'{"topic":[0,1]}\'',
+            subscribe,
+            f"exactly one of {subscribe}, {pattern}, {assign} must be set, got {[shown[kind] for kind in given] or 'none'}",
+            f'set exactly one: {subscribe} = "topic1,topic2", {pattern} = "regex" or '
+            f"{assign} = '{{\"topic\": [0, 1]}}'",
         )
     kind = given[0]
-    value = lowered[kind]
+    value = lowered[kind.lower()]
     if kind == "subscribe":
         topics = tuple(t.strip() for t in value.split(",") if t.strip())
         return Subscription("subscribe", topics=topics)
-    if kind == "subscribepattern":
+    if kind == "subscribePattern":
         try:
             re.compile(value)
         except re.error as exc:
-            raise ConfigError(
-                "subscribePattern", f"{value!r} is not a regular expression ({exc})", "fix the regex"
-            ) from exc
+            raise ConfigError(shown[kind], f"{value!r} is not a regular expression ({exc})", "fix the regex") from exc
         return Subscription("subscribePattern", pattern=value)
     fix = 'give a JSON object of topic to partition list, e.g. {"events":[0,1]}'
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise ConfigError("assign", f"{value!r} is not JSON ({exc})", fix) from exc
+        raise ConfigError(shown[kind], f"{value!r} is not JSON ({exc})", fix) from exc
     if not isinstance(parsed, dict) or not all(
         isinstance(parts, list) and all(isinstance(p, int) and p >= 0 for p in parts) for parts in parsed.values()
     ):
-        raise ConfigError("assign", f"{value!r} is not an object of topic to partition numbers", fix)
+        raise ConfigError(shown[kind], f"{value!r} is not an object of topic to partition numbers", fix)
     return Subscription("assign", assigned=tuple(sorted((t, p) for t, parts in parsed.items() for p in parts)))
 
 
@@ -356,7 +390,8 @@ class StartingOffsets:
     specific: tuple[tuple[TopicPartitionKey, int], ...] = ()
 
 
-def parse_starting_offsets(value: str | None) -> StartingOffsets:
+def parse_starting_offsets(value: str | None, key: str = "startingOffsets") -> StartingOffsets:
+    """``startingOffsets`` (None: latest, Spark's default for streams); a ConfigError naming ``key``."""
     if value is None or value.strip().lower() == "latest":
         return StartingOffsets("latest")
     if value.strip().lower() == "earliest":
@@ -365,13 +400,13 @@ def parse_starting_offsets(value: str | None) -> StartingOffsets:
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise ConfigError("startingOffsets", f"{value!r} is neither earliest, latest nor JSON", fix) from exc
+        raise ConfigError(key, f"{value!r} is neither earliest, latest nor JSON", fix) from exc
     try:
         offsets = offsets_from_json(parsed)
     except (TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError("startingOffsets", f"{value!r} is not an object of topic to partition offsets", fix) from exc
+        raise ConfigError(key, f"{value!r} is not an object of topic to partition offsets", fix) from exc
     if any(offset < EARLIEST for offset in offsets.values()):
-        raise ConfigError("startingOffsets", f"{value!r} holds an offset below -2", fix)
+        raise ConfigError(key, f"{value!r} holds an offset below -2", fix)
     return StartingOffsets("specific", tuple(sorted(offsets.items())))
 
 
@@ -410,8 +445,6 @@ def _bool(lowered: Mapping[str, str], key: str, display: str, default: bool) -> 
     return raw.strip().lower() == "true"
 
 
-END_OFFSETS_FETCH = "fetch"
-END_OFFSETS_LIST = "listOffsets"
 # The source option that chooses its rows (lowercase, as options are compared) and its values.
 EMIT = "emit"
 EMIT_RECORDS = "records"
@@ -438,7 +471,7 @@ class SourceOptions:
     max_offsets_per_trigger: int | None
     fail_on_data_loss: bool
     poll_timeout_ms: int
-    end_offsets: str
+    end_offsets: EndOffsets
     emit: str = EMIT_RECORDS
 
     @property
@@ -451,9 +484,6 @@ def parse_source_options(options: Mapping[str, str]) -> SourceOptions:
     for key, fix in _UNSUPPORTED_SOURCE_OPTIONS.items():
         if key in lowered:
             raise ConfigError(key, "is not supported by streamhydro's Kafka source", fix)
-    end_offsets = lowered.get("endoffsetsfrom", END_OFFSETS_LIST)
-    if end_offsets.lower() not in (END_OFFSETS_FETCH.lower(), END_OFFSETS_LIST.lower()):
-        raise ConfigError("endOffsetsFrom", f"{end_offsets!r} is unknown", "use listOffsets (default) or fetch")
     emit = lowered.get(EMIT, EMIT_RECORDS).strip().lower()
     if emit not in (EMIT_RECORDS, EMIT_RANGES):
         raise ConfigError(EMIT, f"{emit!r} is unknown", f"use {EMIT_RECORDS} (default) or {EMIT_RANGES}")
@@ -464,13 +494,9 @@ def parse_source_options(options: Mapping[str, str]) -> SourceOptions:
         max_offsets_per_trigger=_positive_int(lowered, "maxoffsetspertrigger", "maxOffsetsPerTrigger"),
         fail_on_data_loss=_bool(lowered, "failondataloss", "failOnDataLoss", default=True),
         poll_timeout_ms=_positive_int(lowered, "kafkaconsumer.polltimeoutms", "kafkaConsumer.pollTimeoutMs") or 120_000,
-        end_offsets=END_OFFSETS_LIST if end_offsets.lower() == END_OFFSETS_LIST.lower() else END_OFFSETS_FETCH,
+        end_offsets=parse_choice(EndOffsets, lowered.get("endoffsetsfrom", EndOffsets.LIST_OFFSETS), "endOffsetsFrom"),
         emit=emit,
     )
-
-
-AT_LEAST_ONCE = "at_least_once"
-EXACTLY_ONCE = "exactly_once"
 
 
 @dataclass(frozen=True)
@@ -483,14 +509,27 @@ class SinkOptions:
 
 def parse_sink_options(options: Mapping[str, str]) -> SinkOptions:
     lowered = _lower(options)
-    for key in (KAFKA_PREFIX + "transactional.id", "delivery"):
-        if key in lowered:
-            raise ConfigError(
-                key,
-                "asks for transactions, and the sink writes at least once, outside transactions",
-                f'remove it; for exactly-once delivery run streamhydro serve with kafka.delivery = "{EXACTLY_ONCE}"',
-            )
-    return SinkOptions(client=client_config(options), topic=lowered.get("topic", "").strip() or None)
+    if "delivery" in lowered:
+        raise _transactions_refused("delivery")
+    client = client_config(options)
+    check_no_transactional_id(client, KAFKA_PREFIX + TRANSACTIONAL_ID)
+    return SinkOptions(client=client, topic=lowered.get("topic", "").strip() or None)
+
+
+def check_no_transactional_id(client: ClientConfig, key: str) -> None:
+    """Refuse a ``transactional.id`` among the client settings (``key``: where it was given): streamhydro
+    chooses transactional ids itself, one per input partition, and only for exactly-once delivery."""
+    if client.get(TRANSACTIONAL_ID) is not None:
+        raise _transactions_refused(key)
+
+
+def _transactions_refused(key: str) -> ConfigError:
+    return ConfigError(
+        key,
+        "asks for transactions, which streamhydro opens itself (a transactional id per input partition) and only "
+        f"with kafka.delivery = {Delivery.EXACTLY_ONCE}",
+        f'remove it; for exactly-once delivery run streamhydro serve with kafka.delivery = "{Delivery.EXACTLY_ONCE}"',
+    )
 
 
 # What each producer refuses a record over, by default (Java: max.request.size, buffer.memory; librdkafka:

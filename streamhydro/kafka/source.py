@@ -32,8 +32,8 @@ from streamhydro.kafka.offsets import EndOffsetProbe
 from streamhydro.kafka.options import (
     EARLIEST,
     EMIT_RANGES,
-    END_OFFSETS_FETCH,
     LATEST,
+    EndOffsets,
     SourceOptions,
     offsets_from_json,
     offsets_to_json,
@@ -96,7 +96,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
     @property
     def probe(self) -> EndOffsetProbe:
         if self._probe is None:
-            self._probe = EndOffsetProbe(self.options.client, use_fetch=self.options.end_offsets == END_OFFSETS_FETCH)
+            self._probe = EndOffsetProbe(self.options.client, use_fetch=self.options.end_offsets == EndOffsets.FETCH)
         return self._probe
 
     def _current(self) -> dict[TopicPartitionKey, tuple[int, int]]:

@@ -49,7 +49,7 @@ from confluent_kafka import KafkaError as ClientError
 
 from streamhydro.errors import ConfigError, KafkaConnectorError
 from streamhydro.kafka import clients
-from streamhydro.kafka.options import EXACTLY_ONCE, ClientConfig
+from streamhydro.kafka.options import ClientConfig, Delivery
 from streamhydro.kafka.planning import OffsetRange
 from streamhydro.kafka.writing import PREDICTION_PRODUCER_DEFAULTS, send_all
 
@@ -413,7 +413,7 @@ def check_transactions(client: ClientConfig) -> None:
                 f"{config.get(TRANSACTION_TIMEOUT_KEY)} ms is more than the broker at {bootstrap} allows ({error.str()})",
                 "lower it to the broker's transaction.max.timeout.ms or below",
             ) from exc
-        raise ConfigError("kafka.delivery", f"{EXACTLY_ONCE} needs Kafka transactions; the broker at {bootstrap} refused them: {error.str()}", refuse_fix) from exc
+        raise ConfigError("kafka.delivery", f"{Delivery.EXACTLY_ONCE} needs Kafka transactions; the broker at {bootstrap} refused them: {error.str()}", refuse_fix) from exc
     finally:
         _close(producer, config.get("transactional.id"))
     if not offsets:

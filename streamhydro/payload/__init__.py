@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 
 
-class PayloadFormat(str, enum.Enum):
+class PayloadFormat(enum.StrEnum):
     """How record values are encoded (``payload.format``); one module of :mod:`.formats` each."""
 
     JSON = "json"  # one JSON object per record
@@ -40,8 +40,6 @@ class PayloadFormat(str, enum.Enum):
     PROTOBUF = "protobuf"  # Protobuf: Confluent wire format with a schema registry, or bare with a fixed schema
     TENSOR = "tensor"  # the raw little-endian float32 row of a single-input model
 
-
-PAYLOAD_FORMATS = tuple(f.value for f in PayloadFormat)
 
 # Error classes of bad records: a fixed vocabulary, used as a metric label and a dead-letter header.
 EMPTY_VALUE = "EmptyValue"  # null, empty or whitespace-only value

@@ -16,7 +16,7 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from streamhydro.config import Masked, build_sections, doc, read_toml
+from streamhydro.config import Masked, MetricsSection, SparkSection, build_sections, doc, read_toml
 from streamhydro.errors import ConfigError
 
 FORMATS = ("parquet", "csv", "hive", "jdbc")
@@ -79,7 +79,7 @@ class TrainingSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class SparkSettings:
+class SparkSettings(SparkSection):
     master: str = doc(
         "Spark master; local[N] becomes local[N,F] so a failed barrier stage can be retried; empty = spark-submit's --master.",
         default="local[2]",
@@ -90,18 +90,27 @@ class SparkSettings:
         "on CPU. DDP trains one GPU per process; for more GPUs raise training.ranks.",
         default=0,
     )
-    conf: Mapping[str, str] = doc("Extra Spark configuration passed as is.", default_factory=dict)
+
+    def gpus(self) -> tuple[str, float]:
+        return "spark.gpus_per_rank", self.gpus_per_rank
 
 
 @dataclasses.dataclass(frozen=True)
-class MetricsSettings:
+class MetricsSettings(MetricsSection):
+    host: str = doc("Address a rank's endpoint binds when there is no Pushgateway.", default="127.0.0.1")
+    port: int = doc("Port of rank 0's endpoint, rank r uses port + r; 0 = any free port (logged by each rank).", default=0)
     pushgateway: str = doc(
         "Pushgateway every rank pushes its training metrics to (host:port, reachable from the executors); "
         "empty = each rank serves its own endpoint while it trains.",
         default="",
     )
-    host: str = doc("Address a rank's endpoint binds when there is no Pushgateway.", default="127.0.0.1")
-    port: int = doc("Port of rank 0's endpoint, rank r uses port + r; 0 = any free port (logged by each rank).", default=0)
+
+    def check(self, ports: int = 1) -> None:
+        if self.pushgateway and not _is_host_port(self.pushgateway):
+            raise ConfigError(
+                "metrics.pushgateway", f"{self.pushgateway!r} is not host:port", 'e.g. "127.0.0.1:9091", or "" to serve from each rank'
+            )
+        super().check(ports)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,22 +186,9 @@ def _validated(config: TrainConfig) -> TrainConfig:
             "spark.gpus_per_rank", f"must be 0 or 1, got {s.gpus_per_rank}: each rank is one DDP process on one GPU",
             f"set it to 1 and training.ranks to {t.ranks * max(s.gpus_per_rank, 1)} to use that many GPUs, or 0 for CPU",
         )
-    _check_metrics(config.metrics, t.ranks)
+    s.check()
+    config.metrics.check(ports=t.ranks)
     return config
-
-
-def _check_metrics(metrics: MetricsSettings, ranks: int) -> None:
-    if metrics.pushgateway and not _is_host_port(metrics.pushgateway):
-        raise ConfigError(
-            "metrics.pushgateway", f"{metrics.pushgateway!r} is not host:port", 'e.g. "127.0.0.1:9091", or "" to serve from each rank'
-        )
-    if not metrics.host:
-        raise ConfigError("metrics.host", "is empty", 'e.g. "127.0.0.1", or "0.0.0.0" to be scraped from other hosts')
-    if metrics.port and not 0 < metrics.port <= 65536 - ranks:
-        raise ConfigError(
-            "metrics.port", f"{metrics.port} + rank is not a port for all {ranks} ranks",
-            f"use 1-{65536 - ranks}, or 0 for any free port",
-        )
 
 
 def _is_host_port(address: str) -> bool:

@@ -107,15 +107,11 @@ def build_session(config: TrainConfig) -> SparkSession:
 
 
 def resource_profile(spark: SparkSession, config: TrainConfig) -> ResourceProfile | None:
-    """A profile asking ``spark.gpus_per_rank`` GPUs per rank, or None (CPU, or local mode)."""
-    gpus = config.spark.gpus_per_rank
+    """A profile asking ``spark.gpus_per_rank`` GPUs per rank, or None (CPU). GPUs on a master that cannot
+    schedule them (local mode, e.g. spark-submit's ``--master local[4]``) are refused, as ``serve`` refuses them."""
     master = Master.parse(spark.sparkContext.master)
-    if gpus and not master.schedules_resources:
-        log.warning(
-            "spark.gpus_per_rank = %d, but %s does not schedule GPUs; ranks get no GPU assignment and train on CPU",
-            gpus, master.url,
-        )
-    return task_profile(master, task_cpus(spark), gpus)
+    config.spark.check_master(master)
+    return task_profile(master, task_cpus(spark), config.spark.gpus_per_rank)
 
 
 def check_cluster(spark: SparkSession, config: TrainConfig, profile: ResourceProfile | None) -> int:

@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streamhydro.config import PayloadSettings
-from streamhydro.errors import ModelError
 from streamhydro.payload import EMPTY_VALUE, VALUE_TOO_LARGE, PayloadFormat, Rejected, Rejections, isolate
 from streamhydro.payload.fields import Fields
 from streamhydro.registry import Manifest
@@ -101,13 +100,7 @@ class Decoder:
 def make_decoder(manifest: Manifest, settings: PayloadSettings) -> Decoder:
     """The decoder of ``settings.format`` for ``manifest``; :class:`ModelError` when it cannot feed the
     model (an unmapped input, a field missing from a known schema, an incompatible type)."""
-    try:
-        kind = PayloadFormat(settings.format)
-    except ValueError as exc:
-        raise ModelError(
-            f"{manifest.name}:{manifest.version}", f"payload format '{settings.format}' is not one of {', '.join(f.value for f in PayloadFormat)}"
-        ) from exc
-    return importlib.import_module(MODULES[kind]).Decoder(manifest, settings)
+    return importlib.import_module(MODULES[settings.format]).Decoder(manifest, settings)
 
 
 def offsets(array: pa.Array) -> np.ndarray:
