@@ -140,12 +140,12 @@ def main() -> None:
         contenders = starters(bootstrap, model, args, work)
         chosen = [name for name in contenders if not args.only or name in args.only.split(",")]
         for name in chosen:
-            print(f"{time.strftime('%H:%M:%S')} {name}", file=sys.stderr, flush=True)
             start = contenders[name]
             rows[name] = {
                 **throughput(start, bootstrap, name, args),
                 **latency(start, bootstrap, name, model.manifest, args),
             }
+            print(f"{time.strftime('%H:%M:%S')} {name}: {json.dumps(rows[name])}", file=sys.stderr, flush=True)
     result: dict[str, Any] = {
         "events": args.events, "max_offsets_per_trigger_tuned_and_peer": args.max_offsets_per_trigger,
         "latency_rate_per_s": args.latency_rate, "cpus": os.cpu_count(), "partitions": PARTITIONS,
