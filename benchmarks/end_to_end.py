@@ -128,7 +128,7 @@ Starter = Callable[[str, str, str], Running]
 def main() -> None:
     parser = arguments(__doc__, latency_rate=5000.0, max_offsets=100_000)
     parser.add_argument("--metrics-cost", action="store_true", help="also run the defaults with metrics.enabled = false")
-    parser.add_argument("--only", default="", help="comma-separated contenders to run (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated contenders to run, in this order (default: all)")
     args = parser.parse_args()
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
@@ -138,7 +138,10 @@ def main() -> None:
         bootstrap = broker.bootstrap_servers
         backlog(bootstrap, model.manifest, args.events)
         contenders = starters(bootstrap, model, args, work)
-        chosen = [name for name in contenders if not args.only or name in args.only.split(",")]
+        chosen = args.only.split(",") if args.only else list(contenders)
+        unknown = set(chosen) - set(contenders)
+        if unknown:
+            raise SystemExit(f"--only: no contender {', '.join(sorted(unknown))}; they are {', '.join(contenders)}")
         for name in chosen:
             start = contenders[name]
             rows[name] = {
