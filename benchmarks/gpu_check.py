@@ -76,7 +76,6 @@ def kafka_table(manifest: Any, rows: int, seed: int = 0) -> pa.Table:
 def compute_bound_mlp(hidden: int, depth: int, seed: int = 0) -> tuple[bytes, Any, float]:
     """A 30-feature softmax MLP with ``depth`` tanh layers of width ``hidden`` that all use one weight matrix:
     ``2 * depth * hidden**2`` FLOP per row from one ``hidden**2`` matrix. Returns bytes, manifest, MFLOP per row."""
-    import onnx
     from heavy_model import FEATURES, LABELS
     from onnx import TensorProto, helper, numpy_helper
 

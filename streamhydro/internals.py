@@ -29,6 +29,10 @@ What each one relies on (verified with pyspark 4.2.0, py4j 0.10.9.9, prometheus_
   fixed when prometheus_client is imported (from ``PROMETHEUS_MULTIPROC_DIR``).
 * :func:`run_python_daemon` -- ``pyspark.daemon.manager()``, the loop ``python -m pyspark.daemon`` runs;
   undocumented, but what ``spark.python.daemon.module`` expects a replacement module to end in.
+* :func:`progress_as_json_listener` -- ``StreamingQueryListener._jlistener``, the Java listener that
+  ``spark.streams.addListener`` and ``removeListener`` register and unregister; pyspark's
+  ``JStreamingQueryListener`` (the py4j implementor of ``PythonStreamingQueryListener``, holding
+  ``pylistener``) and the JVM class ``PythonStreamingQueryListenerWrapper``.
 * :data:`CHECKPOINT_FILE_MANAGER`, :data:`FILE_SYSTEM_CHECKPOINT_MANAGER` -- an internal SQL conf and a
   class name; the class moved from ``org.apache.spark.sql.execution.streaming`` to its
   ``checkpointing`` subpackage in Spark 4.
@@ -175,6 +179,21 @@ def max_concurrent_tasks(spark: Any, profile: Any | None) -> int:
         profile._java_resource_profile if profile is not None else context.resourceProfileManager().defaultResourceProfile()
     )
     return int(context.maxNumConcurrentTasks(java_profile))
+
+
+def progress_as_json_listener(listener: Any, on_progress_json: Callable[[str], None]) -> Any:
+    """The Java listener for ``listener`` (a pyspark ``StreamingQueryListener``) that hands each progress event
+    to ``on_progress_json`` as the progress' JSON text, one py4j call; pyspark's own conversion asks the JVM
+    for every field of the progress (tens of calls). Other events go to ``listener`` as pyspark makes them.
+    Return it from the listener's ``_jlistener``, made once per listener."""
+    from pyspark import SparkContext
+    from pyspark.sql.streaming.listener import JStreamingQueryListener
+
+    class ProgressAsJson(JStreamingQueryListener):
+        def onQueryProgress(self, jevent: Any) -> None:
+            on_progress_json(jevent.progress().json())
+
+    return SparkContext._jvm.PythonStreamingQueryListenerWrapper(ProgressAsJson(listener))
 
 
 def prometheus_multiprocess_enabled() -> bool:

@@ -242,6 +242,37 @@ def test_prometheus_multiprocess_flag_is_on_the_value_class(monkeypatch):
     assert not internals.prometheus_multiprocess_enabled()
 
 
+def test_progress_as_json_listener_relies_on_the_java_listener_pyspark_registers(monkeypatch):
+    from pyspark import SparkContext
+    from pyspark.sql.streaming import listener, query
+
+    assert isinstance(inspect.getattr_static(listener.StreamingQueryListener, "_jlistener"), property)
+    for method in (query.StreamingQueryManager.addListener, query.StreamingQueryManager.removeListener):
+        assert "listener._jlistener" in inspect.getsource(method)
+    assert "org.apache.spark.sql.streaming.PythonStreamingQueryListener" in listener.JStreamingQueryListener.Java.implements
+    assert _jar_class("spark-sql-api", "org.apache.spark.sql.streaming.PythonStreamingQueryListenerWrapper")
+
+    class FakeJvm:
+        def PythonStreamingQueryListenerWrapper(self, implementor):  # noqa: N802 -- the JVM class's name
+            return implementor
+
+    class Progress:
+        def json(self) -> str:
+            return '{"batchId": 3}'
+
+    class Event:
+        def progress(self) -> Progress:
+            return Progress()
+
+    seen = []
+    monkeypatch.setattr(SparkContext, "_jvm", FakeJvm())
+    python_listener = object()
+    java_listener = internals.progress_as_json_listener(python_listener, seen.append)
+    assert isinstance(java_listener, listener.JStreamingQueryListener) and java_listener.pylistener is python_listener
+    java_listener.onQueryProgress(Event())
+    assert seen == ['{"batchId": 3}']
+
+
 def test_run_python_daemon_relies_on_pyspark_daemon_manager():
     from pyspark import daemon
 

@@ -24,7 +24,7 @@ from streamhydro.executor.sessions import validate_model
 from streamhydro.models_add import add_model
 from streamhydro.models_command import input_mapping
 from streamhydro.payload.encoding import Encoder
-from streamhydro.registry import Manifest, ModelVersion, Registry, TensorSpec
+from streamhydro.registry import Manifest, ModelVersion, Registry
 
 pytest.importorskip("skl2onnx")
 pytest.importorskip("onnxmltools")

@@ -24,7 +24,6 @@ from streamhydro.kafka.options import (
     spark_options,
 )
 from streamhydro.payload import limits
-from streamhydro.payload.encoding import Encoder
 
 LIMITS = (MIN_RECORD_LIMIT, 10_000, 100_000, LIBRDKAFKA_MESSAGE_MAX_BYTES, JAVA_MAX_REQUEST_SIZE)
 # Timing is not what these tests check, and CI machines are shared.

@@ -5,7 +5,7 @@
 to ``mapInArrow`` over the rows of streamhydro's Kafka source with ``emit=ranges`` and runs in executor
 Python workers, once per task, each task holding one topic-partition range of the micro-batch.
 :func:`score_range` is the whole of one range's work, also usable without Spark (the no-Spark ceiling in
-``benchmarks/end_to_end.py`` runs it in one process).
+``benchmarks/end_to_end.py`` runs it in one process per core).
 
 Records never cross between the JVM and Python: the worker's cached consumer reads the range
 (:mod:`streamhydro.kafka.reading`), :func:`~streamhydro.executor.scoring.score_partition` decodes, scores

@@ -166,10 +166,27 @@ def _number(value: Any) -> float:
 
 
 class MetricsListener(StreamingQueryListener):
-    """Feeds a :class:`ProgressRecorder`. Registered with ``spark.streams.addListener``; runs on the driver."""
+    """Feeds a :class:`ProgressRecorder`. Registered with ``spark.streams.addListener``; runs on the driver.
+
+    Progress events, one per micro-batch, arrive as the progress' JSON text (:meth:`on_progress_json`):
+    pyspark's ``QueryProgressEvent`` would cost a py4j call per field first (``benchmarks/metrics_cost.py``).
+    """
 
     def __init__(self, recorder: ProgressRecorder) -> None:
         self._recorder = recorder
+        self._java_listener: Any = None
+
+    @property
+    def _jlistener(self) -> Any:
+        """What ``spark.streams.addListener`` / ``removeListener`` register (made once, in the driver)."""
+        if self._java_listener is None:
+            from streamhydro.internals import progress_as_json_listener
+
+            self._java_listener = progress_as_json_listener(self, self.on_progress_json)
+        return self._java_listener
+
+    def on_progress_json(self, text: str) -> None:
+        self._recorder.progress(json.loads(text))
 
     def onQueryStarted(self, event: Any) -> None:
         self._recorder.started(str(event.id), event.name)
