@@ -14,6 +14,10 @@ JVM's children, each in a process group of its own, with the forked executor Pyt
   container would; it is also the cleanup that leaves nothing behind.
 - serve gets ``PR_SET_PDEATHSIG``: should the parent die without cleaning up, the kernel kills serve, its
   JVM then exits (its stdin closes) and the worker daemons after it.
+- The whole tree stays in serve's session: :meth:`ServeProcess.wait_session_ended` waits, after serve
+  exited, until nothing of it is left (no worker can write any more).
+- :meth:`ServeProcess.busy_python_workers` finds the executor Python workers in a task by their main
+  thread's CPU time (``/proc/PID/task/PID/schedstat``), which an idle worker's does not gain.
 
 :class:`Supervisor` restarts serve when it exits without being asked to, after a delay, like systemd's
 ``Restart=on-failure`` with ``RestartSec``; it gives up when serve has not started its query for
@@ -52,8 +56,8 @@ class SupervisionError(StreamhydroError):
     """serve did not come up: the first start failed, or restarts kept failing for ``give_up_s``."""
 
 
-def _processes() -> dict[int, tuple[int, int, int]]:
-    """``{pid: (ppid, pgid, resident pages)}`` of every process now."""
+def _processes() -> dict[int, tuple[int, int, int, int]]:
+    """``{pid: (ppid, pgid, session id, resident pages)}`` of every process now."""
     table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -62,7 +66,7 @@ def _processes() -> dict[int, tuple[int, int, int]]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
-        table[int(entry.name)] = (int(fields[1]), int(fields[2]), int(fields[21]))
+        table[int(entry.name)] = (int(fields[1]), int(fields[2]), int(fields[3]), int(fields[21]))
     return table
 
 
@@ -73,16 +77,36 @@ def _argv(pid: int) -> list[str]:
         return []
 
 
-def _running(pid: int) -> bool:
-    """Whether ``pid``'s main thread is on a CPU or waiting for one (state R), rather than blocked."""
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie (exited, not yet reaped)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
+        return True
 
 
-def process_tree(pid: int) -> dict[int, tuple[int, int, int]]:
-    """``pid`` and its descendants, as ``{pid: (ppid, pgid, resident pages)}``."""
+def _main_thread_ns(pid: int) -> int | None:
+    """The CPU time ``pid``'s main thread has run, in nanoseconds (its schedstat); None once it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
+def running_main_threads(pids: list[int], samples: int, interval_s: float) -> list[int]:
+    """Those of ``pids`` whose main thread ran (gained CPU time) in each of ``samples`` back-to-back
+    intervals of ``interval_s``. A thread blocked in a read, a futex or a sleep gains none; other
+    threads of the process (ONNX Runtime's pool, librdkafka's) do not count."""
+    before = {pid: _main_thread_ns(pid) for pid in pids}
+    for _ in range(samples):
+        time.sleep(interval_s)
+        after = {pid: _main_thread_ns(pid) for pid in before}
+        before = {pid: ns for pid, ns in after.items() if ns is not None and before[pid] is not None and ns > before[pid]}
+    return sorted(before)
+
+
+def process_tree(pid: int) -> dict[int, tuple[int, int, int, int]]:
+    """``pid`` and its descendants, as ``{pid: (ppid, pgid, session id, resident pages)}``."""
     table = _processes()
     tree = {pid: table[pid]} if pid in table else {}
     frontier = [pid]
@@ -203,7 +227,7 @@ class ServeProcess:
         if self._process is None or self._process.poll() is not None:
             return []  # reaped: its pid may be another process's by now
         tree = process_tree(self._process.pid)
-        groups = sorted({pgid for _, pgid, _ in tree.values() if pgid in tree})
+        groups = sorted({pgid for _, pgid, _, _ in tree.values() if pgid in tree})
         for pgid in groups:
             try:
                 os.killpg(pgid, signal.SIGKILL)
@@ -220,23 +244,36 @@ class ServeProcess:
         # The daemon runs as `python -m streamhydro.executor.daemon ...` and its forks keep that command line
         # (the JVM's names the module too, inside a --conf argument).
         daemons = {pid for pid in tree if WORKER_DAEMON in _argv(pid)}
-        return sorted(pid for pid, (ppid, _, _) in tree.items() if pid in daemons and ppid in daemons)
+        return sorted(pid for pid, (ppid, _, _, _) in tree.items() if pid in daemons and ppid in daemons)
 
-    def busy_python_workers(self, samples: int = 3, interval_s: float = 0.01) -> list[int]:
-        """The executor Python workers whose main thread kept running over ``samples`` looks ``interval_s``
-        apart: in a task. An idle worker, kept by Spark for reuse, blocks reading its socket (ONNX Runtime's
-        threads may still spin; the main thread does not)."""
-        busy = [pid for pid in self.python_workers() if _running(pid)]
-        for _ in range(samples - 1):
-            time.sleep(interval_s)
-            busy = [pid for pid in busy if _running(pid)]
-        return busy
+    def busy_python_workers(self, samples: int = 2, interval_s: float = 0.02) -> list[int]:
+        """The executor Python workers in a task: their main thread ran in each of ``samples`` back-to-back
+        intervals of ``interval_s`` (:func:`running_main_threads`). An idle worker, kept by Spark for reuse,
+        blocks reading its socket, so its main thread does not run at all. A worker's main thread also runs
+        for a moment after its task (flushing the task's end, the daemon's ``gc.collect()``), so a worker
+        found busy may have just finished: the effect of a signal to it is for the caller to check."""
+        return running_main_threads(self.python_workers(), samples, interval_s)
+
+    def session_processes(self) -> list[int]:
+        """The processes left running in the session of the last serve started (serve, the JVM, the Python
+        worker daemons and their workers all stay in it), also after serve itself has exited."""
+        if self._process is None:
+            return []
+        return sorted(pid for pid, (_, _, sid, _) in _processes().items() if sid == self._process.pid and not _exited(pid))
+
+    def wait_session_ended(self, timeout_s: float) -> list[int]:
+        """After serve exited: wait up to ``timeout_s`` for the rest of its session to exit (the JVM, then
+        the worker daemons, which end their workers). The processes still there, none when it ended."""
+        deadline = time.monotonic() + timeout_s
+        while (left := self.session_processes()) and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        return left
 
     def rss_mb(self) -> float:
         """The resident memory of serve's whole tree (driver, JVM, Python worker daemons and workers), in MB."""
         if not self.running():
             return 0.0
-        pages = sum(rss for _, _, rss in process_tree(self._process.pid).values())
+        pages = sum(rss for _, _, _, rss in process_tree(self._process.pid).values())
         return round(pages * PAGE_KB / 1024, 1)
 
 
