@@ -14,8 +14,8 @@ other, cycling through (from a seeded first kind):
 - ``serve_kill``: SIGKILL to every process group of serve's tree (serve and Spark's JVM; Spark's Python
   worker daemons and their workers), as a crash of the machine or container would;
 - ``worker_kill``: SIGKILL to one executor Python worker (a process forked by Spark's Python worker daemon)
-  *in a task*. Workers are sampled until one's main thread is running (an idle worker's blocks on its
-  socket), with a burst of ``BURST_EVENTS`` events every ``BURST_EVERY_S`` giving tasks to catch; the kill
+  *in a task*. Workers are looked at every ``BUSY_INTERVAL_S`` until one's main thread starts running
+  (an idle worker's blocks on its socket until a task comes), with a burst of ``BURST_EVENTS`` events every ``BURST_EVERY_S`` giving tasks to catch; the kill
   counts only when the task failed because of it: ``local[N]`` Spark does not retry tasks, so the query
   fails and serve exits. A kill serve outlives (it hit a task's end) is followed by another, until
   ``WORKER_SEARCH_S``; then the fault is not injected;
@@ -38,7 +38,7 @@ the malformed events (``unexpected_dead_letters``; ``malformed`` by the payload 
 ``bad_sent``). With ``--delivery exactly_once`` the outputs are read ``read_committed`` and duplicates
 must be 0. Progress lines go to stderr; the last line on stdout is JSON, with a record per fault
 (``fault_log``: kind, detail, ``injected``, ``survived``, ``recovery_s``; for a worker kill ``busy`` and
-its search: ``search_s``, ``samples``, ``bursts``, ``kills``). The exit status is 1 when a check failed
+its search: ``search_s``, ``rounds``, ``bursts``, ``kills``). The exit status is 1 when a check failed
 (:func:`passed`; the work folder with serve's and the broker's logs is then kept).
 """
 
@@ -76,7 +76,7 @@ EVENTS, OUTPUT, DEAD_LETTERS = "events", "predictions", "predictions-dlq"
 RESTART_DELAY_S = 2.0
 RECOVERY_S = 300.0  # for serve to score an event produced after a fault ended
 WORKER_SEARCH_S = 120.0  # for a worker kill to land in a task
-BUSY_INTERVAL_S = 0.02  # a worker is busy when its main thread ran in each of two such intervals
+BUSY_LOOKS, BUSY_INTERVAL_S = 50, 0.02  # a round of looks at the workers for one starting a task
 BURST_EVENTS = 2000  # produced at once while a worker kill searches: micro-batches whose tasks last
 BURST_EVERY_S = 5.0
 TASK_FAILURE_S = 30.0  # for serve to exit after a worker was killed in a task
@@ -146,14 +146,15 @@ class FaultInjector:
 
     def _worker_kill(self) -> tuple[str, dict[str, Any]]:
         """SIGKILL to an executor Python worker in a task, shown by its effect: in ``local[N]`` Spark does
-        not retry a task, so the query fails and serve exits. Workers are sampled until one is busy
-        (:meth:`ServeProcess.busy_python_workers`) and killed; a kill that serve outlives for
+        not retry a task, so the query fails and serve exits. Workers are looked at in rounds of
+        ``BUSY_LOOKS`` looks ``BUSY_INTERVAL_S`` apart until one starts a task
+        (:meth:`ServeProcess.busy_python_workers`), which is killed at once; a kill that serve outlives for
         ``TASK_FAILURE_S`` hit a task's end and the search goes on, with a burst of events every
         ``BURST_EVERY_S`` making tasks to catch, for up to ``WORKER_SEARCH_S``. The record says how long the
-        search took, how many samples, bursts and kills; ``busy`` is False (and the kill not injected) when
-        none landed."""
+        search took, how many rounds of looks, bursts and kills; ``busy`` is False (and the kill not
+        injected) when none landed."""
         started = time.monotonic()
-        samples = kills = bursts = 0
+        rounds = kills = bursts = 0
         burst_at = -BURST_EVERY_S
         while (elapsed := time.monotonic() - started) < WORKER_SEARCH_S:
             if not self.supervisor.wait_for(lambda: self.serve.running() and self.serve.query_started(), WORKER_SEARCH_S - elapsed):
@@ -162,8 +163,8 @@ class FaultInjector:
                 self.burst()
                 bursts += 1
                 burst_at = time.monotonic()
-            samples += 1
-            busy = self.serve.busy_python_workers(interval_s=BUSY_INTERVAL_S)
+            rounds += 1
+            busy = self.serve.busy_python_workers(BUSY_LOOKS, BUSY_INTERVAL_S)
             if not busy:
                 continue
             pid = self.rng.choice(busy)
@@ -175,9 +176,9 @@ class FaultInjector:
             kills += 1
             if self.supervisor.wait_for(lambda: self.supervisor.exits != exits, TASK_FAILURE_S):
                 code = next(iter(self.supervisor.exits - exits))
-                search = {"busy": True, "search_s": round(time.monotonic() - started, 2), "samples": samples, "bursts": bursts, "kills": kills}
+                search = {"busy": True, "search_s": round(time.monotonic() - started, 2), "rounds": rounds, "bursts": bursts, "kills": kills}
                 return f"SIGKILL to busy executor Python worker pid {pid}; serve exited {code}: {self.serve.error_line()}", search
-        return "", {"busy": False, "search_s": round(time.monotonic() - started, 2), "samples": samples, "bursts": bursts, "kills": kills}
+        return "", {"busy": False, "search_s": round(time.monotonic() - started, 2), "rounds": rounds, "bursts": bursts, "kills": kills}
 
     def _broker_stall(self) -> tuple[str, dict[str, Any]]:
         self.broker.send_signal(signal.SIGSTOP)

@@ -16,8 +16,9 @@ JVM's children, each in a process group of its own, with the forked executor Pyt
   JVM then exits (its stdin closes) and the worker daemons after it.
 - The whole tree stays in serve's session: :meth:`ServeProcess.wait_session_ended` waits, after serve
   exited, until nothing of it is left (no worker can write any more).
-- :meth:`ServeProcess.busy_python_workers` finds the executor Python workers in a task by their main
-  thread's CPU time (``/proc/PID/task/PID/schedstat``), which an idle worker's does not gain.
+- :meth:`ServeProcess.busy_python_workers` finds an executor Python worker starting a task: its main
+  thread's CPU time (``/proc/PID/task/PID/schedstat``), which an idle worker's does not gain, starts
+  growing.
 
 :class:`Supervisor` restarts serve when it exits without being asked to, after a delay, like systemd's
 ``Restart=on-failure`` with ``RestartSec``; it gives up when serve has not started its query for
@@ -93,16 +94,28 @@ def _main_thread_ns(pid: int) -> int | None:
         return None
 
 
-def running_main_threads(pids: list[int], samples: int, interval_s: float) -> list[int]:
-    """Those of ``pids`` whose main thread ran (gained CPU time) in each of ``samples`` back-to-back
-    intervals of ``interval_s``. A thread blocked in a read, a futex or a sleep gains none; other
-    threads of the process (ONNX Runtime's pool, librdkafka's) do not count."""
-    before = {pid: _main_thread_ns(pid) for pid in pids}
-    for _ in range(samples):
+def starting_main_threads(pids: list[int], intervals: int, interval_s: float) -> list[int]:
+    """Those of ``pids`` whose main thread, blocked (gaining no CPU time) for one interval of ``interval_s``,
+    ran (gained CPU time) in the next: as soon as one is seen, within ``intervals`` intervals (else none).
+
+    A Python worker's main thread blocks reading its socket while idle and runs only once the JVM sent it a
+    task, so a blocked-then-running main thread is a task starting (or one resuming after a wait). Running
+    alone is not: after each task the main thread runs on (PySpark's daemon loop calls ``gc.collect()``)
+    while Spark already counts the worker idle: four workers found running and killed were all idle to
+    Spark ("process from idle queue is dead"). Other threads (ONNX Runtime's pool,
+    librdkafka's) do not count."""
+    last = {pid: _main_thread_ns(pid) for pid in pids}
+    blocked: set[int] = set()
+    for _ in range(intervals):
         time.sleep(interval_s)
-        after = {pid: _main_thread_ns(pid) for pid in before}
-        before = {pid: ns for pid, ns in after.items() if ns is not None and before[pid] is not None and ns > before[pid]}
-    return sorted(before)
+        now = {pid: _main_thread_ns(pid) for pid in last}
+        alive = {pid for pid, ns in now.items() if ns is not None and last[pid] is not None}
+        ran = {pid for pid in alive if now[pid] > last[pid]}
+        if started := sorted(ran & blocked):
+            return started
+        blocked = alive - ran
+        last = now
+    return []
 
 
 def process_tree(pid: int) -> dict[int, tuple[int, int, int, int]]:
@@ -246,13 +259,13 @@ class ServeProcess:
         daemons = {pid for pid in tree if WORKER_DAEMON in _argv(pid)}
         return sorted(pid for pid, (ppid, _, _, _) in tree.items() if pid in daemons and ppid in daemons)
 
-    def busy_python_workers(self, samples: int = 2, interval_s: float = 0.02) -> list[int]:
-        """The executor Python workers in a task: their main thread ran in each of ``samples`` back-to-back
-        intervals of ``interval_s`` (:func:`running_main_threads`). An idle worker, kept by Spark for reuse,
-        blocks reading its socket, so its main thread does not run at all. A worker's main thread also runs
-        for a moment after its task (flushing the task's end, the daemon's ``gc.collect()``), so a worker
-        found busy may have just finished: the effect of a signal to it is for the caller to check."""
-        return running_main_threads(self.python_workers(), samples, interval_s)
+    def busy_python_workers(self, intervals: int = 50, interval_s: float = 0.02) -> list[int]:
+        """The executor Python workers seen starting a task within ``intervals`` looks ``interval_s`` apart
+        (:func:`starting_main_threads`), as soon as one is; none if none did. An idle worker, kept by Spark
+        for reuse, blocks reading its socket: its main thread does not run until a task comes. The task
+        may have ended by the time the caller acts: the effect of a signal to the worker is for the
+        caller to check."""
+        return starting_main_threads(self.python_workers(), intervals, interval_s)
 
     def session_processes(self) -> list[int]:
         """The processes left running in the session of the last serve started (serve, the JVM, the Python

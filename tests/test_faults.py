@@ -61,6 +61,7 @@ def test_no_event_is_lost_or_scored_wrong_under_faults(delivery, source, faults)
     context = f"stderr:\n{done.stderr[-6000:]}\nstdout:\n{done.stdout[-3000:]}"
     assert done.stdout.strip(), context
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(result))  # the benchmark's measurements, shown with -rP
     log = result["fault_log"]
 
     assert (result["delivery"], result["source"]) == (delivery, source), context
