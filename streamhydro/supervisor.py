@@ -102,8 +102,8 @@ def starting_main_threads(pids: list[int], intervals: int, interval_s: float) ->
     task, so a blocked-then-running main thread is a task starting (or one resuming after a wait). Running
     alone is not: after each task the main thread runs on (PySpark's daemon loop calls ``gc.collect()``)
     while Spark already counts the worker idle: four workers found running and killed were all idle to
-    Spark ("process from idle queue is dead"). Other threads (ONNX Runtime's pool,
-    librdkafka's) do not count."""
+    Spark ("process from idle queue is dead"). Other threads (ONNX Runtime's pool, librdkafka's) do not
+    count."""
     last = {pid: _main_thread_ns(pid) for pid in pids}
     blocked: set[int] = set()
     for _ in range(intervals):
