@@ -60,9 +60,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import KafkaException
+
 from streamhydro.audit import OutcomeLedger, check_events
 from streamhydro.brokers import ApacheKafkaBroker, BrokerConfig
 from streamhydro.config import load
+from streamhydro.errors import StreamhydroError
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.options import ClientConfig, client_for
 from streamhydro.outputs import topic_ends
@@ -208,10 +211,19 @@ def progress(started: float, **fields: Any) -> None:
 
 def recovery_s(client: ClientConfig, ledger: OutcomeLedger, supervisor: Supervisor) -> float | None:
     """Seconds until an event produced after this moment (at or above the event topic's ends now) has an
-    outcome: serve survived what came before. None if none had one within ``RECOVERY_S``."""
+    outcome: serve survived what came before. None if none had one within ``RECOVERY_S``. The ends are
+    asked again, supervising meanwhile, while a broker just back does not give them."""
     started = time.monotonic()
-    starts = topic_ends(client, EVENTS)
-    if not supervisor.wait_for(lambda: ledger.recorded_from(starts) > 0, RECOVERY_S):
+    starts: dict[tuple[str, int], int] = {}
+
+    def ends_known() -> bool:
+        try:
+            starts.update(topic_ends(client, EVENTS))
+        except (StreamhydroError, KafkaException) as exc:
+            logging.warning("end offsets of %s: %s; asking again", EVENTS, exc)
+        return len(starts) == PARTITIONS
+
+    if not supervisor.wait_for(ends_known, RECOVERY_S) or not supervisor.wait_for(lambda: ledger.recorded_from(starts) > 0, RECOVERY_S - (time.monotonic() - started)):
         return None
     return round(time.monotonic() - started, 1)
 

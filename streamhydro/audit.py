@@ -123,6 +123,10 @@ class OutcomeLedger:
         self._thread.join()
 
     def close(self) -> None:
+        """Stop the reading thread if it still runs (a close waits for the consumer's other calls to end),
+        and release the consumer."""
+        if self._thread.is_alive():
+            self.stop()
         self._consumer.close()
 
     def _loop(self) -> None:

@@ -25,6 +25,7 @@ of the broker: it is SIGKILLed every other restart).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,8 +57,10 @@ def test_no_event_is_lost_or_scored_wrong_under_faults(delivery, source, faults)
         "--events", str(EVENTS), "--faults", str(faults), "--rate", "100", "--stall-seconds", "10", "--seed", "11",
         "--delivery", delivery, "--source", source,
     ]
+    # The benchmark and the serve it starts import streamhydro from this checkout, whichever one is installed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     # On a timeout subprocess.run SIGKILLs the benchmark; its broker and serve die with it (parent-death signal).
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_PER_FAULT_S * faults, check=False)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_PER_FAULT_S * faults, check=False)
     context = f"stderr:\n{done.stderr[-6000:]}\nstdout:\n{done.stdout[-3000:]}"
     assert done.stdout.strip(), context
     result = json.loads(done.stdout.strip().splitlines()[-1])
