@@ -4,7 +4,8 @@ Runs in a client process (the fault-injection benchmark, tests), against the top
 asks the service anything. Two parts:
 
 - :class:`OutcomeLedger` reads the output and dead-letter topics from the beginning (in a thread while
-  the service runs, then to their end) and keeps, per input event, its outcome (prediction or dead
+  the service runs; then, with the service's processes gone, to the end offsets those topics have after
+  it) and keeps, per input event, its outcome (prediction or dead
   letter), a 64-bit digest of the first output record's key, value and headers, and the prediction's
   scores: about 17 bytes per event, in numpy arrays per input partition, whatever the number of output
   records. A later record for the same event is a duplicate; a duplicate whose digest or outcome differs
@@ -76,7 +77,7 @@ class OutcomeLedger:
     ``read_committed``: read as an exactly-once consumer does (only committed transactions). Counters
     (``records``, ``distinct`` events, ``duplicates``, ``mismatches``, ``unreadable``, ``dead_letter_classes``) may be read
     from any thread. ``start()`` reads in a thread; ``stop()`` ends it; :meth:`catch_up` then reads to
-    the topics' ends in the caller's thread; :meth:`close` at the end.
+    given end offsets in the caller's thread; :meth:`close` at the end.
     """
 
     def __init__(self, client: ClientConfig, output_topic: str, dead_letter_topic: str, labels: Sequence[str], read_committed: bool = False) -> None:
@@ -88,6 +89,9 @@ class OutcomeLedger:
             "group.id": "streamhydro-audit",
             "enable.auto.commit": "false",
             "isolation.level": "read_committed" if read_committed else "read_uncommitted",
+            # Where each read reached its partition's end: a read_committed position stops short of a
+            # transaction's commit marker, the end-of-partition event's offset does not.
+            "enable.partition.eof": "true",
         }
         self._consumer = build_client(Consumer, client.with_defaults(settings))
         self.output_topic = output_topic
@@ -100,6 +104,7 @@ class OutcomeLedger:
         self.mismatches = 0
         self.unreadable = 0
         self.dead_letter_classes: Counter[str] = Counter()
+        self._reached: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="outcome-ledger", daemon=True)
@@ -118,6 +123,10 @@ class OutcomeLedger:
         self._thread.join()
 
     def close(self) -> None:
+        """Stop the reading thread if it still runs (a close waits for the consumer's other calls to end),
+        and release the consumer."""
+        if self._thread.is_alive():
+            self.stop()
         self._consumer.close()
 
     def _loop(self) -> None:
@@ -125,31 +134,35 @@ class OutcomeLedger:
             self._consume(_POLL_S)
 
     def _consume(self, timeout_s: float) -> int:
-        messages = [m for m in self._consumer.consume(_BATCH, timeout=timeout_s) if m.error() is None]
+        from confluent_kafka import KafkaError
+
+        messages = self._consumer.consume(_BATCH, timeout=timeout_s)
+        records = [m for m in messages if m.error() is None]
         with self._lock:
-            for message in messages:
+            for message in records:
                 self._note(message)
-        return len(messages)
+            for message in messages:
+                if message.error() is not None and message.error().code() == KafkaError._PARTITION_EOF:
+                    self._reached[(message.topic(), message.partition())] = message.offset()
+        return len(records)
 
-    def catch_up(self, idle_s: float, timeout_s: float) -> bool:
-        """After :meth:`stop`, with the service stopped: read until every partition's position reached its
-        high watermark, or nothing came for ``idle_s`` (a transaction's commit marker holds the last offset
-        of a partition, which a read_committed position never passes). False if ``timeout_s`` ran out."""
-        from confluent_kafka import TopicPartition
-
+    def catch_up(self, ends: Mapping[tuple[str, int], int], timeout_s: float) -> bool:
+        """After :meth:`stop`, with the service's processes gone: read until the read of every partition of
+        ``ends`` (``{(topic, partition): end offset}``, taken after they were gone) reached its end at that
+        offset or past it. For a read_committed read that is also where every transaction below it was
+        decided. False if ``timeout_s`` ran out first."""
         deadline = time.monotonic() + timeout_s
-        last_record = time.monotonic()
-        while time.monotonic() < deadline:
-            if self._consume(_POLL_S):
-                last_record = time.monotonic()
-            positions = self._consumer.position(self._consumer.assignment())
-            behind = [
-                tp for tp in positions
-                if tp.offset < self._consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10, cached=False)[1]
-            ]
-            if not behind or time.monotonic() - last_record >= idle_s:
-                return True
-        return False
+        while self.behind(ends):
+            if time.monotonic() >= deadline:
+                return False
+            self._consume(_POLL_S)
+        return True
+
+    def behind(self, ends: Mapping[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        """The partitions of ``ends`` whose read has not reached its end there yet, with the offset where
+        it last reached an end (-1: never)."""
+        with self._lock:
+            return {tp: self._reached.get(tp, -1) for tp, end in ends.items() if self._reached.get(tp, -1) < end}
 
     def _note(self, message: Any) -> None:
         headers = message.headers() or []
@@ -190,6 +203,13 @@ class OutcomeLedger:
         """How many events below ``ends`` (``{(topic, partition): end offset}``) have an outcome."""
         with self._lock:
             return sum(self._partitions[tp].recorded(end) for tp, end in ends.items() if tp in self._partitions)
+
+    def recorded_from(self, starts: Mapping[tuple[str, int], int]) -> int:
+        """How many events at or above ``starts`` (``{(topic, partition): offset}``) have an outcome."""
+        with self._lock:
+            return sum(
+                int(np.count_nonzero(self._partitions[tp].outcome[start:])) for tp, start in starts.items() if tp in self._partitions
+            )
 
     def outcomes(self, position: tuple[str, int], offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The outcome and the scores (rows of zeros where there is no prediction) of these offsets of one partition."""

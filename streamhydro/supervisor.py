@@ -14,6 +14,11 @@ JVM's children, each in a process group of its own, with the forked executor Pyt
   container would; it is also the cleanup that leaves nothing behind.
 - serve gets ``PR_SET_PDEATHSIG``: should the parent die without cleaning up, the kernel kills serve, its
   JVM then exits (its stdin closes) and the worker daemons after it.
+- The whole tree stays in serve's session: :meth:`ServeProcess.wait_session_ended` waits, after serve
+  exited, until nothing of it is left (no worker can write any more).
+- :meth:`ServeProcess.busy_python_workers` finds an executor Python worker starting a task: its main
+  thread's CPU time (``/proc/PID/task/PID/schedstat``), which an idle worker's does not gain, starts
+  growing.
 
 :class:`Supervisor` restarts serve when it exits without being asked to, after a delay, like systemd's
 ``Restart=on-failure`` with ``RestartSec``; it gives up when serve has not started its query for
@@ -52,8 +57,8 @@ class SupervisionError(StreamhydroError):
     """serve did not come up: the first start failed, or restarts kept failing for ``give_up_s``."""
 
 
-def _processes() -> dict[int, tuple[int, int, int]]:
-    """``{pid: (ppid, pgid, resident pages)}`` of every process now."""
+def _processes() -> dict[int, tuple[int, int, int, int]]:
+    """``{pid: (ppid, pgid, session id, resident pages)}`` of every process now."""
     table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -62,7 +67,7 @@ def _processes() -> dict[int, tuple[int, int, int]]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
-        table[int(entry.name)] = (int(fields[1]), int(fields[2]), int(fields[21]))
+        table[int(entry.name)] = (int(fields[1]), int(fields[2]), int(fields[3]), int(fields[21]))
     return table
 
 
@@ -73,16 +78,48 @@ def _argv(pid: int) -> list[str]:
         return []
 
 
-def _running(pid: int) -> bool:
-    """Whether ``pid``'s main thread is on a CPU or waiting for one (state R), rather than blocked."""
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie (exited, not yet reaped)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
+        return True
 
 
-def process_tree(pid: int) -> dict[int, tuple[int, int, int]]:
-    """``pid`` and its descendants, as ``{pid: (ppid, pgid, resident pages)}``."""
+def _main_thread_ns(pid: int) -> int | None:
+    """The CPU time ``pid``'s main thread has run, in nanoseconds (its schedstat); None once it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
+def starting_main_threads(pids: list[int], intervals: int, interval_s: float) -> list[int]:
+    """Those of ``pids`` whose main thread, blocked (gaining no CPU time) for one interval of ``interval_s``,
+    ran (gained CPU time) in the next: as soon as one is seen, within ``intervals`` intervals (else none).
+
+    A Python worker's main thread blocks reading its socket while idle and runs only once the JVM sent it a
+    task, so a blocked-then-running main thread is a task starting (or one resuming after a wait). Running
+    alone is not: after each task the main thread runs on (PySpark's daemon loop calls ``gc.collect()``)
+    while Spark already counts the worker idle: four workers found running and killed were all idle to
+    Spark ("process from idle queue is dead"). Other threads (ONNX Runtime's pool, librdkafka's) do not
+    count."""
+    last = {pid: _main_thread_ns(pid) for pid in pids}
+    blocked: set[int] = set()
+    for _ in range(intervals):
+        time.sleep(interval_s)
+        now = {pid: _main_thread_ns(pid) for pid in last}
+        alive = {pid for pid, ns in now.items() if ns is not None and last[pid] is not None}
+        ran = {pid for pid in alive if now[pid] > last[pid]}
+        if started := sorted(ran & blocked):
+            return started
+        blocked = alive - ran
+        last = now
+    return []
+
+
+def process_tree(pid: int) -> dict[int, tuple[int, int, int, int]]:
+    """``pid`` and its descendants, as ``{pid: (ppid, pgid, session id, resident pages)}``."""
     table = _processes()
     tree = {pid: table[pid]} if pid in table else {}
     frontier = [pid]
@@ -203,7 +240,7 @@ class ServeProcess:
         if self._process is None or self._process.poll() is not None:
             return []  # reaped: its pid may be another process's by now
         tree = process_tree(self._process.pid)
-        groups = sorted({pgid for _, pgid, _ in tree.values() if pgid in tree})
+        groups = sorted({pgid for _, pgid, _, _ in tree.values() if pgid in tree})
         for pgid in groups:
             try:
                 os.killpg(pgid, signal.SIGKILL)
@@ -220,23 +257,36 @@ class ServeProcess:
         # The daemon runs as `python -m streamhydro.executor.daemon ...` and its forks keep that command line
         # (the JVM's names the module too, inside a --conf argument).
         daemons = {pid for pid in tree if WORKER_DAEMON in _argv(pid)}
-        return sorted(pid for pid, (ppid, _, _) in tree.items() if pid in daemons and ppid in daemons)
+        return sorted(pid for pid, (ppid, _, _, _) in tree.items() if pid in daemons and ppid in daemons)
 
-    def busy_python_workers(self, samples: int = 3, interval_s: float = 0.01) -> list[int]:
-        """The executor Python workers whose main thread kept running over ``samples`` looks ``interval_s``
-        apart: in a task. An idle worker, kept by Spark for reuse, blocks reading its socket (ONNX Runtime's
-        threads may still spin; the main thread does not)."""
-        busy = [pid for pid in self.python_workers() if _running(pid)]
-        for _ in range(samples - 1):
-            time.sleep(interval_s)
-            busy = [pid for pid in busy if _running(pid)]
-        return busy
+    def busy_python_workers(self, intervals: int = 50, interval_s: float = 0.02) -> list[int]:
+        """The executor Python workers seen starting a task within ``intervals`` looks ``interval_s`` apart
+        (:func:`starting_main_threads`), as soon as one is; none if none did. An idle worker, kept by Spark
+        for reuse, blocks reading its socket: its main thread does not run until a task comes. The task
+        may have ended by the time the caller acts: the effect of a signal to the worker is for the
+        caller to check."""
+        return starting_main_threads(self.python_workers(), intervals, interval_s)
+
+    def session_processes(self) -> list[int]:
+        """The processes left running in the session of the last serve started (serve, the JVM, the Python
+        worker daemons and their workers all stay in it), also after serve itself has exited."""
+        if self._process is None:
+            return []
+        return sorted(pid for pid, (_, _, sid, _) in _processes().items() if sid == self._process.pid and not _exited(pid))
+
+    def wait_session_ended(self, timeout_s: float) -> list[int]:
+        """After serve exited: wait up to ``timeout_s`` for the rest of its session to exit (the JVM, then
+        the worker daemons, which end their workers). The processes still there, none when it ended."""
+        deadline = time.monotonic() + timeout_s
+        while (left := self.session_processes()) and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        return left
 
     def rss_mb(self) -> float:
         """The resident memory of serve's whole tree (driver, JVM, Python worker daemons and workers), in MB."""
         if not self.running():
             return 0.0
-        pages = sum(rss for _, _, rss in process_tree(self._process.pid).values())
+        pages = sum(rss for _, _, _, rss in process_tree(self._process.pid).values())
         return round(pages * PAGE_KB / 1024, 1)
 
 
