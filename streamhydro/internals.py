@@ -32,8 +32,9 @@ What each one relies on (verified with pyspark 4.2.0, py4j 0.10.9.9, prometheus_
 * :func:`read_checkpoint` -- Spark's checkpoint layout (``OffsetSeqLog``, ``CommitLog``, ``StreamMetadata``):
   ``metadata`` holds ``{"id": "<query id>"}``; ``offsets/<batch>`` is ``v1``, a line of batch metadata,
   then one line per source, that source's end offset of the batch as JSON (``-`` for none);
-  ``commits/<batch>`` exists once the batch is committed. Read through the session's Hadoop FileSystem,
-  so any checkpoint scheme works. :func:`offset_log_entry` is the pure parse.
+  ``commits/<batch>`` exists once the batch is committed. Read through the session's Hadoop FileSystem
+  (``SparkContext._jsc.hadoopConfiguration()``; commons-io, which Spark ships, reads the bytes), so any
+  checkpoint scheme works. :func:`offset_log_entry` is the pure parse.
 * :data:`CHECKPOINT_FILE_MANAGER`, :data:`FILE_SYSTEM_CHECKPOINT_MANAGER` -- an internal SQL conf and a
   class name; the class moved from ``org.apache.spark.sql.execution.streaming`` to its
   ``checkpointing`` subpackage in Spark 4.

@@ -101,12 +101,11 @@ class GroupMismatch(KafkaConnectorError):
         self.problems = problems
         self.commands = reset_commands(group, problems)
         planned = ""
-        if history.planned_batch is not None:
+        ends = [f"{t}:{p}={end}" for (t, p), end in sorted(history.planned.items()) if end > history.written.get((t, p), end)]
+        if history.planned_batch is not None and ends:
             planned = (
                 f" (batch {history.planned_batch} was planned and not committed: where the output already holds all "
-                f"predictions of a partition's range in it, set that partition to the range's end instead, "
-                + ", ".join(f"{t}:{p}={end}" for (t, p), end in sorted(history.planned.items()) if end > history.written.get((t, p), end))
-                + ")"
+                f"predictions of a partition's range in it, set that partition to the range's end instead, {', '.join(ends)})"
             )
         causes = "; ".join(sorted({_CAUSES[p.kind] for p in problems}))
         super().__init__(
