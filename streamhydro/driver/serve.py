@@ -276,7 +276,6 @@ class Service:
         """streamhydro's connector: each task reads its range, scores it and writes the results
         (:mod:`streamhydro.executor.direct`); one Spark job, one summary row per task."""
         from streamhydro.executor.direct import SUMMARY_SCHEMA, RangeIO, score_ranges
-
         from streamhydro.kafka.marks import ensure_anchor
 
         k = self.config.kafka
