@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from confluent_kafka import Producer
 
 from conftest import client, read_all, send
 from streamhydro import jars
@@ -64,6 +65,16 @@ def apply_fix(consumer_groups, message: str) -> list[str]:
     return commands
 
 
+def _fill(kafka_bootstrap, source: str, counts: dict[int, int]) -> None:
+    """``counts[p]`` records in ``source[p]``: the task's reads are made up (``_reader``), but
+    kafka-consumer-groups moves an offset past a partition's end back to the end."""
+    producer = Producer(client(kafka_bootstrap).as_dict())
+    for partition, count in counts.items():
+        for _ in range(count):
+            producer.produce(source, b"x", partition=partition)
+    assert producer.flush(30) == 0
+
+
 def _write(kafka_bootstrap, source, output, prefix, batch, ranges, **kwargs) -> list[int]:
     return [
         produce_exactly_once(client(kafka_bootstrap), r, _reader(source, r.partition), _scorer(output), prefix, batch, **kwargs) for r in ranges
@@ -74,6 +85,7 @@ def _write(kafka_bootstrap, source, output, prefix, batch, ranges, **kwargs) -> 
 def test_reset_to_earliest_is_refused_not_rewritten(kafka_bootstrap, topic_name, consumer_groups):
     output, source = f"{topic_name}-out", f"{topic_name}-src"
     ensure_topics(client(kafka_bootstrap), {output: 2, source: 1})
+    _fill(kafka_bootstrap, source, {0: 900})
     prefix = f"test-{topic_name}"
     assert _write(kafka_bootstrap, source, output, prefix, 0, [OffsetRange(source, 0, 0, 300)]) == [300]
     assert _write(kafka_bootstrap, source, output, prefix, 1, [OffsetRange(source, 0, 300, 600)]) == [300]
@@ -101,6 +113,7 @@ def test_reset_to_earliest_is_refused_not_rewritten(kafka_bootstrap, topic_name,
 def test_a_deleted_group_is_refused_at_start_and_by_the_next_task(kafka_bootstrap, topic_name, consumer_groups):
     output, source = f"{topic_name}-out", f"{topic_name}-src"
     ensure_topics(client(kafka_bootstrap), {output: 2, source: 2})
+    _fill(kafka_bootstrap, source, {0: 900, 1: 300})
     prefix = f"test-{topic_name}"
     ensure_anchor(client(kafka_bootstrap), prefix)  # what serve does before the query's first write
     # Batch 0 writes [0, 300) of both partitions, batch 1 [300, 600) of partition 0 only.

@@ -168,9 +168,9 @@ def test_a_two_stage_exactly_once_chain_scores_each_committed_event_once(kafka_b
 
     producer = Producer({**client_for(kafka_bootstrap).as_dict(), "transactional.id": f"{a}-upstream", "linger.ms": 5})
     producer.init_transactions(30)
-    values = make_values(registry.get("iris_like").manifest, "json", 1200, np.random.default_rng(9))
+    values = make_values(registry.get("iris_like").manifest, "json", 2400, np.random.default_rng(9))
     committed, aborted = [], []
-    for t in range(12):  # transactions of 100 events: committed, aborted, committed, committed, aborted, ...
+    for t in range(24):  # transactions of 100 events: committed, aborted, committed, committed, aborted, ...
         keys = [f"event-{n}" for n in range(t * 100, t * 100 + 100)]
         producer.begin_transaction()
         for key, value in zip(keys, values[t * 100 : t * 100 + 100], strict=True):
@@ -185,13 +185,15 @@ def test_a_two_stage_exactly_once_chain_scores_each_committed_event_once(kafka_b
 
     read = {"isolation.level": "read_committed"}
     stages = []
-    for name, topics, model, master, fault in (
-        ("stage1", {"input": a, "output": b, "dlq": f"{b}-dlq"}, "iris_like", "local[2,2]", ("fail-mid-write", str(tmp_path / "fault-claimed"))),
-        ("stage2", {"input": b, "output": c, "dlq": f"{c}-dlq"}, "second_stage", "local[2]", None),
+    # Stage 1 in micro-batches of at most 800 offsets and model batches of 50, so that a task after its
+    # warm-up (the fault's trigger) scores a third batch; Spark retries its tasks (local[2,2]).
+    for name, topics, model, master, max_offsets, batch_size, fault in (
+        ("stage1", {"input": a, "output": b, "dlq": f"{b}-dlq"}, "iris_like", "local[2,2]", 800, 50, ("fail-mid-write", str(tmp_path / "fault-claimed"))),
+        ("stage2", {"input": b, "output": c, "dlq": f"{c}-dlq"}, "second_stage", "local[2]", 100_000, 100, None),
     ):
         folder = tmp_path / name
         folder.mkdir()
-        toml = _toml(kafka_bootstrap, topics, registry, folder, master, 100_000, {}, model=model, batch_size=100, kafka_client=read)
+        toml = _toml(kafka_bootstrap, topics, registry, folder, master, max_offsets, {}, model=model, batch_size=batch_size, kafka_client=read)
         stages.append(_serve(folder, toml, name, fault=fault))
     try:
         records = read_all(kafka_bootstrap, c, len(committed), seconds=RUN_SECONDS, **READ_COMMITTED)

@@ -176,6 +176,9 @@ def read_marks(client: ClientConfig, group: str, partitions: list[TopicPartition
 
 def ensure_anchor(client: ClientConfig, group: str) -> None:
     """Commit the group's anchor unless it is there (before the query's first write)."""
+    from streamhydro.kafka.admin import ensure_topics
+
+    ensure_topics(client, {ANCHOR[0]: 1})  # serve's transaction probe made it already; a broker refuses marks on no topic
     _, anchored = read_marks(client, group, [])
     if anchored:
         return
