@@ -33,6 +33,12 @@ What each one relies on (verified with pyspark 4.2.0, py4j 0.10.9.9, prometheus_
   ``spark.streams.addListener`` and ``removeListener`` register and unregister; pyspark's
   ``JStreamingQueryListener`` (the py4j implementor of ``PythonStreamingQueryListener``, holding
   ``pylistener``) and the JVM class ``PythonStreamingQueryListenerWrapper``.
+* :func:`read_checkpoint` -- Spark's checkpoint layout (``OffsetSeqLog``, ``CommitLog``, ``StreamMetadata``):
+  ``metadata`` holds ``{"id": "<query id>"}``; ``offsets/<batch>`` is ``v1``, a line of batch metadata,
+  then one line per source, that source's end offset of the batch as JSON (``-`` for none);
+  ``commits/<batch>`` exists once the batch is committed. Read through the session's Hadoop FileSystem
+  (``SparkContext._jsc.hadoopConfiguration()``; commons-io, which Spark ships, reads the bytes), so any
+  checkpoint scheme works. :func:`offset_log_entry` is the pure parse.
 * :data:`CHECKPOINT_FILE_MANAGER`, :data:`FILE_SYSTEM_CHECKPOINT_MANAGER` -- an internal SQL conf and a
   class name; the class moved from ``org.apache.spark.sql.execution.streaming`` to its
   ``checkpointing`` subpackage in Spark 4.
@@ -41,6 +47,7 @@ What each one relies on (verified with pyspark 4.2.0, py4j 0.10.9.9, prometheus_
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -208,3 +215,62 @@ def run_python_daemon() -> None:
     from pyspark import daemon
 
     daemon.manager()
+
+
+# The offset and commit logs' format version, the first line of each file (Spark 2.1 to 4.2).
+OFFSET_LOG_VERSION = "v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointLog:
+    """What a streaming checkpoint says about its query's batches (:func:`read_checkpoint`).
+
+    ``query_id``: from ``metadata`` (None when the query never started); ``offsets``: each retained
+    planned batch's end offsets, per source (``None`` where a source has none), by batch id;
+    ``committed``: the ids of the committed batches among the retained ones.
+    """
+
+    query_id: str | None
+    offsets: dict[int, list[Any]]
+    committed: frozenset[int]
+
+
+class CheckpointFormatError(StreamhydroError):
+    """A checkpoint file is not in the format this Spark version writes."""
+
+
+def offset_log_entry(text: str, where: str = "offset log entry") -> list[Any]:
+    """The sources' end offsets (parsed JSON, None for ``-``) in the text of an ``offsets/<batch>`` file."""
+    lines = text.splitlines()
+    if len(lines) < 2 or lines[0].strip() != OFFSET_LOG_VERSION:
+        raise CheckpointFormatError(
+            f"{where} starts with {lines[0][:20] if lines else ''!r}, not {OFFSET_LOG_VERSION!r}: a Spark version streamhydro "
+            "does not know wrote this checkpoint"
+        )
+    return [None if line.strip() in ("", "-") else json.loads(line) for line in lines[2:]]
+
+
+def read_checkpoint(spark: Any, location: str) -> CheckpointLog:
+    """The query id, the offset log and the committed batches of the checkpoint at ``location`` (empty
+    when there is none yet), through the session's Hadoop FileSystem."""
+    hadoop = jvm(spark).org.apache.hadoop
+    root = hadoop.fs.Path(location)
+    fs = root.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+
+    def text(path: Any) -> str:
+        stream = fs.open(path)
+        try:
+            return bytes(jvm(spark).org.apache.commons.io.IOUtils.toByteArray(stream)).decode("utf-8")
+        finally:
+            stream.close()
+
+    def batches(folder: str) -> dict[int, Any]:
+        path = hadoop.fs.Path(root, folder)
+        if not fs.exists(path):
+            return {}
+        return {int(s.getPath().getName()): s.getPath() for s in fs.listStatus(path) if s.getPath().getName().isdigit()}
+
+    metadata = hadoop.fs.Path(root, "metadata")
+    query_id = json.loads(text(metadata)).get("id") if fs.exists(metadata) else None
+    offsets = {batch: offset_log_entry(text(path), f"{location}/offsets/{batch}") for batch, path in batches("offsets").items()}
+    return CheckpointLog(query_id, offsets, frozenset(batches("commits")))

@@ -57,6 +57,12 @@ def kafka_broker() -> Bundle:
     return Bundle(f"kafka-{KAFKA_VERSION}", (("org.apache.kafka", "kafka_2.13", KAFKA_VERSION), LOG4J_SLF4J))
 
 
+def kafka_tools() -> Bundle:
+    """Apache Kafka's command-line tools (``kafka-consumer-groups``: ``ConsumerGroupCommand``), as operators run
+    them; the tests act on a query's consumer group with them."""
+    return Bundle(f"kafka-tools-{KAFKA_VERSION}", (("org.apache.kafka", "kafka-tools", KAFKA_VERSION), LOG4J_SLF4J))
+
+
 def spark_kafka_connector() -> Bundle:
     """``spark-sql-kafka-0-10`` for the installed pyspark, without the jars pyspark already has."""
     import pyspark

@@ -260,8 +260,14 @@ def _serve(tmp_path: Path, toml: str, name: str, fault: tuple[str, str] | None =
     return process, log
 
 
-def _toml(kafka_bootstrap, topics, model_registry, tmp_path, master: str, max_offsets: int, spark_conf: dict[str, str]) -> str:
+def _toml(
+    kafka_bootstrap, topics, model_registry, tmp_path, master: str, max_offsets: int, spark_conf: dict[str, str],
+    model: str = "iris_like", batch_size: int = 500, kafka_client: dict[str, str] | None = None,
+) -> str:
     conf = ", ".join(f'"{key}" = "{value}"' for key, value in {"spark.ui.enabled": "false", **spark_conf}.items())
+    client_line = ""
+    if kafka_client:
+        client_line = "client = { " + ", ".join(f'"{key}" = "{value}"' for key, value in kafka_client.items()) + " }\n"
     return f"""[spark]
 master = "{master}"
 checkpoint_location = "{tmp_path / 'checkpoint'}"
@@ -275,15 +281,15 @@ dead_letter_topic = "{topics['dlq']}"
 source = "python"
 delivery = "exactly_once"
 max_offsets_per_trigger = {max_offsets}
-
+{client_line}
 [model]
 registry = "{model_registry.root}"
-name = "iris_like"
+name = "{model}"
 version = "latest"
 
 [inference]
 providers = ["CPUExecutionProvider"]
-batch_size = 500
+batch_size = {batch_size}
 pipeline_depth = 0
 
 [metrics]

@@ -308,3 +308,28 @@ def test_train_checks_versions_before_reading_its_config(monkeypatch):
 def test_the_executor_daemon_checks_versions_before_its_loop():
     source = (Path(internals.__file__).parent / "executor" / "daemon.py").read_text()
     assert source.index("check_versions()") < source.index("run_python_daemon()\n")
+
+
+def test_offset_log_entries_are_read_as_spark_writes_them():
+    # As Spark 4.2 wrote offsets/3 of a query with streamhydro's source (tests/test_exactly_once.py has the real one).
+    text = 'v1\n{"batchWatermarkMs":0,"batchTimestampMs":1796528419202,"conf":{}}\n{"events": {"0": 3296, "1": 3204}}'
+    assert internals.offset_log_entry(text) == [{"events": {"0": 3296, "1": 3204}}]
+    assert internals.offset_log_entry('v1\n{}\n-\n{"a": {"0": 1}}') == [None, {"a": {"0": 1}}]
+    with pytest.raises(internals.CheckpointFormatError, match="not 'v1'"):
+        internals.offset_log_entry('v2\n{}\n{"events": {"0": 1}}')
+
+
+@pytest.mark.spark
+def test_read_checkpoint_reads_what_spark_writes(spark, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.json").write_text('{"x": 1}\n')
+    checkpoint = tmp_path / "checkpoint"
+    assert internals.read_checkpoint(spark, str(checkpoint)) == internals.CheckpointLog(None, {}, frozenset())
+    query = (
+        spark.readStream.schema("x long").json(str(tmp_path / "in"))
+        .writeStream.format("noop").option("checkpointLocation", str(checkpoint)).trigger(availableNow=True).start()
+    )
+    query.awaitTermination(120)
+    found = internals.read_checkpoint(spark, str(checkpoint))
+    assert found.query_id == query.id
+    assert found.offsets == {0: [{"logOffset": 0}]} and found.committed == frozenset({0})

@@ -125,3 +125,87 @@ def test_read_committed_ranges_end_at_the_last_stable_offset_and_skip_aborted_re
     assert probe.offset_ranges([(topic_name, 0)]) == {(topic_name, 0): (0, 14)}
     probe.close()
     assert _read(committed, topic_name, 8, 14) == [b"c3", b"c4", b"o0", b"o1"]
+
+
+def _chain_registry(root):
+    """A registry with ``iris_like`` (four features of the event) and ``second_stage``, which reads the
+    first stage's prediction records: its features are the three class scores, ``prediction.scores.<label>``."""
+    import dataclasses
+
+    from _inference_models import softmax_model
+    from streamhydro.registry import Registry, TensorSpec
+
+    registry = Registry(root)
+    labels = ("setosa", "versicolor", "virginica")
+    features = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+    model, manifest = softmax_model([TensorSpec("features", "float32", (-1, 4), features)], labels)
+    registry.publish(dataclasses.replace(manifest, name="iris_like"), model)
+    scores = tuple(f"prediction.scores.{label}" for label in labels)
+    model, manifest = softmax_model([TensorSpec("features", "float32", (-1, 3), scores)], ("low", "high"), seed=1)
+    registry.publish(dataclasses.replace(manifest, name="second_stage"), model)
+    return registry
+
+
+@pytest.mark.spark
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_two_stage_exactly_once_chain_scores_each_committed_event_once(kafka_bootstrap, topic_name, tmp_path):
+    """Stage 1 (A -> B) and stage 2 (B -> C), both ``streamhydro serve`` with exactly_once, reading
+    read_committed, run side by side. A holds committed and aborted transactions interleaved; stage 1's
+    first task fails with its transaction open (so B holds aborted records too) and is retried."""
+    import json
+
+    import numpy as np
+
+    from test_exactly_once import COMMITTED as READ_COMMITTED
+    from test_exactly_once import RUN_SECONDS, _serve, _stop, _toml
+    from conftest import read_all
+    from streamhydro.producer import make_values
+
+    registry = _chain_registry(tmp_path / "registry")
+    a, b, c = (f"{topic_name}-{name}" for name in "abc")
+    ensure_topics(client(kafka_bootstrap), {a: 2, b: 2, c: 2, f"{b}-dlq": 1, f"{c}-dlq": 1})
+
+    producer = Producer({**client_for(kafka_bootstrap).as_dict(), "transactional.id": f"{a}-upstream", "linger.ms": 5})
+    producer.init_transactions(30)
+    values = make_values(registry.get("iris_like").manifest, "json", 2400, np.random.default_rng(9))
+    committed, aborted = [], []
+    for t in range(24):  # transactions of 100 events: committed, aborted, committed, committed, aborted, ...
+        keys = [f"event-{n}" for n in range(t * 100, t * 100 + 100)]
+        producer.begin_transaction()
+        for key, value in zip(keys, values[t * 100 : t * 100 + 100], strict=True):
+            producer.produce(a, value, key=key.encode())
+        producer.flush(30)
+        if t % 3 == 1:
+            producer.abort_transaction(30)
+            aborted.extend(keys)
+        else:
+            producer.commit_transaction(30)
+            committed.extend(keys)
+
+    read = {"isolation.level": "read_committed"}
+    stages = []
+    # Stage 1 in micro-batches of at most 800 offsets and model batches of 50, so that a task after its
+    # warm-up (the fault's trigger) scores a third batch; Spark retries its tasks (local[2,2]).
+    for name, topics, model, master, max_offsets, batch_size, fault in (
+        ("stage1", {"input": a, "output": b, "dlq": f"{b}-dlq"}, "iris_like", "local[2,2]", 800, 50, ("fail-mid-write", str(tmp_path / "fault-claimed"))),
+        ("stage2", {"input": b, "output": c, "dlq": f"{c}-dlq"}, "second_stage", "local[2]", 100_000, 100, None),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        toml = _toml(kafka_bootstrap, topics, registry, folder, master, max_offsets, {}, model=model, batch_size=batch_size, kafka_client=read)
+        stages.append(_serve(folder, toml, name, fault=fault))
+    try:
+        records = read_all(kafka_bootstrap, c, len(committed), seconds=RUN_SECONDS, **READ_COMMITTED)
+    finally:
+        for process, log in stages:
+            _stop(process, log)
+    keys = [json.loads(r.value)["key"] for r in records]
+    assert len(keys) == len(set(keys)), f"{len(keys) - len(set(keys))} duplicates"
+    assert sorted(keys) == sorted(committed), f"lost {sorted(set(committed) - set(keys))[:5]}, aborted {sorted(set(keys) & set(aborted))[:5]}"
+    assert {json.loads(r.value)["model"]["name"] for r in records} == {"second_stage"}
+    assert (tmp_path / "fault-claimed").exists(), "stage 1's fault was never injected"
+    in_b = read_all(kafka_bootstrap, b, len(committed) + 1, seconds=10)
+    assert len(in_b) > len(committed), "stage 1's failed attempt left aborted records in B"
+    for dlq in (f"{b}-dlq", f"{c}-dlq"):
+        assert read_all(kafka_bootstrap, dlq, 1, seconds=2, **READ_COMMITTED) == []

@@ -208,3 +208,75 @@ def test_closing_a_producer_in_a_fatal_state_does_not_replace_the_tasks_error(ca
         finally:
             transactions._close(FatalProducer(), "tid-0")
     assert "closed in a failed state" in caplog.text
+
+
+# --- the marks group against the checkpoint, at start (streamhydro.kafka.marks) ----------------------------
+
+from streamhydro.kafka.marks import AHEAD, BEHIND, MISSING, GroupMismatch, History, check_group  # noqa: E402
+
+
+def _log(*ends: dict[int, int] | None) -> dict[int, list]:
+    """An offset log of batches 0.. whose end offsets of ``events`` are ``ends`` (partition -> offset)."""
+    return {b: [{"events": {str(p): o for p, o in e.items()}} if e is not None else None] for b, e in enumerate(ends)}
+
+
+def test_history_reads_the_last_committed_and_the_planned_batch():
+    history = History.of(_log({0: 100, 1: 50}, {0: 300, 1: 50}, {0: 400, 1: 80}), frozenset({0, 1}))
+    assert history.committed_batch == 1 and history.written == {("events", 0): 300, ("events", 1): 50}
+    assert history.planned_batch == 2 and history.planned == {("events", 0): 400, ("events", 1): 80}
+    assert history.advanced == {("events", 0)}, "partition 1 did not move after batch 0: the log cannot say batch 0 wrote it"
+    assert History.of(_log({0: 100}), frozenset()) == History(None, {}, 0, {("events", 0): 100})
+    assert History.of({}, frozenset()) == History(None, {})
+    purged = History.of({7: _log({0: 500})[0], 8: _log({0: 600})[0]}, frozenset({7, 8}))
+    assert purged.committed_batch == 8 and purged.advanced == {("events", 0)} and purged.planned_batch is None
+
+
+HISTORY = History.of(_log({0: 100, 1: 50, 2: 0}, {0: 300, 1: 50, 2: 0}, {0: 400, 1: 80, 2: 0}), frozenset({0, 1}))
+
+
+@pytest.mark.parametrize(
+    ("marks", "anchored"),
+    [
+        ({("events", 0): 300, ("events", 1): 50}, True),  # stopped between batches
+        ({("events", 0): 350, ("events", 1): 50}, True),  # batch 2 written in part
+        ({("events", 0): 400, ("events", 1): 80}, True),  # batch 2 written, not committed in the checkpoint
+        ({("events", 0): 300}, True),  # partition 1 never written (it may have been idle since the start)
+        ({("events", 0): 300, ("events", 1): 50, ("events", 2): 0}, False),  # restored by hand, anchor not yet back
+    ],
+)
+def test_groups_the_checkpoint_explains(marks, anchored):
+    assert check_group(HISTORY, marks, anchored) == []
+
+
+@pytest.mark.parametrize(
+    ("marks", "anchored", "kinds"),
+    [
+        ({}, False, {0: MISSING, 1: MISSING, 2: MISSING}),  # the group deleted: anchor and marks gone
+        ({("events", 1): 50}, True, {0: MISSING}),  # marks of partition 0 deleted (kafka-consumer-groups --delete-offsets)
+        ({("events", 0): 900, ("events", 1): 900, ("events", 2): 900}, True, {0: AHEAD, 1: AHEAD, 2: AHEAD}),  # reset to latest
+        ({("events", 0): 0, ("events", 1): 0, ("events", 2): 0}, True, {0: BEHIND, 1: BEHIND}),  # reset to earliest
+        ({("events", 0): 200, ("events", 1): 50}, True, {0: BEHIND}),  # a copy of the checkpoint wrote after this one
+    ],
+)
+def test_groups_the_checkpoint_cannot_explain(marks, anchored, kinds):
+    problems = check_group(HISTORY, marks, anchored)
+    assert {p.partition: p.kind for p in problems} == kinds
+    assert all(p.fix == HISTORY.written[("events", p.partition)] for p in problems)
+
+
+def test_a_group_mismatch_names_the_group_each_partition_and_the_commands():
+    problems = check_group(HISTORY, {("events", 1): 900}, anchored=False)
+    error = GroupMismatch("streamhydro-q", HISTORY, problems)
+    message = str(error)
+    assert "\n" not in message
+    assert message.startswith("consumer group streamhydro-q does not match this query's checkpoint, whose last committed batch is 1")
+    assert "events[0] has no mark, where batch 1 ended at 300" in message
+    assert "events[1] is marked at 900, past offset 80 where batch 2's range ends" in message
+    assert "was deleted" in message and "reset forwards" in message
+    assert error.commands == [
+        "kafka-consumer-groups.sh --bootstrap-server <servers> --group streamhydro-q --reset-offsets --topic events:2 --to-offset 0 --execute",
+        "kafka-consumer-groups.sh --bootstrap-server <servers> --group streamhydro-q --reset-offsets --topic events:1 --to-offset 50 --execute",
+        "kafka-consumer-groups.sh --bootstrap-server <servers> --group streamhydro-q --reset-offsets --topic events:0 --to-offset 300 --execute",
+    ]
+    assert " && ".join(error.commands) in message
+    assert "batch 2 was planned and not committed" in message and "events:0=400, events:1=80" in message

@@ -102,6 +102,7 @@ class Service:
         self.batches = 0
         self._query_started = threading.Event()
         self._batch_error: BaseException | None = None
+        self._anchored = False
 
     def start(self, on_signal: Callable[[], None] | None = None) -> Any:
         """Build the session, check the model, start the query. Returns the StreamingQuery.
@@ -159,6 +160,7 @@ class Service:
         ensure_topics(c.kafka.librdkafka(), {c.kafka.output_topic: 1, c.kafka.dead_letter_topic: 1})
         if c.kafka.delivery == Delivery.EXACTLY_ONCE:
             check_exactly_once(self.spark, c.kafka.librdkafka())
+            check_marks_group(self.spark, c.spark.checkpoint_location, c.kafka.librdkafka())
         options = c.kafka.source_options()
         if self.connector == Connector.PYTHON:
             options[EMIT] = EMIT_RANGES
@@ -274,14 +276,18 @@ class Service:
         """streamhydro's connector: each task reads its range, scores it and writes the results
         (:mod:`streamhydro.executor.direct`); one Spark job, one summary row per task."""
         from streamhydro.executor.direct import SUMMARY_SCHEMA, RangeIO, score_ranges
+        from streamhydro.kafka.marks import ensure_anchor
 
         k = self.config.kafka
         prefix = None
         if k.delivery == Delivery.EXACTLY_ONCE:
             # The query's id is in its checkpoint: the same across restarts, new for a new checkpoint.
             self._query_started.wait()
-            prefix = f"streamhydro-{self.query.id}"
-        io = RangeIO(k.librdkafka(), k.fail_on_data_loss, transactional_id_prefix=prefix, batch_id=batch_id)
+            prefix = marks_group(self.query.id)
+            if not self._anchored:
+                ensure_anchor(k.librdkafka(), prefix)  # before the query's first write (a new checkpoint's)
+                self._anchored = True
+        io = RangeIO(k.librdkafka(), k.fail_on_data_loss, transactional_id_prefix=prefix, batch_id=batch_id, anchored=prefix is not None)
         summaries = ranges.mapInArrow(score_ranges(self.follower.plan, io), SUMMARY_SCHEMA, profile=self._profile).collect()
         if self.metrics is not None:
             self.metrics.recorder.ranges_read(batch_id, sum(row.until_offset - row.from_offset for row in summaries))
@@ -326,6 +332,24 @@ def check_exactly_once(spark: Any, client: Any) -> None:
             f'set {SPECULATION} = "false" (in spark.conf or spark-submit --conf), or delivery = "at_least_once"',
         )
     check_transactions(client)
+
+
+def marks_group(query_id: str) -> str:
+    """The prefix of a query's transactional ids, and its consumer group of exactly-once marks."""
+    return f"streamhydro-{query_id}"
+
+
+def check_marks_group(spark: Any, checkpoint: str, client: Any) -> None:
+    """Refuse at start a marks group that does not match the checkpoint's offset log (reset, deleted, or
+    shared with a copy of the checkpoint: :mod:`streamhydro.kafka.marks`), before the query runs a batch. A
+    new checkpoint has no group yet: its first batch commits the group's anchor."""
+    from streamhydro.internals import read_checkpoint
+    from streamhydro.kafka.marks import History, check_marks
+
+    found = read_checkpoint(spark, checkpoint)
+    if found.query_id is None:
+        return
+    check_marks(client, marks_group(found.query_id), History.of(found.offsets, found.committed))
 
 
 def connector_conf(source: Connector, conf: Mapping[str, str]) -> dict[str, str]:

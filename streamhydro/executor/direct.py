@@ -51,7 +51,8 @@ class RangeIO:
     ``client``: the ``kafka.*`` settings (both clients); ``fail_on_data_loss`` and ``poll_timeout_ms`` as
     the source's options. ``transactional_id_prefix``: None writes at least once; else each range is
     written in bounded transactions (ids ``<prefix>-<topic>-<partition>``). ``batch_id`` labels logs and
-    transaction marks.
+    transaction marks; ``anchored``: the driver committed the marks group's anchor, whose absence then
+    means the group was deleted.
     """
 
     client: ClientConfig
@@ -59,6 +60,7 @@ class RangeIO:
     poll_timeout_ms: int = 120_000
     transactional_id_prefix: str | None = None
     batch_id: int | None = None
+    anchored: bool = False
 
 
 def score_ranges(plan: ScoringPlan, io: RangeIO) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
@@ -95,5 +97,6 @@ def score_range(plan: ScoringPlan, io: RangeIO, offsets: OffsetRange, resources:
     # Pieces of one model batch: a transaction checks its clock before each, so one batch's scoring is the
     # most it can overrun its time bound by.
     return produce_exactly_once(
-        io.client, offsets, read, score, io.transactional_id_prefix, io.batch_id, piece_rows=plan.engine.batch_size
+        io.client, offsets, read, score, io.transactional_id_prefix, io.batch_id, piece_rows=plan.engine.batch_size,
+        anchored=io.anchored,
     )

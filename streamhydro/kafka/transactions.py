@@ -70,6 +70,9 @@ TRANSACTION_DEFAULTS = {
 TRANSACTION_RECORDS = 50_000
 TRANSACTION_TIME_SHARE = 1 / 3
 PROBE_TOPIC = "__streamhydro_transaction_probe"
+# The marks group's anchor: a mark on a partition no query reads, committed by the driver before the
+# query's first write (streamhydro.kafka.marks). Gone, the group was deleted.
+ANCHOR = (PROBE_TOPIC, 0)
 _TIMEOUT_S = 30.0
 _GRACE_S = 10.0
 
@@ -90,16 +93,17 @@ def transactional_id(prefix: str, topic: str, partition: int) -> str:
     return f"{prefix}-{topic}-{partition}"
 
 
-def _committed(marks: Consumer, topic: str, partition: int) -> tuple[int, str | None]:
-    """The group's committed offset of ``topic[partition]`` (negative when none) and its metadata; waits out
-    pending transactions."""
+def _committed(marks: Consumer, topic: str, partition: int) -> tuple[int, str | None, bool]:
+    """The group's committed offset of ``topic[partition]`` (negative when none), its metadata, and whether
+    the group holds its :data:`ANCHOR`; waits out pending transactions."""
     try:
-        [found] = marks.committed([TopicPartition(topic, partition)], timeout=_TIMEOUT_S)
+        found, anchor = marks.committed([TopicPartition(topic, partition), TopicPartition(*ANCHOR)], timeout=_TIMEOUT_S)
     except KafkaException as exc:
         raise KafkaConnectorError(f"reading which ranges of {topic}[{partition}] are written: {exc.args[0].str()}") from exc
-    if found.error is not None:
-        raise KafkaConnectorError(f"reading which ranges of {topic}[{partition}] are written: {found.error.str()}")
-    return found.offset, found.metadata
+    for tp in (found, anchor):
+        if tp.error is not None:
+            raise KafkaConnectorError(f"reading which ranges of {topic}[{partition}] are written: {tp.error.str()}")
+    return found.offset, found.metadata, anchor.offset >= 0
 
 
 class MarkMismatch(KafkaConnectorError):
@@ -282,6 +286,7 @@ def produce_exactly_once(
     batch_id: int | None = None,
     piece_rows: int = TRANSACTION_RECORDS,
     records: int | None = None,
+    anchored: bool = False,
 ) -> int:
     """Write the results of the input range ``offsets`` as a sequence of bounded transactions, from where
     earlier attempts' marks say they stopped. Returns the number of records this call wrote (0 when the
@@ -292,6 +297,8 @@ def produce_exactly_once(
     goes). Each transaction scores a group of input pieces (:class:`TransactionBounds`: at most about
     ``records`` records, default :data:`TRANSACTION_RECORDS`, cut into pieces of ``piece_rows``, open at most a third of ``transaction.timeout.ms``
     before it stops reading) and commits the mark one past its last input offset, the last one at ``until``.
+    ``anchored``: the driver committed the group's :data:`ANCHOR` before the query's first write, so a group
+    without it was deleted, and the task fails with :class:`MarkMismatch` instead of rewriting.
     """
     where = f"{offsets.topic}[{offsets.partition}]"
     tid = transactional_id(prefix, offsets.topic, offsets.partition)
@@ -303,7 +310,13 @@ def produce_exactly_once(
     sent = transactions = 0
     try:
         producer.init_transactions(_TIMEOUT_S)
-        done, metadata = _committed(marks, offsets.topic, offsets.partition)
+        done, metadata, anchor = _committed(marks, offsets.topic, offsets.partition)
+        if anchored and not anchor:
+            raise MarkMismatch(
+                prefix, offsets, batch_id, done,
+                f"the group's anchor ({ANCHOR[0]}[{ANCHOR[1]}]) is gone: the group was deleted while the query ran. "
+                "Restart serve: it names the offset to set for every partition",
+            )
         position = written_up_to(prefix, batch_id, offsets, done, metadata)
         if position >= offsets.until_offset:
             log.info("batch %s: %s up to offset %d was written by an earlier attempt; writing nothing", batch_id, where, done)
