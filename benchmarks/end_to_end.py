@@ -355,11 +355,11 @@ def ceiling_process(bootstrap: str, registry: str, model_name: str, input_topic:
 
 def peer_starter(bootstrap: str, model, args: argparse.Namespace, work: str) -> Starter:
     """A Starter of the peer's query, on a Spark session made for it in this process (stopped with the query)."""
-    from streamhydro.driver.serve import connector_conf
+    from streamhydro.driver.connectors.builtin import connector_conf
     from streamhydro.spark import Master, checkpoint_conf, streaming_session
 
     def start(input_topic: str, output_topic: str, tag: str) -> Running:
-        conf = {"spark.ui.enabled": "false", **checkpoint_conf(tempfile.gettempdir()), **connector_conf(Connector.BUILTIN, {})}
+        conf = {"spark.ui.enabled": "false", **checkpoint_conf(tempfile.gettempdir()), **connector_conf({})}
         spark = streaming_session(Master.parse("local[2]"), "streamhydro-bench-peer", conf)
         query = peer_query(spark, bootstrap, input_topic, output_topic, f"{work}/peer-{tag}", model, args.max_offsets_per_trigger)
 

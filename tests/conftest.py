@@ -122,11 +122,10 @@ def spark():
     """One local[2] SparkSession for the whole test session, with streamhydro's data source registered
     and Spark's own Kafka connector on the classpath (from the jar cache), as users run it."""
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    from streamhydro.driver.serve import connector_conf
-    from streamhydro.kafka.options import Connector
+    from streamhydro.driver.connectors.builtin import connector_conf
     from streamhydro.spark import Master, streaming_session
 
-    conf = {"spark.ui.enabled": "false", **connector_conf(Connector.BUILTIN, {})}
+    conf = {"spark.ui.enabled": "false", **connector_conf({})}
     session = streaming_session(Master.parse("local[2]"), "streamhydro-tests", conf)
     yield session
     session.stop()

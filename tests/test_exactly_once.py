@@ -23,7 +23,8 @@ from confluent_kafka import Consumer, TopicPartition
 
 from conftest import client, read_all, send
 from streamhydro.config import Config
-from streamhydro.driver.serve import SPECULATION, Service
+from streamhydro.driver.connectors.python import SPECULATION
+from streamhydro.driver.serve import Service
 from streamhydro.errors import ConfigError
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.clients import build_client

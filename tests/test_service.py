@@ -63,7 +63,7 @@ def test_every_event_is_predicted_exactly_like_onnx_runtime(kafka_bootstrap, top
     keys = send(kafka_bootstrap, topics["input"], values)
     service = Service(service_config(kafka_bootstrap, topics, model_registry, tmp_path, connector, max_offsets_per_trigger=8000))
     service.start()
-    assert service.connector == connector
+    assert type(service.connector).__name__ == {"python": "PythonConnector", "builtin": "BuiltinConnector"}[connector]
     try:
         records = read_all(kafka_bootstrap, topics["output"], len(values))
     finally:

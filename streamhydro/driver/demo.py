@@ -168,7 +168,7 @@ def run_demo(
             "steady_events_per_s": steady,
             "model": f"{manifest.name}:{manifest.version}",
             "broker": broker,
-            "connector": service.connector,
+            "connector": service.config.kafka.source,
             "micro_batches": service.batches,
             "latency_rate_per_s": live_rate,
             **latency_summary(reader.latency_ms(since=live_since)),

@@ -1,16 +1,14 @@
-"""The streaming inference service, ``streamhydro serve``. Runs on the driver for the life of the daemon.
+"""The streaming inference service, ``streamhydro serve``: its lifecycle. Runs on the driver for the life of the daemon.
 
 One Structured Streaming query: Kafka source -> ``foreachBatch``. Each micro-batch is one Spark job of
 ``mapInArrow`` tasks that score with the model version the :class:`~streamhydro.driver.models.ModelFollower`
 picked at that batch boundary and write predictions to the output topic and records that could not be
-scored to the dead-letter topic. With streamhydro's connector (``kafka.source = "python"``) the source
-plans offset ranges and each task reads, scores and writes its range in one Python worker
-(:mod:`streamhydro.executor.direct`): no record crosses between the JVM and Python. With Spark's
-(``builtin``) the records come from Spark's source into ``mapInArrow`` (:mod:`streamhydro.executor.scoring`)
-and go to Spark's sink. ``foreachBatch`` is what makes the model version a per-batch decision without
-restarting the query. Delivery (``kafka.delivery``) is at-least-once by default, every prediction carrying
-an idempotency key (topic/partition/offset of its event); with ``exactly_once`` each task writes its input
-range in one Kafka transaction (``docs/delivery.md``).
+scored to the dead-letter topic. How records are read and written is the connector's
+(:mod:`streamhydro.driver.connectors`: Spark's JVM source and sink, or streamhydro's, where each task reads,
+scores and writes its range). ``foreachBatch`` is what makes the model version a per-batch decision
+without restarting the query. Delivery (``kafka.delivery``) is at-least-once by default, every prediction
+carrying an idempotency key (topic/partition/offset of its event); with ``exactly_once`` each task writes
+its input range in bounded Kafka transactions (``docs/delivery.md``).
 
 SIGTERM and SIGINT stop the query between micro-batches: a batch that has started writing is
 finished and committed first; a batch that has not started writing is left to the next run (its
@@ -26,25 +24,18 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from streamhydro.config import Config, load, pipeline_depth, reference
-from streamhydro.errors import ConfigError, StreamhydroError
+from streamhydro.driver.connectors import Batch, ServeConnector, connector_for
+from streamhydro.errors import StreamhydroError
 from streamhydro.executor.engine import GPU_PIPELINE_DEPTH
-from streamhydro.internals import check_versions, jvm, load_jvm_class, query_exception_chain
-from streamhydro.kafka.options import EMIT, EMIT_RANGES, Connector, Delivery
+from streamhydro.internals import check_versions, query_exception_chain
 
 log = logging.getLogger(__name__)
 
-BUILTIN_FORMAT = "kafka"
-BUILTIN_PROVIDER = "org.apache.spark.sql.kafka010.KafkaSourceProvider"
-KAFKA_PACKAGE = "org.apache.spark:spark-sql-kafka-0-10_2.13:<your Spark version>"
-# Spark settings that put jars on the classpath: the connector may already be there through them.
-JARS = "spark.jars"
-PACKAGES = "spark.jars.packages"
 STOP_POLL_SECONDS = 0.2
-SPECULATION = "spark.speculation"
 # The log line that says the query runs; supervisors and tests wait for it.
 QUERY_STARTED = "query started"
 
@@ -98,11 +89,10 @@ class Service:
         self.follower = None
         self.metrics = None
         self._profile = None
-        self.connector: Connector | None = None
+        self.connector: ServeConnector = connector_for(config)
         self.batches = 0
         self._query_started = threading.Event()
         self._batch_error: BaseException | None = None
-        self._anchored = False
 
     def start(self, on_signal: Callable[[], None] | None = None) -> Any:
         """Build the session, check the model, start the query. Returns the StreamingQuery.
@@ -127,7 +117,7 @@ class Service:
             **gpu_conf(master, s.executor_gpus, s.gpu_discovery_script),
             **checkpoint_conf(s.checkpoint_location),
             **s.conf,
-            **connector_conf(c.kafka.source, s.conf),
+            **self.connector.spark_conf(s.conf),
             **executor_conf(c.metrics, master.url),
         }
         self.spark = streaming_session(master, s.app_name, conf)
@@ -155,20 +145,13 @@ class Service:
             on_switch=lambda version: self.metrics.set_model(version.manifest.name, version.manifest.version),
             on_refuse=self.metrics.model_refused,
         )
-        source = kafka_format(self.spark, c.kafka.source, c.kafka.client_options())
-        self.connector = c.kafka.source
+        self.connector.check(self.spark)
         ensure_topics(c.kafka.librdkafka(), {c.kafka.output_topic: 1, c.kafka.dead_letter_topic: 1})
-        if c.kafka.delivery == Delivery.EXACTLY_ONCE:
-            check_exactly_once(self.spark, c.kafka.librdkafka())
-            check_marks_group(self.spark, c.spark.checkpoint_location, c.kafka.librdkafka())
-        options = c.kafka.source_options()
-        if self.connector == Connector.PYTHON:
-            options[EMIT] = EMIT_RANGES
         # Python workers start while the query starts (its driver-side source, first offsets, first plan):
         # the warm-up job takes the task slots first, so the first micro-batch finds the workers ready.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamhydro-warm-up") as pool:
             warming = pool.submit(self._warm_up)
-            stream = self.spark.readStream.format(source).options(**options).load()
+            stream = self.connector.stream(self.spark)
             self.query = (
                 stream.writeStream.queryName(c.spark.app_name)
                 .option("checkpointLocation", c.spark.checkpoint_location)
@@ -181,7 +164,7 @@ class Service:
                 "%s: %s via %s connector -> %s (dead letters -> %s), checkpoint %s",
                 QUERY_STARTED,
                 c.kafka.subscribe or c.kafka.subscribe_pattern or c.kafka.assign,
-                "Spark's built-in" if self.connector == Connector.BUILTIN else "streamhydro's Python",
+                self.connector.described,
                 c.kafka.output_topic, c.kafka.dead_letter_topic, c.spark.checkpoint_location,
             )
             try:
@@ -259,10 +242,10 @@ class Service:
                 raise self._batch_error
             self._in_batch = True
         try:
-            if self.connector == Connector.BUILTIN:
-                self._score_records(batch_df)
-            else:
-                self._score_ranges(batch_df, batch_id)
+            batch = Batch(batch_df, batch_id, self.follower.plan, self._profile, self._query_id)
+            records = self.connector.process(batch)
+            if records is not None and self.metrics is not None:
+                self.metrics.recorder.ranges_read(batch_id, records)
             self.batches += 1
         except Exception as exc:
             # Kept as the Python object it is here, where its Java cause chain can still be walked.
@@ -272,32 +255,10 @@ class Service:
             with self._lock:
                 self._in_batch = False
 
-    def _score_ranges(self, ranges: Any, batch_id: int) -> None:
-        """streamhydro's connector: each task reads its range, scores it and writes the results
-        (:mod:`streamhydro.executor.direct`); one Spark job, one summary row per task."""
-        from streamhydro.executor.direct import SUMMARY_SCHEMA, RangeIO, score_ranges
-        from streamhydro.kafka.marks import ensure_anchor
-
-        k = self.config.kafka
-        prefix = None
-        if k.delivery == Delivery.EXACTLY_ONCE:
-            # The query's id is in its checkpoint: the same across restarts, new for a new checkpoint.
-            self._query_started.wait()
-            prefix = marks_group(self.query.id)
-            if not self._anchored:
-                ensure_anchor(k.librdkafka(), prefix)  # before the query's first write (a new checkpoint's)
-                self._anchored = True
-        io = RangeIO(k.librdkafka(), k.fail_on_data_loss, transactional_id_prefix=prefix, batch_id=batch_id, anchored=prefix is not None)
-        summaries = ranges.mapInArrow(score_ranges(self.follower.plan, io), SUMMARY_SCHEMA, profile=self._profile).collect()
-        if self.metrics is not None:
-            self.metrics.recorder.ranges_read(batch_id, sum(row.until_offset - row.from_offset for row in summaries))
-
-    def _score_records(self, records: Any) -> None:
-        """Spark's connector: records come from its source, go through ``mapInArrow`` and to its sink."""
-        from streamhydro.executor.scoring import OUTPUT_SCHEMA, score_batches
-
-        scored = records.mapInArrow(score_batches(self.follower.plan), OUTPUT_SCHEMA, profile=self._profile)
-        scored.write.format(BUILTIN_FORMAT).mode("append").options(**self.config.kafka.client_options()).save()
+    def _query_id(self) -> str:
+        """The query's id, once the query object exists (a first micro-batch may start before ``start`` returns)."""
+        self._query_started.wait()
+        return self.query.id
 
     def _warm_up(self) -> None:
         """Start the Python workers and load the model, while the query starts (``docs/performance.md``).
@@ -317,83 +278,6 @@ class Service:
         frame = self.spark.createDataFrame(rows, KAFKA_SCHEMA).repartition(parallelism)
         frame.mapInArrow(score_batches(plan), OUTPUT_SCHEMA, profile=self._profile).count()
         log.info("warm-up: %d Python workers ready in %.1f s", parallelism, time.monotonic() - started)
-
-
-def check_exactly_once(spark: Any, client: Any) -> None:
-    """Refuse at start what breaks exactly-once delivery (``docs/delivery.md``): speculative tasks and a broker
-    whose transactions are not isolated (Spark's built-in sink, which has no transactions, is refused with the
-    configuration)."""
-    from streamhydro.kafka.transactions import check_transactions
-
-    if spark.sparkContext.getConf().get(SPECULATION, "false").strip().lower() == "true":
-        raise ConfigError(
-            f"spark.conf.{SPECULATION}",
-            "is true, and a speculative copy of a write task fences the original's transaction, failing it",
-            f'set {SPECULATION} = "false" (in spark.conf or spark-submit --conf), or delivery = "at_least_once"',
-        )
-    check_transactions(client)
-
-
-def marks_group(query_id: str) -> str:
-    """The prefix of a query's transactional ids, and its consumer group of exactly-once marks."""
-    return f"streamhydro-{query_id}"
-
-
-def check_marks_group(spark: Any, checkpoint: str, client: Any) -> None:
-    """Refuse at start a marks group that does not match the checkpoint's offset log (reset, deleted, or
-    shared with a copy of the checkpoint: :mod:`streamhydro.kafka.marks`), before the query runs a batch. A
-    new checkpoint has no group yet: its first batch commits the group's anchor."""
-    from streamhydro.internals import read_checkpoint
-    from streamhydro.kafka.marks import History, check_marks
-
-    found = read_checkpoint(spark, checkpoint)
-    if found.query_id is None:
-        return
-    check_marks(client, marks_group(found.query_id), History.of(found.offsets, found.committed))
-
-
-def connector_conf(source: Connector, conf: Mapping[str, str]) -> dict[str, str]:
-    """``spark.jars`` with Spark's Kafka connector (resolved from Maven when the jar cache lacks it), for
-    ``source = builtin``; nothing for ``python`` or when ``conf`` already brings the connector."""
-    from streamhydro import jars
-
-    if source == Connector.PYTHON or "spark-sql-kafka" in conf.get(JARS, "") + conf.get(PACKAGES, ""):
-        return {}
-    found = jars.resolve(jars.spark_kafka_connector())
-    return {JARS: ",".join(filter(None, [conf.get(JARS, ""), *map(str, found)]))}
-
-
-def kafka_format(spark: Any, source: Connector, options: Mapping[str, str]) -> str:
-    """The format to read with: Spark's JVM connector for ``builtin`` (refused when it is not on the
-    classpath), else streamhydro's.
-
-    For the JVM connector, ``options`` (the ``kafka.*`` client settings) are checked against the Java
-    client's own list of settings, which the connector would otherwise ignore without a word.
-    """
-    from streamhydro.kafka.options import check_jvm_options
-    from streamhydro.kafka.source import FORMAT
-
-    if source == Connector.PYTHON:
-        log.info("Kafka connector: streamhydro's (%s): each task reads, scores and writes its range", FORMAT)
-        return FORMAT
-    if not load_jvm_class(spark, BUILTIN_PROVIDER):
-        raise ConfigError(
-            "kafka.source",
-            "Spark's built-in Kafka connector is not on the classpath",
-            f"run `streamhydro jars`, start Spark with --packages {KAFKA_PACKAGE}, or set source = \"python\"",
-        )
-    check_jvm_options(options, _java_client_settings(spark))
-    log.info("Kafka connector: Spark's built-in (JVM)")
-    return BUILTIN_FORMAT
-
-
-def _java_client_settings(spark: Any) -> set[str]:
-    """Every setting name the Java Kafka consumer, producer and admin client know."""
-    clients = jvm(spark).org.apache.kafka.clients
-    names: set[str] = set()
-    for config in (clients.consumer.ConsumerConfig, clients.producer.ProducerConfig, clients.admin.AdminClientConfig):
-        names.update(config.configNames())
-    return names
 
 
 def ended_by_stop(query_exception: Any | None, batch_error: BaseException | None) -> bool:
