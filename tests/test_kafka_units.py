@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
@@ -29,8 +30,8 @@ from streamhydro.kafka.options import (
 )
 from streamhydro.kafka.planning import OffsetRange, admit, cap, ranges, regressions, split_limit
 from streamhydro.kafka.reading import reader_config
+from streamhydro.kafka.ranges import ARROW_RANGE_SCHEMA, ARROW_SUMMARY_SCHEMA, range_batch, ranges_of, records_read, summary_batch
 from streamhydro.kafka.records import (
-    ARROW_RANGE_SCHEMA,
     ARROW_SCHEMA,
     HEADER_TYPE,
     KAFKA_SCHEMA,
@@ -38,8 +39,6 @@ from streamhydro.kafka.records import (
     headers_array,
     headers_lists,
     outgoing,
-    range_batch,
-    ranges_of,
     to_record_batch,
     validate_sink_schema,
 )
@@ -392,3 +391,8 @@ def test_ranges_travel_as_rows_and_back():
     batch = range_batch(offsets)
     assert batch.schema == ARROW_RANGE_SCHEMA
     assert ranges_of(batch) == offsets
+    summaries = [summary_batch(offsets[0], 240), summary_batch(offsets[1], 0)]
+    assert all(summary.schema == ARROW_SUMMARY_SCHEMA for summary in summaries)
+    rows = [SimpleNamespace(**row) for summary in summaries for row in summary.to_pylist()]
+    assert [row.written for row in rows] == [240, 0]
+    assert records_read(rows) == 241, "a range counts its offsets, not one row"

@@ -25,7 +25,6 @@ import dataclasses
 from collections.abc import Callable, Iterator
 
 import pyarrow as pa
-from pyspark.sql.types import LongType, StructField, StructType
 
 from streamhydro.executor.scoring import ScoringPlan, score_partition
 from streamhydro.executor.sessions import TaskResources
@@ -33,15 +32,10 @@ from streamhydro.kafka import clients
 from streamhydro.kafka.options import ClientConfig
 from streamhydro.kafka.planning import OffsetRange
 from streamhydro.kafka.reading import read_range, reader_config
-from streamhydro.kafka.records import ARROW_RANGE_SCHEMA, RANGE_SCHEMA, ranges_of
+from streamhydro.kafka.ranges import ranges_of, summary_batch
 from streamhydro.kafka.transactions import produce_exactly_once
 from streamhydro.kafka.writing import produce_batches
 from streamhydro.metrics.executor import observe_delivery_wait
-
-# One row per task: the range it read and how many records it wrote (0 for a range an earlier attempt
-# had written transactionally).
-SUMMARY_SCHEMA = StructType([*RANGE_SCHEMA.fields, StructField("written", LongType())])
-_ARROW_SUMMARY = ARROW_RANGE_SCHEMA.append(pa.field("written", pa.int64()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +58,15 @@ class RangeIO:
 
 
 def score_ranges(plan: ScoringPlan, io: RangeIO) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """The function for ``ranges.mapInArrow(score_ranges(plan, io), SUMMARY_SCHEMA, profile=...)``."""
+    """The function for ``ranges.mapInArrow(score_ranges(plan, io), SUMMARY_SCHEMA, profile=...)``: rows of
+    :data:`~streamhydro.kafka.ranges.RANGE_SCHEMA` in, :data:`~streamhydro.kafka.ranges.SUMMARY_SCHEMA` out
+    (:mod:`streamhydro.kafka.ranges`)."""
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             for offsets in ranges_of(batch):
                 written = score_range(plan, io, offsets)
-                yield pa.RecordBatch.from_pylist([{**dataclasses.asdict(offsets), "written": written}], schema=_ARROW_SUMMARY)
+                yield summary_batch(offsets, written)
 
     return score
 

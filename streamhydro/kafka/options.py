@@ -456,7 +456,7 @@ class SourceOptions:
     """Everything the streaming reader needs, parsed once on the driver.
 
     ``emit``: ``records`` (default) gives Spark's Kafka source schema, one row per record; ``ranges`` gives
-    one row per task, the topic-partition range the task is to read (:data:`~streamhydro.kafka.records.RANGE_SCHEMA`), for a
+    one row per task, the topic-partition range the task is to read (:data:`~streamhydro.kafka.ranges.RANGE_SCHEMA`), for a
     consumer that reads the records itself in the same task (``streamhydro serve``, see
     :mod:`streamhydro.executor.direct`).
     ``end_offsets``: ``listOffsets`` (default) trusts ListOffsets(latest), as Spark's connector does, right

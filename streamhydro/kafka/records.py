@@ -27,7 +27,6 @@ from pyspark.sql.types import (
 )
 
 from streamhydro.errors import ConfigError
-from streamhydro.kafka.planning import OffsetRange
 
 HEADER_TYPE = StructType([StructField("key", StringType()), StructField("value", BinaryType())])
 
@@ -42,24 +41,6 @@ KAFKA_SCHEMA = StructType(
         StructField("timestamp", TimestampType()),
         StructField("timestampType", IntegerType()),
         StructField("headers", ArrayType(HEADER_TYPE)),
-    ]
-)
-
-# The source's rows with ``emit=ranges``: one per task, the offsets ``[from_offset, until_offset)`` it is to read.
-RANGE_SCHEMA = StructType(
-    [
-        StructField("topic", StringType()),
-        StructField("partition", IntegerType()),
-        StructField("from_offset", LongType()),
-        StructField("until_offset", LongType()),
-    ]
-)
-ARROW_RANGE_SCHEMA = pa.schema(
-    [
-        pa.field("topic", pa.string()),
-        pa.field("partition", pa.int32()),
-        pa.field("from_offset", pa.int64()),
-        pa.field("until_offset", pa.int64()),
     ]
 )
 
@@ -149,27 +130,6 @@ def columns_of(messages: Sequence, topic: str, partition: int) -> ConsumedColumn
 
 
 # ---- sink side -------------------------------------------------------------------------------------
-
-
-def range_batch(ranges: Sequence[OffsetRange]) -> pa.RecordBatch:
-    """``ranges`` as rows of :data:`RANGE_SCHEMA`."""
-    return pa.RecordBatch.from_arrays(
-        [
-            pa.array([r.topic for r in ranges], pa.string()),
-            pa.array([r.partition for r in ranges], pa.int32()),
-            pa.array([r.from_offset for r in ranges], pa.int64()),
-            pa.array([r.until_offset for r in ranges], pa.int64()),
-        ],
-        schema=ARROW_RANGE_SCHEMA,
-    )
-
-
-def ranges_of(batch: pa.RecordBatch) -> list[OffsetRange]:
-    """The rows of a :data:`RANGE_SCHEMA` batch as OffsetRanges."""
-    return [
-        OffsetRange(row["topic"], row["partition"], row["from_offset"], row["until_offset"])
-        for row in batch.to_pylist()
-    ]
 
 
 def validate_sink_schema(schema: StructType, default_topic: str | None) -> None:

@@ -42,7 +42,8 @@ from streamhydro.kafka.options import (
 )
 from streamhydro.kafka.planning import TopicPartitionKey, admit, cap, ranges, regressions
 from streamhydro.kafka.reading import read_range, reader_config, report_data_loss
-from streamhydro.kafka.records import KAFKA_SCHEMA, RANGE_SCHEMA, range_batch
+from streamhydro.kafka.ranges import RANGE_SCHEMA, range_batch
+from streamhydro.kafka.records import KAFKA_SCHEMA
 from streamhydro.kafka.sink import KafkaArrowWriter, KafkaStreamArrowWriter
 from streamhydro.kafka.truncation import RECHECK_EVERY_S, Watermarks, recheck_s, settle
 
@@ -56,7 +57,7 @@ class KafkaDataSource(DataSource):
 
     Options as Spark's Kafka source and sink (see :mod:`streamhydro.kafka.options`). The schema is fixed:
     Spark's Kafka source schema with headers, or with the source option ``emit=ranges``,
-    :data:`~streamhydro.kafka.records.RANGE_SCHEMA` (one row per task: the offsets it is to read).
+    :data:`~streamhydro.kafka.ranges.RANGE_SCHEMA` (one row per task: the offsets it is to read).
     """
 
     @classmethod

@@ -57,8 +57,9 @@ class PythonConnector(ServeConnector):
     def process(self, batch: Batch) -> int:
         """One Spark job, one summary row per task; returns the records the tasks' ranges held (Spark counts a
         range as one row)."""
-        from streamhydro.executor.direct import SUMMARY_SCHEMA, RangeIO, score_ranges
+        from streamhydro.executor.direct import RangeIO, score_ranges
         from streamhydro.kafka.marks import ensure_anchor
+        from streamhydro.kafka.ranges import SUMMARY_SCHEMA, records_read
 
         k = self.config.kafka
         prefix = None
@@ -70,7 +71,7 @@ class PythonConnector(ServeConnector):
                 self._anchored = True
         io = RangeIO(k.librdkafka(), k.fail_on_data_loss, transactional_id_prefix=prefix, batch_id=batch.batch_id, anchored=prefix is not None)
         summaries = batch.frame.mapInArrow(score_ranges(batch.plan, io), SUMMARY_SCHEMA, profile=batch.profile).collect()
-        return sum(row.until_offset - row.from_offset for row in summaries)
+        return records_read(summaries)
 
 
 def marks_group(query_id: str) -> str:
