@@ -3,7 +3,7 @@
     python benchmarks/cold_start.py [--repeats 3] [--sources python,builtin]     # from the repository root
 
 One Apache Kafka broker; 1,000 events wait in the input topic. For each connector, ``--repeats`` times,
-``streamhydro serve --config FILE`` starts as a new process (:class:`streamhydro.supervisor.ServeProcess`,
+``streamhydro serve --config FILE`` starts as a new process (:class:`streamhydro.harness.supervisor.ServeProcess`,
 the benchmarks' serve config with a new checkpoint), and a reader on the output topic takes the time the
 first prediction arrives. The timestamps of serve's log lines mark the milestones (from process start):
 ``session`` (Spark session up: JVM, SparkContext), ``model`` (the model loaded and checked), ``query`` (the
@@ -33,7 +33,7 @@ from streamhydro.kafka.options import client_for
 from streamhydro.outputs import OutputReader
 from streamhydro.producer import LoadGenerator
 from streamhydro.registry import Registry
-from streamhydro.supervisor import ServeProcess, write_serve_config
+from streamhydro.harness.supervisor import ServeProcess, write_serve_config
 
 EVENTS = 1000
 DEADLINE_S = 180.0

@@ -7,7 +7,7 @@ One Apache Kafka broker, the demo model and the same events (input topics with o
 least 2). Contenders:
 
 - ``serve_defaults_builtin``, ``serve_defaults_python``: ``python -m streamhydro serve --config FILE`` as a
-  process of its own (:class:`streamhydro.supervisor.ServeProcess`), with the README's minimal config and
+  process of its own (:class:`streamhydro.harness.supervisor.ServeProcess`), with the README's minimal config and
   nothing else: bootstrap servers, input topic, output and dead-letter topics, model registry and name,
   checkpoint location, and ``kafka.source`` for the second. Everything else is the default: metrics on,
   ``inference.pipeline_depth = auto``, the default ``batch_size`` and ``max_offsets_per_trigger``, Spark's
@@ -75,7 +75,7 @@ from streamhydro.kafka.planning import OffsetRange
 from streamhydro.outputs import OutputReader, topic_ends
 from streamhydro.producer import LoadGenerator
 from streamhydro.registry import Registry
-from streamhydro.supervisor import ServeProcess
+from streamhydro.harness.supervisor import ServeProcess
 
 # One input partition per core: serve's tasks and the ceiling's processes each get work (at least 2).
 PARTITIONS = max(2, os.cpu_count() or 2)

@@ -24,12 +24,12 @@ other, cycling through (from a seeded first kind):
 
 Each fault must be survived: an event produced after the fault ended gets an outcome within
 ``RECOVERY_S`` (its ``recovery_s``); the next fault comes only then, and a fault not survived ends the
-injection. Like systemd's ``Restart=on-failure``, a supervisor (:mod:`streamhydro.supervisor`) restarts
+injection. Like systemd's ``Restart=on-failure``, a supervisor (:mod:`streamhydro.harness.supervisor`) restarts
 serve, with the same config and checkpoint, whenever it exits unasked. When every event has an outcome (or
 a deadline passed), serve gets a final SIGTERM, which must end it with 0, and the rest of its session (the
 JVM, the worker daemons and workers) must exit too.
 
-Only then are the counts read (:mod:`streamhydro.audit`): the output and dead-letter topics' end offsets
+Only then are the counts read (:mod:`streamhydro.harness.audit`): the output and dead-letter topics' end offsets
 are taken, and they are read to those ends (``outputs_read_to_end``), so a record written late, a
 duplicate included, is counted. Every event in the topic (as many as were produced) has a prediction or
 a dead letter (``lost``: neither); records for the same event are byte-identical (``mismatches``); each
@@ -62,7 +62,7 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 
-from streamhydro.audit import OutcomeLedger, check_events
+from streamhydro.harness.audit import OutcomeLedger, check_events
 from streamhydro.brokers import ApacheKafkaBroker, BrokerConfig
 from streamhydro.config import load
 from streamhydro.errors import StreamhydroError
@@ -71,7 +71,7 @@ from streamhydro.kafka.options import ClientConfig, client_for
 from streamhydro.outputs import topic_ends
 from streamhydro.producer import LoadGenerator
 from streamhydro.registry import Registry
-from streamhydro.supervisor import ServeProcess, Supervisor, write_serve_config
+from streamhydro.harness.supervisor import ServeProcess, Supervisor, write_serve_config
 
 FAULT_KINDS = ("serve_kill", "worker_kill", "broker_stall", "broker_restart")
 PARTITIONS = 2

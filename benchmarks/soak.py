@@ -38,7 +38,7 @@ from streamhydro.kafka.options import Connector, EndOffsets, client_for
 from streamhydro.outputs import OutputReader, topic_ends
 from streamhydro.producer import LoadGenerator
 from streamhydro.registry import Registry
-from streamhydro.supervisor import ServeProcess, write_serve_config
+from streamhydro.harness.supervisor import ServeProcess, write_serve_config
 
 PARTITIONS = 2
 CATCH_UP_SECONDS = 180

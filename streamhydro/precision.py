@@ -1,7 +1,7 @@
 """How closely scores from two devices must agree: the one statement of it, used by every check.
 
 Pure; runs anywhere (the GPU tests, ``benchmarks/gpu_check.py``, the outside audit in
-:mod:`streamhydro.audit`). ``docs/inference.md`` states the same numbers.
+:mod:`streamhydro.harness.audit`). ``docs/inference.md`` states the same numbers.
 
 ONNX Runtime's CUDA provider is asked not to use TF32 (``use_tf32 = 0``) unless
 ``inference.allow_tf32 = true``. Without TF32 a float32 model on the GPU differs from the CPU only by

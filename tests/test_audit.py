@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from streamhydro.audit import _digest, reference_inputs
+from streamhydro.harness.audit import _digest, reference_inputs
 from streamhydro.config import PayloadSettings
 from streamhydro.payload.formats import make_decoder
 from streamhydro.producer import JSON_BAD_KINDS, corrupt, make_values

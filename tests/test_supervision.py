@@ -84,7 +84,7 @@ def test_serve_exits_non_zero_with_the_root_cause_in_one_line(kafka_bootstrap, t
     from streamhydro.kafka.admin import ensure_topics
     from streamhydro.producer import LoadGenerator
     from streamhydro.registry import Registry
-    from streamhydro.supervisor import ERROR_PREFIX, ServeProcess, Supervisor, write_serve_config
+    from streamhydro.harness.supervisor import ERROR_PREFIX, ServeProcess, Supervisor, write_serve_config
 
     names = {"subscribe": f"{topic_name}-in", "output_topic": f"{topic_name}-out", "dead_letter_topic": f"{topic_name}-dlq"}
     # The output topic takes no record over 120 bytes: every prediction is refused, every batch fails.

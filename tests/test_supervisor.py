@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 
-from streamhydro.supervisor import starting_main_threads
+from streamhydro.harness.supervisor import starting_main_threads
 
 # The main thread runs all along, as after a task.
 SPINNING = "print('ready', flush=True)\nwhile True:\n    pass\n"
