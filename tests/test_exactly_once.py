@@ -320,6 +320,7 @@ def _exactly_once(kafka_bootstrap, topics, events: int) -> list:
 @pytest.mark.spark
 @pytest.mark.broker
 @pytest.mark.slow
+@pytest.mark.long  # the same fault runs in the default suite inside the two-stage chain (tests/test_read_committed.py)
 def test_a_task_failing_with_its_transaction_open_is_retried_and_written_once(kafka_bootstrap, topic_name, model_registry, tmp_path):
     topics = {"input": f"{topic_name}-in", "output": f"{topic_name}-out", "dlq": f"{topic_name}-dlq"}
     ensure_topics(client(kafka_bootstrap), {topics["input"]: 1, topics["output"]: 2, topics["dlq"]: 1})
