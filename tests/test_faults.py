@@ -56,7 +56,7 @@ TIMEOUT_PER_FAULT_S = 300
 def test_no_event_is_lost_or_scored_wrong_under_faults(delivery, source, faults):
     command = [
         sys.executable, str(ROOT / "benchmarks" / "faults.py"),
-        "--events", str(EVENTS), "--faults", str(faults), "--rate", "100", "--stall-seconds", "10", "--seed", "11",
+        "--events", str(EVENTS), "--faults", str(faults), "--rate", "200", "--stall-seconds", "10", "--seed", "11",
         "--delivery", delivery, "--source", source,
     ]
     # The benchmark and the serve it starts import streamhydro from this checkout, whichever one is installed.
