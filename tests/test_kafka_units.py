@@ -30,7 +30,7 @@ from streamhydro.kafka.options import (
 )
 from streamhydro.kafka.planning import OffsetRange, admit, cap, ranges, regressions, split_limit
 from streamhydro.kafka.reading import reader_config
-from streamhydro.kafka.ranges import ARROW_RANGE_SCHEMA, ARROW_SUMMARY_SCHEMA, range_batch, ranges_of, records_read, summary_batch
+from streamhydro.kafka.ranges import ARROW_RANGE_SCHEMA, ARROW_SUMMARY_SCHEMA, range_batch, ranges_of, range_records, summary_batch
 from streamhydro.kafka.records import (
     ARROW_SCHEMA,
     HEADER_TYPE,
@@ -395,4 +395,4 @@ def test_ranges_travel_as_rows_and_back():
     assert all(summary.schema == ARROW_SUMMARY_SCHEMA for summary in summaries)
     rows = [SimpleNamespace(**row) for summary in summaries for row in summary.to_pylist()]
     assert [row.written for row in rows] == [240, 0]
-    assert records_read(rows) == 241, "a range counts its offsets, not one row"
+    assert range_records(rows) == 241, "a range counts its offsets, not one row"

@@ -176,12 +176,15 @@ def read_marks(client: ClientConfig, group: str, partitions: list[TopicPartition
 
 def ensure_anchor(client: ClientConfig, group: str) -> None:
     """Commit the group's anchor unless it is there (before the query's first write)."""
+    _, anchored = read_marks(client, group, [])
+    if not anchored:
+        _commit_anchor(client, group)
+
+
+def _commit_anchor(client: ClientConfig, group: str) -> None:
     from streamhydro.kafka.admin import ensure_topics
 
     ensure_topics(client, {ANCHOR[0]: 1})  # serve's transaction probe made it already; a broker refuses marks on no topic
-    _, anchored = read_marks(client, group, [])
-    if anchored:
-        return
     consumer = clients.build_client(Consumer, marks_config(client, group))
     metadata = json.dumps({"query": group, "anchor": "this group holds the query's exactly-once marks"})
     try:
@@ -201,4 +204,5 @@ def check_marks(client: ClientConfig, group: str, history: History) -> None:
     if problems:
         raise GroupMismatch(group, history, problems)
     log.info("consumer group %s matches the checkpoint (last committed batch %s)", group, history.committed_batch)
-    ensure_anchor(client, group)
+    if not anchored:
+        _commit_anchor(client, group)

@@ -10,7 +10,7 @@ No record crosses between the JVM and Python. Per micro-batch:
    writes that range itself, and returns one row of :data:`SUMMARY_SCHEMA` (:func:`summary_batch`): the range
    and how many records it wrote.
 3. The driver (:class:`streamhydro.driver.connectors.python.PythonConnector`) collects the summaries:
-   Spark counts one input row per range, so the batch's input records are :func:`records_read`, which the
+   Spark counts one input row per range, so the batch's input records are :func:`range_records`, which the
    metrics take instead of Spark's count.
 
 The range rows are the same on every attempt of a task and every replay of the batch (Spark's offset log),
@@ -75,7 +75,7 @@ def summary_batch(offsets: OffsetRange, written: int) -> pa.RecordBatch:
     return range_batch([offsets]).append_column(ARROW_SUMMARY_SCHEMA.field("written"), pa.array([written], pa.int64()))
 
 
-def records_read(summaries: Iterable[Any]) -> int:
+def range_records(summaries: Iterable[Any]) -> int:
     """The input records of a micro-batch: the sum of its tasks' range lengths (the driver's side; rows of
     :data:`SUMMARY_SCHEMA` as ``collect()`` returns them)."""
     return sum(row.until_offset - row.from_offset for row in summaries)

@@ -46,7 +46,8 @@ class PythonConnector(ServeConnector):
                 f'set {SPECULATION} = "false" (in spark.conf or spark-submit --conf), or delivery = "at_least_once"',
             )
         check_transactions(client)
-        check_marks_group(spark, self.config.spark.checkpoint_location, client)
+        # A checkpoint's group is checked and anchored here; a new checkpoint's is anchored by its first batch.
+        self._anchored = check_marks_group(spark, self.config.spark.checkpoint_location, client)
 
     def stream(self, spark: Any) -> Any:
         from streamhydro.kafka.source import FORMAT
@@ -59,7 +60,7 @@ class PythonConnector(ServeConnector):
         range as one row)."""
         from streamhydro.executor.direct import RangeIO, score_ranges
         from streamhydro.kafka.marks import ensure_anchor
-        from streamhydro.kafka.ranges import SUMMARY_SCHEMA, records_read
+        from streamhydro.kafka.ranges import SUMMARY_SCHEMA, range_records
 
         k = self.config.kafka
         prefix = None
@@ -71,7 +72,7 @@ class PythonConnector(ServeConnector):
                 self._anchored = True
         io = RangeIO(k.librdkafka(), k.fail_on_data_loss, transactional_id_prefix=prefix, batch_id=batch.batch_id, anchored=prefix is not None)
         summaries = batch.frame.mapInArrow(score_ranges(batch.plan, io), SUMMARY_SCHEMA, profile=batch.profile).collect()
-        return records_read(summaries)
+        return range_records(summaries)
 
 
 def marks_group(query_id: str) -> str:
@@ -79,14 +80,16 @@ def marks_group(query_id: str) -> str:
     return f"streamhydro-{query_id}"
 
 
-def check_marks_group(spark: Any, checkpoint: str, client: Any) -> None:
+def check_marks_group(spark: Any, checkpoint: str, client: Any) -> bool:
     """Refuse at start a marks group that does not match the checkpoint's offset log (reset, deleted, or
-    shared with a copy of the checkpoint: :mod:`streamhydro.kafka.marks`), before the query runs a batch. A
-    new checkpoint has no group yet: its first batch commits the group's anchor."""
+    shared with a copy of the checkpoint: :mod:`streamhydro.kafka.marks`), before the query runs a batch;
+    whether there was a checkpoint (its group then holds its anchor). A new checkpoint has no group yet:
+    its first batch commits the group's anchor."""
     from streamhydro.internals import read_checkpoint
     from streamhydro.kafka.marks import History, check_marks
 
     found = read_checkpoint(spark, checkpoint)
     if found.query_id is None:
-        return
+        return False
     check_marks(client, marks_group(found.query_id), History.of(found.offsets, found.committed))
+    return True
