@@ -210,6 +210,57 @@ def test_closing_a_producer_in_a_fatal_state_does_not_replace_the_tasks_error(ca
     assert "closed in a failed state" in caplog.text
 
 
+class _Calls:
+    """A transaction call that fails with ``errors`` in turn, then succeeds; each call moves the clock 30 s."""
+
+    def __init__(self, *errors):
+        self.errors, self.calls, self.now = list(errors), 0, 0.0
+
+    def __call__(self):
+        from confluent_kafka import KafkaException
+
+        self.calls += 1
+        self.now += 30.0
+        if self.errors:
+            raise KafkaException(self.errors.pop(0))
+
+    def clock(self):
+        return self.now
+
+
+def _timed_out():
+    from confluent_kafka import KafkaError as ClientError
+
+    return ClientError(ClientError._TIMED_OUT, "Timed out waiting for operation to finish, retry call to resume", retriable=True)
+
+
+def test_a_transaction_call_that_timed_out_is_called_again_until_it_succeeds(caplog):
+    """A broker stalled longer than the call's timeout: the call resumes when called again (librdkafka's
+    "retry call to resume"), and the task goes on instead of failing its batch."""
+    from streamhydro.kafka.transactions import retried
+
+    call = _Calls(_timed_out(), _timed_out())
+    retried(call, "tid-0: commit_transaction", deadline=120.0, clock=call.clock)
+    assert call.calls == 3
+    assert caplog.text.count("calling it again") == 2
+
+
+def test_a_transaction_call_is_not_retried_past_the_deadline_or_for_other_errors():
+    from confluent_kafka import KafkaError as ClientError
+    from confluent_kafka import KafkaException
+
+    from streamhydro.kafka.transactions import retried
+
+    call = _Calls(*[_timed_out()] * 10)
+    with pytest.raises(KafkaException, match="retry call to resume"):
+        retried(call, "tid-0: commit_transaction", deadline=100.0, clock=call.clock)
+    assert call.calls == 4, "the clock passed the deadline at the fourth call (120 s): no fifth"
+    fenced = _Calls(ClientError(ClientError._FENCED, "Producer fenced", fatal=True), _timed_out())
+    with pytest.raises(KafkaException, match="fenced"):
+        retried(fenced, "tid-0: commit_transaction", deadline=1e9, clock=fenced.clock)
+    assert fenced.calls == 1
+
+
 # --- the marks group against the checkpoint, at start (streamhydro.kafka.marks) ----------------------------
 
 from streamhydro.kafka.marks import AHEAD, BEHIND, MISSING, GroupMismatch, History, check_group  # noqa: E402

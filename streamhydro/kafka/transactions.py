@@ -77,6 +77,10 @@ _TIMEOUT_S = 30.0
 _GRACE_S = 10.0
 
 
+def transaction_timeout_ms(config: ClientConfig) -> int:
+    return int(config.get(TRANSACTION_TIMEOUT_KEY) or TRANSACTION_DEFAULTS[TRANSACTION_TIMEOUT_KEY])
+
+
 def transactional_config(client: ClientConfig, transactional_id: str) -> ClientConfig:
     """A transactional producer's settings: the user's over :data:`TRANSACTION_DEFAULTS`, and the id."""
     return ClientConfig.of({**client.with_defaults(TRANSACTION_DEFAULTS).as_dict(), "transactional.id": transactional_id})
@@ -144,7 +148,7 @@ class TransactionBounds:
     @classmethod
     def of(cls, config: ClientConfig, piece_rows: int, records: int = TRANSACTION_RECORDS) -> TransactionBounds:
         """The bounds for a transactional producer's ``config``: a share of its ``transaction.timeout.ms``."""
-        timeout_ms = int(config.get(TRANSACTION_TIMEOUT_KEY) or TRANSACTION_DEFAULTS[TRANSACTION_TIMEOUT_KEY])
+        timeout_ms = transaction_timeout_ms(config)
         return cls(records=records, seconds=timeout_ms / 1000 * TRANSACTION_TIME_SHARE, piece_rows=max(1, min(piece_rows, records)))
 
     def full(self, records: int, open_s: float) -> bool:
@@ -309,7 +313,8 @@ def produce_exactly_once(
     began: float | None = None
     sent = transactions = 0
     try:
-        producer.init_transactions(_TIMEOUT_S)
+        patience_s = transaction_timeout_ms(config) / 1000
+        retried(lambda: producer.init_transactions(_TIMEOUT_S), f"{tid}: init_transactions", time.monotonic() + patience_s)
         done, metadata, anchor = _committed(marks, offsets.topic, offsets.partition)
         if anchored and not anchor:
             raise MarkMismatch(
@@ -332,8 +337,11 @@ def produce_exactly_once(
             written = send_all(producer, None, score(iter(part)), flush_s).confirmed(flush_s)
             end = part.mark_offset(offsets.until_offset)
             mark = TopicPartition(offsets.topic, offsets.partition, end, metadata=mark_metadata(prefix, batch_id, offsets, end))
-            producer.send_offsets_to_transaction([mark], marks.consumer_group_metadata(), _TIMEOUT_S)
-            producer.commit_transaction(_TIMEOUT_S)
+            # Within the transaction's timeout a call that timed out (a broker stalled or electing a
+            # coordinator) resumes where it stopped when called again; past it the broker aborts anyway.
+            deadline = began + patience_s
+            retried(lambda: producer.send_offsets_to_transaction([mark], marks.consumer_group_metadata(), _TIMEOUT_S), f"{tid}: send_offsets_to_transaction", deadline)
+            retried(lambda: producer.commit_transaction(_TIMEOUT_S), f"{tid}: commit_transaction", deadline)
             log.debug("batch %s: %s [%d, %d) written in transaction %s: %d records", batch_id, where, position, end, tid, written)
             began = None
             position = end
@@ -354,6 +362,21 @@ def produce_exactly_once(
         batch_id, where, offsets.until_offset, tid, transactions, sent,
     )
     return sent
+
+
+def retried(call: Callable[[], None], what: str, deadline: float, clock: Callable[[], float] = time.monotonic) -> None:
+    """``call()``, called again while it fails with an error librdkafka marks retriable ("retry call to
+    resume": a timeout while the broker stalls or moves the transaction coordinator) and ``clock()`` is
+    before ``deadline``; any other error, or the last one, is raised."""
+    while True:
+        try:
+            call()
+            return
+        except KafkaException as exc:
+            error = exc.args[0]
+            if not error.retriable() or clock() >= deadline:
+                raise
+            log.warning("%s: %s; calling it again", what, error.str())
 
 
 def _close(producer: Producer, tid: str) -> None:
@@ -378,7 +401,7 @@ def _failure(error: ClientError, tid: str, config: ClientConfig, began: float | 
     message = f"transaction {tid} failed: {error.str()}"
     if error.code() in (ClientError._FENCED, ClientError.PRODUCER_FENCED, ClientError.INVALID_PRODUCER_EPOCH):
         message += ". A newer attempt for the same input range took over this transactional id; that attempt or Spark's retry writes the range"
-    timeout_ms = int(config.get(TRANSACTION_TIMEOUT_KEY) or TRANSACTION_DEFAULTS[TRANSACTION_TIMEOUT_KEY])
+    timeout_ms = transaction_timeout_ms(config)
     if began is not None and (time.monotonic() - began) * 1000 >= timeout_ms:
         message += (
             f". It was open longer than {TRANSACTION_TIMEOUT_KEY} ({timeout_ms} ms), so the broker aborted it: a transaction "
