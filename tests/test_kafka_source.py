@@ -29,7 +29,9 @@ def with_spark(test):
     return pytest.mark.spark(pytest.mark.broker(test))
 
 
-BASE_MS = 1_700_000_000_000
+# Producer timestamps from now: records older than the broker's retention (7 days) are deleted by its first
+# retention check (30 s after it starts, then every 5 minutes), which moves the log start to the end.
+BASE_MS = int(time.time()) * 1000
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
