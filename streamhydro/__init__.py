@@ -4,7 +4,7 @@ The package tree follows the processes that run it:
 
 - ``streamhydro.driver``   -- the Spark driver: the ``serve`` and ``demo`` daemons.
 - ``streamhydro.executor`` -- executor Python workers: the ``mapInArrow`` scoring tasks.
-- ``streamhydro.kafka``    -- the Kafka data source and sink; each class says which half runs where.
+- ``streamhydro.kafka``    -- streamhydro's Kafka connector; each module says where it runs.
 - ``streamhydro.payload``, ``streamhydro.registry``, ``streamhydro.config`` -- pure code used by all.
 """
 

@@ -204,7 +204,7 @@ class KafkaSettings:
         )
 
     def check(self) -> None:
-        """Every rule the source and sink apply to these settings, by their own parsers, naming the settings keys."""
+        """Every rule the connectors apply to these settings, by the same parsers, naming the settings keys."""
         subscription = self.subscription()
         parse_starting_offsets(self.starting_offsets, "kafka.starting_offsets")
         if self.delivery == Delivery.EXACTLY_ONCE and self.source == Connector.BUILTIN:

@@ -281,7 +281,6 @@ def test_an_environment_override_of_a_choice_is_checked_like_the_file(tmp_path):
         ({"subscribe": "", "subscribe_pattern": "(ev"}, "kafka.subscribe_pattern", {"subscribe": "", "subscribePattern": "(ev"}),
         ({"subscribe": "", "assign": '{"events": "0"}'}, "kafka.assign", {"subscribe": "", "assign": '{"events": "0"}'}),
         ({"subscribe": ""}, "kafka.subscribe", {"subscribe": ""}),
-        ({"client": {"transactional.id": "mine"}}, "kafka.client.transactional.id", {"kafka.transactional.id": "mine"}),
     ],
 )
 def test_one_rule_names_the_settings_key_from_the_file_and_the_option_from_spark(kafka, key, option):
@@ -291,12 +290,7 @@ def test_one_rule_names_the_settings_key_from_the_file_and_the_option_from_spark
     assert from_settings.value.key == key
     options = {**config.Config().kafka.source_options(), **option}
     with pytest.raises(ConfigError) as from_options:
-        if "kafka.transactional.id" in option:
-            from streamhydro.kafka.options import parse_sink_options
-
-            parse_sink_options(options)
-        else:
-            parse_source_options(options)
+        parse_source_options(options)
     assert from_options.value.key == next(iter(option.keys() - {"subscribe"}), "subscribe")
     if key != "kafka.subscribe":  # that one's problem lists the three keys, each in its own spelling
         assert from_settings.value.problem == from_options.value.problem

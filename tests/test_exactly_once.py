@@ -28,7 +28,6 @@ from streamhydro.driver.serve import Service
 from streamhydro.errors import ConfigError
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.clients import build_client
-from streamhydro.kafka.options import parse_sink_options
 from streamhydro.kafka.planning import OffsetRange
 from streamhydro.kafka.transactions import MarkMismatch, check_transactions, produce_exactly_once
 from streamhydro.producer import make_values
@@ -77,13 +76,6 @@ def test_config_refuses_exactly_once_with_the_builtin_connector():
     assert Config().replace(kafka={"delivery": "exactly_once", "source": "python"}).kafka.delivery == "exactly_once"
 
 
-def test_the_sink_refuses_transactions_and_points_to_serve():
-    for option in ({"kafka.transactional.id": "mine"}, {"delivery": "exactly_once"}):
-        with pytest.raises(ConfigError) as refused:
-            parse_sink_options({"kafka.bootstrap.servers": "b:9092", **option})
-        assert refused.value.key == next(iter(option)) and "kafka.delivery" in refused.value.fix
-
-
 @pytest.mark.broker
 def test_the_transaction_probe_accepts_apache_kafka_and_refuses_tansu(kafka_bootstrap, tansu_bootstrap):
     check_transactions(client(kafka_bootstrap))
@@ -125,7 +117,7 @@ def _reader(source: str, partition: int, fail_at: int | None = None, asked: list
 
 
 def _scorer(output: str, fail_at: int | None = None, seconds_per_batch: float = 0.0):
-    """A task's ``score``: one sink row per input row; raises once, after yielding the batch holding ``fail_at``."""
+    """A task's ``score``: one result row per input row; raises once, after yielding the batch holding ``fail_at``."""
     failures = [fail_at] if fail_at is not None else []
 
     def score(batches):

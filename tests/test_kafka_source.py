@@ -1,4 +1,5 @@
-"""The Kafka source through real Spark and a real broker, fed by kafka-python (the users' own client)."""
+"""The Kafka source through real Spark and a real broker, fed by kafka-python (the users' own client): the
+offset ranges it plans (rows of ``RANGE_SCHEMA``), and the executor read loop that reads one range."""
 
 from __future__ import annotations
 
@@ -17,16 +18,21 @@ from streamhydro.kafka import clients
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.offsets import EndOffsetProbe
 from streamhydro.kafka.planning import OffsetRange
+from streamhydro.kafka.ranges import range_records
 from streamhydro.kafka.reading import read_range, reader_config
+from streamhydro.kafka.records import ARROW_SCHEMA
 from streamhydro.kafka.source import FORMAT
 
 
 def with_spark(test):
-    """Spark and broker tests; the read-loop test at the end needs the broker only."""
+    """Spark and broker tests; the read-loop tests at the end need the broker only."""
     return pytest.mark.spark(pytest.mark.broker(test))
 
 
-BASE_MS = 1_700_000_000_000
+# Producer timestamps from now: records older than the broker's retention (7 days) are deleted by its first
+# retention check (30 s after it starts, then every 5 minutes), which moves the log start to the end.
+BASE_MS = int(time.time()) * 1000
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def _produce(bootstrap: str, topic: str, count: int, partitions: int, start: int = 0, one_batch: bool = False) -> None:
@@ -77,39 +83,30 @@ def _available_now(spark, frame, name: str, checkpoint) -> tuple[list, object]:
     return spark.sql(f"select * from {name}").collect(), query
 
 
+def _offsets(ranges) -> list[tuple[str, int, int]]:
+    """Every (topic, partition, offset) the planned ``ranges`` hold, sorted, repeats kept."""
+    return sorted((r.topic, r.partition, offset) for r in ranges for offset in range(r.from_offset, r.until_offset))
+
+
+def _batch_records(progress: dict, topic: str) -> int:
+    """The records of ``topic`` one micro-batch planned, from its offsets (Spark counts a range as one input
+    row); a query's first micro-batch has no start offsets, and the topic starts at 0."""
+    source = progress["sources"][0]
+    start = (source["startOffset"] or {}).get(topic, {})
+    return sum(end - int(start.get(partition, 0)) for partition, end in source["endOffset"][topic].items())
+
+
 @with_spark
-def test_stream_reads_every_record_once_with_all_columns(spark, kafka_bootstrap, topic_name, tmp_path):
+def test_stream_plans_one_range_per_partition_covering_every_offset_once(spark, kafka_bootstrap, topic_name, tmp_path):
     ensure_topics(client(kafka_bootstrap), {topic_name: 3})
     _produce(kafka_bootstrap, topic_name, 3000, partitions=3)
 
     rows, _ = _available_now(spark, _stream(spark, kafka_bootstrap, topic_name), "read_all", tmp_path / "cp")
 
-    assert len(rows) == 3000
-    assert len({(r.partition, r.offset) for r in rows}) == 3000
-    by_value = {r.value: r for r in rows}
-    assert set(by_value) == {f"value-{i}".encode() for i in range(3000)}
-    for i in (0, 1, 1234, 2999):
-        row = by_value[f"value-{i}".encode()]
-        assert row.topic == topic_name
-        assert row.partition == i % 3
-        assert row.offset == i // 3
-        assert row.timestampType == 0
-        assert row.timestamp.replace(tzinfo=None) == _local(BASE_MS + i)
-        if i == 0:
-            assert row.key is None and row.headers is None
-        else:
-            assert row.key == f"key-{i}".encode()
-            assert [(h.key, h.value) for h in row.headers] == [("i", str(i).encode()), ("kind", b"test")]
+    assert sorted(tuple(r) for r in rows) == [(topic_name, p, 0, 1000) for p in range(3)]
+    assert _offsets(rows) == sorted((topic_name, i % 3, i // 3) for i in range(3000))
     schema = spark.sql("select * from read_all").schema.simpleString()
-    assert schema == (
-        "struct<key:binary,value:binary,topic:string,partition:int,offset:bigint,timestamp:timestamp,"
-        "timestampType:int,headers:array<struct<key:string,value:binary>>>"
-    )
-
-
-def _local(epoch_ms: int) -> dt.datetime:
-    """Spark collects timestamps as naive datetimes in the session's local time zone."""
-    return dt.datetime.fromtimestamp(epoch_ms / 1000).replace(tzinfo=None)
+    assert schema == "struct<topic:string,partition:int,from_offset:bigint,until_offset:bigint>"
 
 
 @with_spark
@@ -121,8 +118,8 @@ def test_max_offsets_per_trigger_splits_into_batches(spark, kafka_bootstrap, top
     rows, query = _available_now(spark, frame, "limited", tmp_path / "cp")
 
     progress = [p for p in (json_progress(p) for p in query.recentProgress) if p["numInputRows"]]
-    sizes = [p["numInputRows"] for p in progress]
-    assert len(rows) == 600 and len({(r.partition, r.offset) for r in rows}) == 600
+    sizes = [_batch_records(p, topic_name) for p in progress]
+    assert _offsets(rows) == sorted((topic_name, i % 3, i // 3) for i in range(600))
     assert len(sizes) >= 3
     assert max(sizes) <= 250
     assert sum(sizes) == 600
@@ -159,17 +156,17 @@ def test_end_offsets_from_fetch_do_not_stall_where_list_offsets_is_wrong(spark, 
         spark, _stream(spark, kafka_bootstrap, topic_name, endOffsetsFrom="fetch"), f"probing_{broker}", tmp_path / "b"
     )
 
-    assert len(probing) == 1000
+    assert range_records(probing) == 1000
     _produce(kafka_bootstrap, topic_name, 10, partitions=2, start=1000)
     moved = {tp: hi for tp, (_, hi) in probe.offset_ranges(partitions).items()}
     probe.close()
     assert moved == {(topic_name, 0): 505, (topic_name, 1): 505}
     if broker == "tansu":
         assert all(listed[tp] < 500 for tp in partitions), f"Tansu's ListOffsets is no longer wrong: {listed}"
-        assert len(trusting) == sum(listed.values()) < 1000
+        assert range_records(trusting) == sum(listed.values()) < 1000
     else:
         assert listed == true_ends
-        assert len(trusting) == 1000
+        assert range_records(trusting) == 1000
 
 
 @with_spark
@@ -180,8 +177,7 @@ def test_restart_from_checkpoint_reads_everything_once(spark, kafka_bootstrap, t
 
     def start(frame, **trigger):
         return (
-            frame.select("partition", "offset", "value")
-            .writeStream.format("parquet")
+            frame.writeStream.format("parquet")
             .option("path", str(output))
             .option("checkpointLocation", str(checkpoint))
             .trigger(**trigger)
@@ -207,8 +203,7 @@ def test_restart_from_checkpoint_reads_everything_once(spark, kafka_bootstrap, t
     resumed_from = json_progress(second.recentProgress[0])["sources"][0]["startOffset"]
     assert {t: {p: int(o) for p, o in parts.items()} for t, parts in resumed_from.items()} in committed_before
     rows = spark.read.parquet(str(output)).collect()
-    assert len(rows) == 1000
-    assert {(r.partition, r.offset) for r in rows} == {(i % 2, i // 2) for i in range(1000)}
+    assert _offsets(rows) == sorted((topic_name, i % 2, i // 2) for i in range(1000))
 
 
 @with_spark
@@ -255,12 +250,12 @@ def test_pattern_picks_up_new_topics_and_mirrors_offsets_to_group(spark, kafka_b
         _wait_for(lambda: query.lastProgress is not None, "the first micro-batch")
         ensure_topics(client(kafka_bootstrap), {second: 2})
         _produce(kafka_bootstrap, second, 20, partitions=2)
-        _wait_for(lambda: spark.sql("select count(*) from pattern").first()[0] >= 20, "records of the new topic")
+        _wait_for(lambda: range_records(spark.sql("select * from pattern").collect()) >= 20, "ranges of the new topic")
         _wait_for(lambda: _committed(kafka_bootstrap, group, second) == [10, 10], "offsets committed to the group")
     finally:
         query.stop()
-    rows = spark.sql("select topic, partition, offset from pattern").collect()
-    assert sorted((r.topic, r.partition, r.offset) for r in rows) == sorted((second, i % 2, i // 2) for i in range(20))
+    rows = spark.sql("select * from pattern").collect()
+    assert _offsets(rows) == sorted((second, i % 2, i // 2) for i in range(20))
 
 
 def _committed(bootstrap: str, group: str, topic: str) -> list[int]:
@@ -297,3 +292,27 @@ def test_read_range_reads_exactly_and_reports_truncation(kafka_bootstrap, topic_
         list(read_range(consumer, OffsetRange(topic_name, 0, 240, 260), True, 10_000))
     tolerated = list(read_range(consumer, OffsetRange(topic_name, 0, 240, 260), False, 10_000))
     assert [o for b in tolerated for o in b.column("offset").to_pylist()] == list(range(240, 250))
+
+
+@pytest.mark.broker
+def test_a_read_range_has_the_columns_of_sparks_kafka_source(kafka_bootstrap, topic_name):
+    """What a task reads: each record of its range with key, value, topic, partition, offset, timestamp and
+    headers; a record without key or headers has nulls there, as in Spark's own source."""
+    ensure_topics(client(kafka_bootstrap), {topic_name: 3})
+    _produce(kafka_bootstrap, topic_name, 30, partitions=3)
+    consumer = clients.consumer(reader_config(client(kafka_bootstrap)))
+
+    batches = [b for p in range(3) for b in read_range(consumer, OffsetRange(topic_name, p, 0, 10), True, 10_000)]
+    assert all(b.schema.equals(ARROW_SCHEMA) for b in batches)
+    by_value = {row["value"]: row for b in batches for row in b.to_pylist()}
+    assert set(by_value) == {f"value-{i}".encode() for i in range(30)}
+    for i in (0, 1, 14, 29):
+        row = by_value[f"value-{i}".encode()]
+        assert (row["topic"], row["partition"], row["offset"]) == (topic_name, i % 3, i // 3)
+        assert row["timestampType"] == 0
+        assert row["timestamp"] == EPOCH + dt.timedelta(milliseconds=BASE_MS + i)
+        if i == 0:
+            assert row["key"] is None and row["headers"] is None
+        else:
+            assert row["key"] == f"key-{i}".encode()
+            assert row["headers"] == [{"key": "i", "value": str(i).encode()}, {"key": "kind", "value": b"test"}]

@@ -10,18 +10,15 @@ import pytest
 from confluent_kafka import KafkaError as ClientError
 from confluent_kafka import Message
 from pyspark.sql.pandas.types import to_arrow_schema
-from pyspark.sql.types import ArrayType, BinaryType, IntegerType, LongType, StringType, StructField, StructType
+from pyspark.sql.types import BinaryType, IntegerType, LongType, StringType
 
 from streamhydro.errors import ConfigError
 from streamhydro.kafka.options import (
-    EMIT_RANGES,
-    EMIT_RECORDS,
     ClientConfig,
     check_jvm_options,
     client_config,
     offsets_from_json,
     offsets_to_json,
-    parse_sink_options,
     parse_source_options,
     parse_starting_offsets,
     parse_subscription,
@@ -30,18 +27,17 @@ from streamhydro.kafka.options import (
 )
 from streamhydro.kafka.planning import OffsetRange, admit, cap, ranges, regressions, split_limit
 from streamhydro.kafka.reading import reader_config
-from streamhydro.kafka.ranges import ARROW_RANGE_SCHEMA, ARROW_SUMMARY_SCHEMA, range_batch, ranges_of, range_records, summary_batch
+from streamhydro.kafka.ranges import ARROW_RANGE_SCHEMA, ARROW_SUMMARY_SCHEMA, RANGE_SCHEMA, range_batch, ranges_of, range_records, summary_batch
 from streamhydro.kafka.records import (
     ARROW_SCHEMA,
-    HEADER_TYPE,
     KAFKA_SCHEMA,
     ConsumedColumns,
     headers_array,
     headers_lists,
     outgoing,
     to_record_batch,
-    validate_sink_schema,
 )
+from streamhydro.kafka.source import KafkaDataSource
 from streamhydro.kafka.writing import DeliveryTracker, producer_config
 
 BOOT = {"kafka.bootstrap.servers": "h:9092"}
@@ -276,7 +272,7 @@ def test_ranges_skip_empty_and_start_new_partitions_at_earliest():
 # ---- Arrow -----------------------------------------------------------------------------------------
 
 
-def test_schema_is_sparks_kafka_schema_and_what_spark_accepts():
+def test_records_read_have_the_columns_of_sparks_kafka_source():
     names = ["key", "value", "topic", "partition", "offset", "timestamp", "timestampType", "headers"]
     assert KAFKA_SCHEMA.fieldNames() == names
     assert [type(f.dataType) for f in KAFKA_SCHEMA.fields[:5]] == [
@@ -323,33 +319,15 @@ def test_headers_round_trip_through_arrow_including_sliced_arrays():
     assert headers_lists(array.slice(2)) == [[("y", b"2"), ("z", b"3")], None]
 
 
-def _sink_batch(**columns) -> pa.RecordBatch:
-    return pa.RecordBatch.from_pydict(columns)
-
-
-def test_outgoing_routes_per_row_topic_and_falls_back_to_option():
-    batch = _sink_batch(
-        value=["a", "b"], topic=["x", None], key=[b"k", None], partition=pa.array([1, None], pa.int32())
+def test_outgoing_takes_each_rows_topic_and_optional_key_and_headers():
+    batch = pa.RecordBatch.from_pydict(
+        {"key": [b"k", None], "value": [b"a", b"b"], "topic": ["x", "y"], "headers": headers_array([[("h", b"1")], None])}
     )
-    records = outgoing(batch, "default")
-    assert records.topics == ["x", "default"]
-    assert records.partitions == [1, -1]
-    assert records.keys == [b"k", None] and records.headers == [None, None]
-    with pytest.raises(ConfigError, match="1 of 2 rows have a null topic"):
-        outgoing(batch, None)
-    assert outgoing(_sink_batch(value=[b"v"]), "only").topics == ["only"]
-
-
-def test_sink_schema_validation():
-    value = StructField("value", BinaryType())
-    validate_sink_schema(StructType([value, StructField("headers", ArrayType(HEADER_TYPE))]), "t")
-    with pytest.raises(ConfigError, match="no value column"):
-        validate_sink_schema(StructType([StructField("key", BinaryType())]), "t")
-    with pytest.raises(ConfigError, match="topic option"):
-        validate_sink_schema(StructType([value]), None)
-    with pytest.raises(ConfigError, match="cast partition to int"):
-        validate_sink_schema(StructType([value, StructField("partition", LongType())]), "t")
-    assert parse_sink_options({**BOOT, "topic": "out"}).topic == "out"
+    records = outgoing(batch)
+    assert records.topics == ["x", "y"] and records.values == [b"a", b"b"]
+    assert records.keys == [b"k", None] and records.headers == [[("h", b"1")], None]
+    bare = outgoing(pa.RecordBatch.from_pydict({"value": [b"v"], "topic": ["only"]}))
+    assert (bare.topics, bare.keys, bare.headers) == (["only"], [None], [None])
 
 
 def test_delivery_tracker_counts_and_keeps_first_error():
@@ -378,12 +356,11 @@ def test_split_limit_invariants_over_random_inputs():
             assert all(shares[tp] >= 1 for tp, n in available.items() if n > 0)
 
 
-def test_the_source_emits_records_by_default_or_ranges_and_refuses_anything_else():
-    assert parse_source_options({**BOOT, "subscribe": "t"}).emit == EMIT_RECORDS
-    assert parse_source_options({**BOOT, "subscribe": "t", "emit": "Ranges"}).emit == EMIT_RANGES
+def test_the_source_gives_ranges_and_refuses_bad_options_when_loaded():
+    assert KafkaDataSource({**BOOT, "subscribe": "t"}).schema() == RANGE_SCHEMA
     with pytest.raises(ConfigError) as refused:
-        parse_source_options({**BOOT, "subscribe": "t", "emit": "rows"})
-    assert refused.value.key == "emit"
+        KafkaDataSource({**BOOT, "subscribe": "t", "endingOffsets": "latest"}).schema()
+    assert refused.value.key == "endingoffsets"
 
 
 def test_ranges_travel_as_rows_and_back():

@@ -2,7 +2,7 @@
 
 :func:`score_ranges` runs on the driver once per micro-batch (it closes over the picklable
 :class:`~streamhydro.executor.scoring.ScoringPlan` and :class:`RangeIO`); the function it returns is given
-to ``mapInArrow`` over the rows of streamhydro's Kafka source with ``emit=ranges`` and runs in executor
+to ``mapInArrow`` over the rows of streamhydro's Kafka source (one per range) and runs in executor
 Python workers, once per task, each task holding one topic-partition range of the micro-batch.
 :func:`score_range` is the whole of one range's work, also usable without Spark (the no-Spark ceiling in
 ``benchmarks/end_to_end.py`` runs it in one process per core).
@@ -87,7 +87,7 @@ def score_range(plan: ScoringPlan, io: RangeIO, offsets: OffsetRange, resources:
         return score_partition(plan, records, resources=resources)
 
     if io.transactional_id_prefix is None:
-        written = produce_batches(io.client, None, score(read(offsets)))
+        written = produce_batches(io.client, score(read(offsets)))
         observe_delivery_wait(written.flush_seconds)
         return written.rows
     # Pieces of one model batch: a transaction checks its clock before each, so one batch's scoring is the

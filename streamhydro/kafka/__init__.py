@@ -3,5 +3,5 @@
 Driver side: ``options`` (parsing), ``planning`` (offset ranges, admission control), ``offsets`` (true end
 offsets), ``source`` (the data source and stream reader's offset hooks), ``admin`` (topics).
 Executor Python workers: ``reading`` and ``writing`` (one task's records), ``records`` (Arrow conversions),
-``clients`` (per-worker client cache); ``sink`` holds the writers, built on the driver, writing on executors.
+``clients`` (per-worker client cache).
 """

@@ -1,21 +1,21 @@
 """The connector's options: parsing, validation, and the one translation point between Kafka clients.
 
-Runs on the driver when a query is planned (``DataSource.streamReader`` / ``writer``) and when the
-service starts; the frozen results are pickled to executor Python workers, where :class:`ClientConfig`
-keys the per-worker client cache.
+Runs on the driver when a query is planned (``DataSource.streamReader``) and when the service starts; the
+frozen results are pickled to executor Python workers, where :class:`ClientConfig` keys the per-worker
+client cache.
 
-Option names follow Spark's built-in Kafka source and sink (``kafka.bootstrap.servers``, ``subscribe``,
-``startingOffsets``...), so a deployment switches connectors by changing the format only. Client
-settings travel as ``kafka.``-prefixed options in **Kafka's Java spelling**, which is what Spark's JVM
-connector reads. Users write them once, in either client's spelling (``[kafka].client``):
+Option names follow Spark's built-in Kafka source (``kafka.bootstrap.servers``, ``subscribe``,
+``startingOffsets``...), so ``serve`` gives both connectors the same options. Client settings travel as
+``kafka.``-prefixed options in **Kafka's Java spelling**, which is what Spark's JVM connector reads. Users
+write them once, in either client's spelling (``[kafka].client``):
 
 - :func:`spark_options` turns them into Java-spelled ``kafka.*`` options: librdkafka's ``sasl.username`` /
   ``sasl.password`` become a ``sasl.jaas.config`` entry, ``ssl.ca.location`` a PEM truststore, and the few
   settings spelled differently are renamed; settings only librdkafka has are kept as they are (they
   serve streamhydro's own clients, and :func:`check_jvm_options` refuses them for the JVM connector).
 - :func:`client_config` turns ``kafka.*`` options into librdkafka settings for every client streamhydro
-  builds (source, sink, admin, load generator, probes): the reverse translation, refusing with the
-  equivalent what librdkafka cannot do (JKS truststores, Java class names).
+  builds (range readers, prediction producers, admin, load generator, probes): the reverse translation,
+  refusing with the equivalent what librdkafka cannot do (JKS truststores, Java class names).
 """
 
 from __future__ import annotations
@@ -104,10 +104,10 @@ _JVM_ONLY_KEYS = {
     "ssl.truststore.password": "put the CA certificates in a PEM file and set ssl.ca.location",
     "ssl.keystore.type": "librdkafka reads PKCS#12 keystores (ssl.keystore.location) or PEM "
     "(ssl.certificate.location + ssl.key.location)",
-    "key.deserializer": "remove it: the source returns key and value as binary, cast them in Spark",
-    "value.deserializer": "remove it: the source returns key and value as binary, cast them in Spark",
-    "key.serializer": "remove it: the sink writes binary or string columns as they are",
-    "value.serializer": "remove it: the sink writes binary or string columns as they are",
+    "key.deserializer": "remove it: records are read as bytes, and payload.format decodes their values",
+    "value.deserializer": "remove it: records are read as bytes, and payload.format decodes their values",
+    "key.serializer": "remove it: predictions and dead letters are written as the bytes serve encodes",
+    "value.serializer": "remove it: predictions and dead letters are written as the bytes serve encodes",
     "interceptor.classes": "remove it: Java interceptors cannot run in librdkafka",
     "enable.auto.commit": "remove it: offsets live in Spark's checkpoint (kafka.group.id mirrors them)",
     "auto.offset.reset": "use startingOffsets",
@@ -445,20 +445,10 @@ def _bool(lowered: Mapping[str, str], key: str, display: str, default: bool) -> 
     return raw.strip().lower() == "true"
 
 
-# The source option that chooses its rows (lowercase, as options are compared) and its values.
-EMIT = "emit"
-EMIT_RECORDS = "records"
-EMIT_RANGES = "ranges"
-
-
 @dataclass(frozen=True)
 class SourceOptions:
     """Everything the streaming reader needs, parsed once on the driver.
 
-    ``emit``: ``records`` (default) gives Spark's Kafka source schema, one row per record; ``ranges`` gives
-    one row per task, the topic-partition range the task is to read (:data:`~streamhydro.kafka.ranges.RANGE_SCHEMA`), for a
-    consumer that reads the records itself in the same task (``streamhydro serve``, see
-    :mod:`streamhydro.executor.direct`).
     ``end_offsets``: ``listOffsets`` (default) trusts ListOffsets(latest), as Spark's connector does, right
     on Apache Kafka; ``fetch`` takes each partition's end from a Fetch response's high watermark, one fetch
     per micro-batch dearer, for brokers whose ListOffsets answer is wrong (Tansu, where trusting it stalls
@@ -472,7 +462,6 @@ class SourceOptions:
     fail_on_data_loss: bool
     poll_timeout_ms: int
     end_offsets: EndOffsets
-    emit: str = EMIT_RECORDS
 
     @property
     def group_id(self) -> str | None:
@@ -484,9 +473,6 @@ def parse_source_options(options: Mapping[str, str]) -> SourceOptions:
     for key, fix in _UNSUPPORTED_SOURCE_OPTIONS.items():
         if key in lowered:
             raise ConfigError(key, "is not supported by streamhydro's Kafka source", fix)
-    emit = lowered.get(EMIT, EMIT_RECORDS).strip().lower()
-    if emit not in (EMIT_RECORDS, EMIT_RANGES):
-        raise ConfigError(EMIT, f"{emit!r} is unknown", f"use {EMIT_RECORDS} (default) or {EMIT_RANGES}")
     return SourceOptions(
         client=client_config(options),
         subscription=parse_subscription(options),
@@ -495,41 +481,19 @@ def parse_source_options(options: Mapping[str, str]) -> SourceOptions:
         fail_on_data_loss=_bool(lowered, "failondataloss", "failOnDataLoss", default=True),
         poll_timeout_ms=_positive_int(lowered, "kafkaconsumer.polltimeoutms", "kafkaConsumer.pollTimeoutMs") or 120_000,
         end_offsets=parse_choice(EndOffsets, lowered.get("endoffsetsfrom", EndOffsets.LIST_OFFSETS), "endOffsetsFrom"),
-        emit=emit,
     )
-
-
-@dataclass(frozen=True)
-class SinkOptions:
-    """The sink's settings: the producer's client config and the default ``topic`` (None: per-row column)."""
-
-    client: ClientConfig
-    topic: str | None
-
-
-def parse_sink_options(options: Mapping[str, str]) -> SinkOptions:
-    lowered = _lower(options)
-    if "delivery" in lowered:
-        raise _transactions_refused("delivery")
-    client = client_config(options)
-    check_no_transactional_id(client, KAFKA_PREFIX + TRANSACTIONAL_ID)
-    return SinkOptions(client=client, topic=lowered.get("topic", "").strip() or None)
 
 
 def check_no_transactional_id(client: ClientConfig, key: str) -> None:
     """Refuse a ``transactional.id`` among the client settings (``key``: where it was given): streamhydro
     chooses transactional ids itself, one per input partition, and only for exactly-once delivery."""
     if client.get(TRANSACTIONAL_ID) is not None:
-        raise _transactions_refused(key)
-
-
-def _transactions_refused(key: str) -> ConfigError:
-    return ConfigError(
-        key,
-        "asks for transactions, which streamhydro opens itself (a transactional id per input partition) and only "
-        f"with kafka.delivery = {Delivery.EXACTLY_ONCE}",
-        f'remove it; for exactly-once delivery run streamhydro serve with kafka.delivery = "{Delivery.EXACTLY_ONCE}"',
-    )
+        raise ConfigError(
+            key,
+            "asks for transactions, which streamhydro opens itself (a transactional id per input partition) and only "
+            f"with kafka.delivery = {Delivery.EXACTLY_ONCE}",
+            f'remove it; for exactly-once delivery run streamhydro serve with kafka.delivery = "{Delivery.EXACTLY_ONCE}"',
+        )
 
 
 # What each producer refuses a record over, by default (Java: max.request.size, buffer.memory; librdkafka:

@@ -2,9 +2,9 @@
 
 No record crosses between the JVM and Python. Per micro-batch:
 
-1. The source (:mod:`streamhydro.kafka.source`, option ``emit=ranges``, which ``serve`` always sets) plans
-   offset ranges on the driver and gives Spark one row per task, :data:`RANGE_SCHEMA`
-   (:func:`range_batch`): the topic-partition range ``[from_offset, until_offset)`` the task is to read.
+1. The source (:mod:`streamhydro.kafka.source`) plans offset ranges on the driver and gives Spark one row
+   per task, :data:`RANGE_SCHEMA` (:func:`range_batch`): the topic-partition range
+   ``[from_offset, until_offset)`` the task is to read.
 2. Each task (:func:`streamhydro.executor.direct.score_ranges`, in an executor Python worker) turns its row
    back into an :class:`~streamhydro.kafka.planning.OffsetRange` (:func:`ranges_of`), reads, scores and
    writes that range itself, and returns one row of :data:`SUMMARY_SCHEMA` (:func:`summary_batch`): the range

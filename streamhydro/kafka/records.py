@@ -1,4 +1,4 @@
-"""Conversions between Kafka records and Arrow: the source's output batches and the sink's input batches.
+"""Conversions between Kafka records and Arrow: the records a task reads and the results it produces.
 
 Runs in executor Python workers, once per chunk of up to ~20k records. Pure functions over plain Python
 lists and pyarrow arrays, tested without Spark or a broker. The Kafka client hands records over one
@@ -26,8 +26,6 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from streamhydro.errors import ConfigError
-
 HEADER_TYPE = StructType([StructField("key", StringType()), StructField("value", BinaryType())])
 
 # Spark's built-in Kafka source schema, headers included.
@@ -46,8 +44,8 @@ KAFKA_SCHEMA = StructType(
 
 ARROW_HEADER_TYPE = pa.struct([pa.field("key", pa.string()), pa.field("value", pa.binary())])
 
-# What Spark's Python data source accepts for KAFKA_SCHEMA (pyspark's to_arrow_schema(..., timezone="UTC")):
-# a batch whose schema differs in any type is refused with DATA_SOURCE_RETURN_SCHEMA_MISMATCH.
+# KAFKA_SCHEMA in Arrow, as pyspark's to_arrow_schema(..., timezone="UTC") makes it: the records a task reads
+# (streamhydro.kafka.reading) reach the scoring with the same columns as the rows of Spark's own Kafka source.
 ARROW_SCHEMA = pa.schema(
     [
         pa.field("key", pa.binary()),
@@ -129,44 +127,16 @@ def columns_of(messages: Sequence, topic: str, partition: int) -> ConsumedColumn
     )
 
 
-# ---- sink side -------------------------------------------------------------------------------------
-
-
-def validate_sink_schema(schema: StructType, default_topic: str | None) -> None:
-    """Check the DataFrame written to Kafka has the columns Spark's Kafka sink takes. Runs on the driver."""
-    fields = {f.name.lower(): f.dataType for f in schema.fields}
-    fix_columns = "select value (binary or string) and optionally key, topic, partition, headers"
-    if "value" not in fields:
-        raise ConfigError("value", f"the DataFrame has no value column (columns: {schema.fieldNames()})", fix_columns)
-    for name in ("key", "value"):
-        if name in fields and not isinstance(fields[name], (BinaryType, StringType)):
-            raise ConfigError(
-                name, f"column {name} is {fields[name].simpleString()}", f"cast {name} to binary or string"
-            )
-    if "topic" in fields and not isinstance(fields["topic"], StringType):
-        raise ConfigError("topic", f"column topic is {fields['topic'].simpleString()}", "cast topic to string")
-    if "partition" in fields and not isinstance(fields["partition"], IntegerType):
-        raise ConfigError(
-            "partition", f"column partition is {fields['partition'].simpleString()}", "cast partition to int"
-        )
-    if "headers" in fields and fields["headers"] != ArrayType(HEADER_TYPE):
-        raise ConfigError(
-            "headers",
-            f"column headers is {fields['headers'].simpleString()}",
-            "make headers array<struct<key:string,value:binary>>",
-        )
-    if "topic" not in fields and default_topic is None:
-        raise ConfigError("topic", "there is neither a topic column nor a topic option", "set option topic")
+# ---- producing -----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class OutgoingRecords:
-    """One sink batch as the producer takes it: a Python list per field, ``partition`` -1 for "any"."""
+    """One batch of results as the producer takes it: a Python list per field."""
 
     topics: list[str]
-    keys: list[bytes | str | None]
-    values: list[bytes | str | None]
-    partitions: list[int]
+    keys: list[bytes | None]
+    values: list[bytes | None]
     headers: list[list[Header] | None]
 
     def __len__(self) -> int:
@@ -190,28 +160,14 @@ def headers_lists(column: pa.Array) -> list[list[Header] | None]:
     return [pairs[a:b] or None for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
 
 
-def outgoing(batch: pa.RecordBatch, default_topic: str | None) -> OutgoingRecords:
-    """A sink input batch -> producer arguments. A row whose topic is null with no default topic is refused."""
+def outgoing(batch: pa.RecordBatch) -> OutgoingRecords:
+    """Results (``topic`` and ``value`` columns, ``key`` and ``headers`` when present) -> producer arguments."""
     n = batch.num_rows
-    topic_column = _column(batch, "topic")
-    if topic_column is None:
-        topics = [default_topic] * n
-    else:
-        if default_topic is not None:
-            topic_column = pc.fill_null(topic_column, default_topic)
-        nulls = topic_column.null_count
-        if nulls:
-            raise ConfigError(
-                "topic", f"{nulls} of {n} rows have a null topic and there is no topic option", "set option topic"
-            )
-        topics = topic_column.to_pylist()
     key_column = _column(batch, "key")
-    partition_column = _column(batch, "partition")
     header_column = _column(batch, "headers")
     return OutgoingRecords(
-        topics=topics,
+        topics=_column(batch, "topic").to_pylist(),
         keys=key_column.to_pylist() if key_column is not None else [None] * n,
         values=_column(batch, "value").to_pylist(),
-        partitions=(pc.fill_null(partition_column, -1).to_pylist() if partition_column is not None else [-1] * n),
         headers=headers_lists(header_column) if header_column is not None else [None] * n,
     )

@@ -1,16 +1,16 @@
-"""streamhydro's Kafka data source on Spark's Python Data Source API: the streaming reader and the writers.
+"""streamhydro's Kafka data source on Spark's Python Data Source API: the streaming reader, which plans offset
+ranges and gives Spark one row per range (:mod:`streamhydro.kafka.ranges`); ``serve``'s tasks read them.
 
 Where things run:
 
 - :class:`KafkaDataSource` is built on the driver from the query's options and pickled to Spark's Python
-  processes; ``streamReader`` / ``writer`` / ``streamWriter`` parse and validate options on the driver.
+  processes; ``streamReader`` parses and validates options on the driver.
 - :class:`KafkaStreamReader`'s offset methods (``initialOffset``, ``latestOffset``, ``partitions``,
   ``commit``, ...) run on the driver in one long-lived Python process per query, once per micro-batch;
   it holds the end-offset probe (:mod:`streamhydro.kafka.offsets`) for the query's life.
 - ``read()`` runs in executor Python workers, once per topic-partition with new records in a micro-batch.
-  The reader is pickled there fresh from ``streamReader`` (no probe, no client): ``read`` uses only the
-  frozen options and the worker's cached consumer. With ``emit=ranges`` it reads nothing and yields the
-  range as one row.
+  The reader is pickled there fresh from ``streamReader`` (no probe, no client): ``read`` reads nothing and
+  yields its range as one row.
 
 Offsets in Spark's checkpoint look like Spark's Kafka source's: ``{"topic": {"0": 123, "1": 45}}``.
 """
@@ -27,24 +27,19 @@ from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMa
 from pyspark.sql.types import StructType
 
 from streamhydro.errors import ConfigError, KafkaConnectorError
-from streamhydro.kafka import clients
 from streamhydro.kafka.offsets import EndOffsetProbe
 from streamhydro.kafka.options import (
     EARLIEST,
-    EMIT_RANGES,
     LATEST,
     EndOffsets,
     SourceOptions,
     offsets_from_json,
     offsets_to_json,
-    parse_sink_options,
     parse_source_options,
 )
 from streamhydro.kafka.planning import TopicPartitionKey, admit, cap, ranges, regressions
-from streamhydro.kafka.reading import read_range, reader_config, report_data_loss
+from streamhydro.kafka.reading import report_data_loss
 from streamhydro.kafka.ranges import RANGE_SCHEMA, range_batch
-from streamhydro.kafka.records import KAFKA_SCHEMA
-from streamhydro.kafka.sink import KafkaArrowWriter, KafkaStreamArrowWriter
 from streamhydro.kafka.truncation import RECHECK_EVERY_S, Watermarks, recheck_s, settle
 
 log = logging.getLogger(__name__)
@@ -53,11 +48,10 @@ FORMAT = "streamhydro_kafka"
 
 
 class KafkaDataSource(DataSource):
-    """``spark.readStream.format("streamhydro_kafka")`` and ``df.write(Stream).format("streamhydro_kafka")``.
+    """``spark.readStream.format("streamhydro_kafka")``.
 
-    Options as Spark's Kafka source and sink (see :mod:`streamhydro.kafka.options`). The schema is fixed:
-    Spark's Kafka source schema with headers, or with the source option ``emit=ranges``,
-    :data:`~streamhydro.kafka.ranges.RANGE_SCHEMA` (one row per task: the offsets it is to read).
+    Options as Spark's Kafka source (see :mod:`streamhydro.kafka.options`). The schema is fixed,
+    :data:`~streamhydro.kafka.ranges.RANGE_SCHEMA`: one row per task, the offsets it is to read.
     """
 
     @classmethod
@@ -65,20 +59,15 @@ class KafkaDataSource(DataSource):
         return FORMAT
 
     def schema(self) -> StructType:
-        return RANGE_SCHEMA if parse_source_options(self.options).emit == EMIT_RANGES else KAFKA_SCHEMA
+        parse_source_options(self.options)  # bad options are refused at load(), before the query starts
+        return RANGE_SCHEMA
 
     def streamReader(self, schema: StructType) -> KafkaStreamReader:
-        if schema != self.schema():
+        if schema != RANGE_SCHEMA:
             raise ConfigError(
                 "schema", f"the Kafka source has a fixed schema, got {schema.simpleString()}", "do not call .schema()"
             )
         return KafkaStreamReader(parse_source_options(self.options))
-
-    def writer(self, schema: StructType, overwrite: bool) -> KafkaArrowWriter:
-        return KafkaArrowWriter(parse_sink_options(self.options), schema, overwrite)
-
-    def streamWriter(self, schema: StructType, overwrite: bool) -> KafkaStreamArrowWriter:
-        return KafkaStreamArrowWriter(parse_sink_options(self.options), schema)
 
 
 class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
@@ -206,11 +195,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         return [InputPartition(r) for r in ranges(begin, until, new_start)]
 
     def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
-        if self.options.emit == EMIT_RANGES:
-            yield range_batch([partition.value])
-            return
-        consumer = clients.consumer(reader_config(self.options.client))
-        yield from read_range(consumer, partition.value, self.options.fail_on_data_loss, self.options.poll_timeout_ms)
+        yield range_batch([partition.value])
 
     def commit(self, end: dict) -> None:
         self._mirror(offsets_from_json(end))

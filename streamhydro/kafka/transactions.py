@@ -297,7 +297,7 @@ def produce_exactly_once(
     range was already written).
 
     ``read(rest)`` yields the input records of the sub-range ``rest`` as RecordBatches with an ``offset``
-    column; ``score(batches)`` turns input batches into sink rows (their ``topic`` column says where each
+    column; ``score(batches)`` turns input batches into results (their ``topic`` column says where each
     goes). Each transaction scores a group of input pieces (:class:`TransactionBounds`: at most about
     ``records`` records, default :data:`TRANSACTION_RECORDS`, cut into pieces of ``piece_rows``, open at most a third of ``transaction.timeout.ms``
     before it stops reading) and commits the mark one past its last input offset, the last one at ``until``.
@@ -334,7 +334,7 @@ def produce_exactly_once(
             producer.begin_transaction()
             began = time.monotonic()
             part = Transaction(source, bounds)
-            written = send_all(producer, None, score(iter(part)), flush_s).confirmed(flush_s)
+            written = send_all(producer, score(iter(part)), flush_s).confirmed(flush_s)
             end = part.mark_offset(offsets.until_offset)
             mark = TopicPartition(offsets.topic, offsets.partition, end, metadata=mark_metadata(prefix, batch_id, offsets, end))
             # Within the transaction's timeout a call that timed out (a broker stalled or electing a

@@ -1,8 +1,9 @@
 """Producing Arrow batches to Kafka with every record's delivery confirmed.
 
-Runs in executor Python workers, once per Spark write task. With at-least-once delivery (the default) both
-the batch writer and the streaming writer call :func:`produce_batches`, with the worker's cached producer;
-exactly-once writes (:mod:`streamhydro.kafka.transactions`) use :func:`send_all` inside a transaction.
+Runs in executor Python workers, once per task of ``serve`` with streamhydro's connector
+(:mod:`streamhydro.executor.direct`). With at-least-once delivery (the default) the task calls
+:func:`produce_batches`, with the worker's cached producer; exactly-once writes
+(:mod:`streamhydro.kafka.transactions`) use :func:`send_all` inside a transaction.
 
 Nothing is dropped silently: each record gets a delivery callback; after the last record the producer is
 flushed with a bounded timeout; a record refused by ``produce()``, failed in its callback, or still
@@ -101,16 +102,16 @@ class WriteResult:
     flush_seconds: float
 
 
-def _produce_all(producer: Producer, batch: pa.RecordBatch, default_topic: str | None, tracker: DeliveryTracker) -> int:
+def _produce_all(producer: Producer, batch: pa.RecordBatch, tracker: DeliveryTracker) -> int:
     """Hand one batch to the producer; returns how many records it accepted (stops at the first refusal)."""
-    records = outgoing(batch, default_topic)
+    records = outgoing(batch)
     produce = producer.produce
-    for i, (topic, key, value, partition, headers) in enumerate(
-        zip(records.topics, records.keys, records.values, records.partitions, records.headers, strict=True)
+    for i, (topic, key, value, headers) in enumerate(
+        zip(records.topics, records.keys, records.values, records.headers, strict=True)
     ):
         while True:
             try:
-                produce(topic, value, key, partition=partition, on_delivery=tracker, headers=headers)
+                produce(topic, value, key, on_delivery=tracker, headers=headers)
                 break
             except BufferError:
                 producer.poll(0.05)
@@ -127,15 +128,16 @@ def flush_timeout_s(config: ClientConfig) -> float:
     return int(config.get("message.timeout.ms") or PREDICTION_PRODUCER_DEFAULTS["message.timeout.ms"]) / 1000 + _FLUSH_GRACE_S
 
 
-def send_all(producer: Producer, default_topic: str | None, batches: Iterable[pa.RecordBatch], timeout_s: float) -> DeliveryTracker:
-    """Hand every row of ``batches`` to ``producer`` (stopping at the first failure) and flush.
+def send_all(producer: Producer, batches: Iterable[pa.RecordBatch], timeout_s: float) -> DeliveryTracker:
+    """Hand every row of ``batches`` (results: :func:`~streamhydro.kafka.records.outgoing`) to ``producer``,
+    stopping at the first failure, and flush.
 
     The returned tracker says what became of them; :meth:`DeliveryTracker.confirmed` turns it into a count
     or a DeliveryError.
     """
     tracker = DeliveryTracker()
     for batch in batches:
-        tracker.sent += _produce_all(producer, batch, default_topic, tracker)
+        tracker.sent += _produce_all(producer, batch, tracker)
         if tracker.refused or tracker.failed:
             break
     started = time.perf_counter()
@@ -144,12 +146,12 @@ def send_all(producer: Producer, default_topic: str | None, batches: Iterable[pa
     return tracker
 
 
-def produce_batches(client: ClientConfig, default_topic: str | None, batches: Iterable[pa.RecordBatch]) -> WriteResult:
+def produce_batches(client: ClientConfig, batches: Iterable[pa.RecordBatch]) -> WriteResult:
     """Produce every row of ``batches``; return once all are confirmed, else raise DeliveryError."""
     config = producer_config(client)
     producer = clients.producer(config)
     timeout_s = flush_timeout_s(config)
-    tracker = send_all(producer, default_topic, batches, timeout_s)
+    tracker = send_all(producer, batches, timeout_s)
     if tracker.fatal:
         clients.discard_producer(config, producer)
     sent = tracker.confirmed(timeout_s)

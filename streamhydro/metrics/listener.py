@@ -53,7 +53,7 @@ def kafka_offsets(value: Any) -> dict[tuple[str, str], int]:
 
 def records_read(progress: Mapping[str, Any]) -> int:
     """Records a micro-batch read: from its Kafka offsets where every source has them (streamhydro's source
-    with ``emit=ranges`` gives Spark one row per range, so ``numInputRows`` counts ranges), else ``numInputRows``."""
+    gives Spark one row per range, so ``numInputRows`` counts ranges), else ``numInputRows``."""
     sources = progress.get("sources") or ()
     total = 0
     for source in sources:
@@ -105,7 +105,7 @@ class ProgressRecorder:
         with self._lock:
             counted = self._ranges_read.pop(progress.get("batchId"), None)
         rows = records_read(progress) if counted is None else counted
-        # Spark's rates count its rows; scaled to records (they differ for the source with emit=ranges).
+        # Spark's rates count its rows; scaled to records (they differ for streamhydro's source: a row is a range).
         scale = rows / spark_rows if spark_rows else 0.0
         m.batches.labels(label).inc()
         m.input_rows.labels(label).inc(rows)

@@ -1,5 +1,5 @@
-"""streamhydro's Kafka connector for ``serve``: the source (:mod:`streamhydro.kafka.source`, ``emit=ranges``)
-plans offset ranges, and each task reads, scores and writes its range in one Python worker
+"""streamhydro's Kafka connector for ``serve``: the source (:mod:`streamhydro.kafka.source`) plans offset
+ranges, and each task reads, scores and writes its range in one Python worker
 (:mod:`streamhydro.executor.direct`); no record crosses between the JVM and Python. The only connector that
 writes exactly once (``docs/delivery.md``). Runs on the driver."""
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from streamhydro.driver.connectors import Batch, ServeConnector
 from streamhydro.errors import ConfigError
-from streamhydro.kafka.options import EMIT, EMIT_RANGES, Delivery
+from streamhydro.kafka.options import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ class PythonConnector(ServeConnector):
     def stream(self, spark: Any) -> Any:
         from streamhydro.kafka.source import FORMAT
 
-        options = {**self.config.kafka.source_options(), EMIT: EMIT_RANGES}
-        return spark.readStream.format(FORMAT).options(**options).load()
+        return spark.readStream.format(FORMAT).options(**self.config.kafka.source_options()).load()
 
     def process(self, batch: Batch) -> int:
         """One Spark job, one summary row per task; returns the records the tasks' ranges held (Spark counts a
