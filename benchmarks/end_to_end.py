@@ -75,7 +75,7 @@ from streamhydro.kafka.planning import OffsetRange
 from streamhydro.outputs import OutputReader, topic_ends
 from streamhydro.producer import LoadGenerator
 from streamhydro.registry import Registry
-from streamhydro.harness.supervisor import ServeProcess
+from streamhydro.harness.supervisor import ServeProcess, write_minimal_config
 
 # One input partition per core: serve's tasks and the ceiling's processes each get work (at least 2).
 PARTITIONS = max(2, os.cpu_count() or 2)
@@ -171,21 +171,12 @@ def starters(bootstrap: str, model, args: argparse.Namespace, work: str) -> dict
     for source in SOURCES:
         kafka = {"kafka": {"source": source}}
         contenders[f"serve_defaults_{source}"] = serve_starter(f"serve_defaults_{source}", bootstrap, args, work, kafka)
-        contenders[f"serve_tuned_{source}"] = serve_starter(f"serve_tuned_{source}", bootstrap, args, work, merged(kafka, tuned(args)))
+        contenders[f"serve_tuned_{source}"] = serve_starter(f"serve_tuned_{source}", bootstrap, args, work, kafka, tuned(args))
         if args.metrics_cost:
             name = f"serve_defaults_{source}_metrics_off"
-            contenders[name] = serve_starter(name, bootstrap, args, work, merged(kafka, METRICS_OFF))
+            contenders[name] = serve_starter(name, bootstrap, args, work, kafka, METRICS_OFF)
     contenders["peer"] = peer_starter(bootstrap, model, args, work)
     return contenders
-
-
-def merged(*layers: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Config sections, later layers' keys over earlier ones'."""
-    sections: dict[str, dict[str, Any]] = {}
-    for layer in layers:
-        for section, keys in layer.items():
-            sections.setdefault(section, {}).update(keys)
-    return sections
 
 
 def ratio(mine: float | None, theirs: float | None) -> float | None:
@@ -237,21 +228,15 @@ def metrics_cost(on: Mapping[str, Any], off: Mapping[str, Any], events_per_batch
     }
 
 
-def serve_starter(name: str, bootstrap: str, args: argparse.Namespace, work: str, sections: Mapping[str, Mapping[str, Any]]) -> Starter:
-    """A Starter of ``streamhydro serve --config FILE`` as a process of its own, with the minimal config
-    (:func:`serve_config`) and ``sections`` on top."""
+def serve_starter(name: str, bootstrap: str, args: argparse.Namespace, work: str, *layers: Mapping[str, Mapping[str, Any]]) -> Starter:
+    """A Starter of ``streamhydro serve --config FILE`` as a process of its own, with the README's minimal
+    config (:func:`~streamhydro.harness.supervisor.write_minimal_config`) and ``layers`` on top."""
 
     def start(input_topic: str, output_topic: str, tag: str) -> Running:
         run = Path(work) / f"{name}-{tag}"
         run.mkdir(parents=True)
-        minimal = {
-            "spark": {"checkpoint_location": str(run / "checkpoint")},
-            "kafka": {"bootstrap_servers": bootstrap, "subscribe": input_topic, "output_topic": output_topic,
-                      "dead_letter_topic": f"{output_topic}-dlq"},
-            "model": {"registry": str(Path(args.registry).resolve()), "name": args.model},
-            "metrics": {"port": 0, "multiprocess_dir": str(run / "metrics")},
-        }
-        serve = ServeProcess(serve_config(run / "serve.toml", merged(minimal, sections)), run / "serve.log")
+        config = write_minimal_config(run / "serve.toml", run, bootstrap, input_topic, output_topic, Path(args.registry) / args.model, *layers)
+        serve = ServeProcess(config, run / "serve.log")
         serve.start()
 
         def failure() -> str | None:
@@ -270,15 +255,6 @@ def serve_starter(name: str, bootstrap: str, args: argparse.Namespace, work: str
         return Running(stop, failure)
 
     return start
-
-
-def serve_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
-    """A TOML config with just ``sections`` (strings, numbers and booleans): every other key is serve's default."""
-    path.write_text("".join(
-        f"[{section}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in keys.items()) + "\n"
-        for section, keys in sections.items()
-    ))
-    return path
 
 
 def ceiling_starter(bootstrap: str, args: argparse.Namespace) -> Starter:

@@ -9,7 +9,7 @@ half the events is produced, ``serve`` starts as users run it (``python -m strea
 FILE``, its own session), and events are produced live at ``--rate`` until the last fault is survived and
 at least the other half was sent; all carry a sprinkling of malformed records (``--bad-fraction``). No
 earlier than seeded random moments of the live stream, ``--faults`` faults are injected one after the
-other, cycling through (from a seeded first kind):
+other, cycling through ``--kinds`` (default all four, from a seeded first kind):
 
 - ``serve_kill``: SIGKILL to every process group of serve's tree (serve and Spark's JVM; Spark's Python
   worker daemons and their workers), as a crash of the machine or container would;
@@ -229,17 +229,17 @@ def recovery_s(client: ClientConfig, ledger: OutcomeLedger, supervisor: Supervis
 
 
 def inject_faults(
-    count: int, live_s: float, injector: FaultInjector, client: ClientConfig, ledger: OutcomeLedger, sent: Callable[[], int], started: float
+    kinds: tuple[str, ...], count: int, live_s: float, injector: FaultInjector, client: ClientConfig, ledger: OutcomeLedger, sent: Callable[[], int], started: float
 ) -> list[dict[str, Any]]:
-    """Inject ``count`` faults, no earlier than seeded random moments of the next ``live_s`` seconds, kinds
+    """Inject ``count`` faults, no earlier than seeded random moments of the next ``live_s`` seconds, ``kinds``
     cycling from a seeded first one, each once serve survived the previous one (:func:`recovery_s`).
     Returns a record per fault; stops after a fault serve did not survive."""
     live_started = time.monotonic()
     rng, supervisor = injector.rng, injector.supervisor
-    first_kind = rng.randrange(len(FAULT_KINDS))
+    first_kind = rng.randrange(len(kinds))
     records = []
     for n, moment in enumerate(sorted(rng.uniform(0, live_s) for _ in range(count))):
-        kind = FAULT_KINDS[(first_kind + n) % len(FAULT_KINDS)]
+        kind = kinds[(first_kind + n) % len(kinds)]
         supervisor.idle(max(0.0, moment - (time.monotonic() - live_started)))
         record = {"n": n + 1, **injector.inject(kind)}
         record["recovery_s"] = recovery_s(client, ledger, supervisor) if record["injected"] else None
@@ -286,7 +286,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         burst = LoadGenerator(client, EVENTS, model.manifest, bad_fraction=args.bad_fraction, seed=args.seed + 2)
         generators.append(burst)
         injector = FaultInjector(broker, serve, supervisor, rng, args.stall_seconds, lambda: burst.run(burst.sent + BURST_EVENTS, None, threading.Event()))
-        fault_log = inject_faults(args.faults, live_events / args.rate, injector, client, ledger, lambda: sum(g.sent for g in generators), started)
+        fault_log = inject_faults(args.kinds, args.faults, live_events / args.rate, injector, client, ledger, lambda: sum(g.sent for g in generators), started)
         # The live stream runs through the faults, and at least until it sent its half of --events.
         supervisor.wait_for(lambda: live.generator.sent >= live_events or live.done(), live_events / args.rate + CATCH_UP_S)
         live.stop()
@@ -378,10 +378,19 @@ def passed(result: dict[str, Any]) -> bool:
     )
 
 
+def fault_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(kind.strip() for kind in text.split(",") if kind.strip())
+    unknown = sorted(set(kinds) - set(FAULT_KINDS))
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(f"unknown fault kinds {unknown}: choose from {', '.join(FAULT_KINDS)}")
+    return kinds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=200_000, help="events to produce at least: half as a backlog, half live; the live stream runs on through the faults (default %(default)s)")
     parser.add_argument("--faults", type=int, default=20, help="faults to inject (default %(default)s)")
+    parser.add_argument("--kinds", type=fault_kinds, default=FAULT_KINDS, help=f"the fault kinds to cycle through, comma-separated (default {','.join(FAULT_KINDS)})")
     parser.add_argument("--seed", type=int, default=0, help="seeds the fault moments, the workers picked and the events (default %(default)s)")
     parser.add_argument("--rate", type=float, default=100.0, help="live events per second (default %(default)s)")
     parser.add_argument("--delivery", choices=("at_least_once", "exactly_once"), default="at_least_once")

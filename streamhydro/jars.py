@@ -255,10 +255,11 @@ def _drop_pyspark_jars(folder: Path) -> None:
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "jars",
-        help="fetch the JVM jars (Apache Kafka, Spark's Kafka connector, Apicurio Registry) into the cache",
+        help="fetch the JVM jars (Apache Kafka, Spark's Kafka connector, Apicurio Registry) and build the driver's class archive",
         description="Resolve Apache Kafka (for `demo --broker kafka` and the tests) and Spark's Kafka connector "
-        "matching the installed pyspark from Maven Central, and build Apicurio Registry (the tests' schema "
-        f"registry) from it, into ${CACHE_ENV} (default ~/.cache/streamhydro/jars). Prints where they are as JSON.",
+        "matching the installed pyspark from Maven Central, build Apicurio Registry (the tests' schema "
+        "registry) from it, and build the driver JVM's class archive (a Spark session starts in half the time), "
+        f"into ${CACHE_ENV} (default ~/.cache/streamhydro/jars). Prints where they are as JSON.",
     )
     parser.add_argument(
         "--without-registry", action="store_true",
@@ -268,9 +269,12 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from streamhydro.classes import build_archive
+
     found = {bundle.name: str(resolve(bundle)[0].parent) for bundle in (kafka_broker(), spark_kafka_connector())}
     if not args.without_registry:
         registry = apicurio_registry()
         found[registry.name] = str(build(registry).parent)
+    found["class_archive"] = str(build_archive())
     print(json.dumps(found))
     return 0

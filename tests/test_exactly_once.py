@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from conftest import client, read_all, send
 from streamhydro.config import Config
@@ -29,7 +29,10 @@ from streamhydro.errors import ConfigError
 from streamhydro.kafka.admin import ensure_topics
 from streamhydro.kafka.clients import build_client
 from streamhydro.kafka.planning import OffsetRange
-from streamhydro.kafka.transactions import MarkMismatch, check_transactions, produce_exactly_once
+from streamhydro.kafka.marks import History, check_marks
+from streamhydro.kafka.transactions import (
+    MarkMismatch, check_transactions, mark_metadata, marks_config, produce_exactly_once, transactional_config, transactional_id,
+)
 from streamhydro.producer import make_values
 
 REPO = Path(__file__).parent.parent
@@ -219,6 +222,38 @@ def test_a_retry_resumes_at_the_last_committed_transaction(kafka_bootstrap, topi
     # Another batch finds the range's mark partway: a copy of the checkpoint, refused.
     with pytest.raises(MarkMismatch, match="marked by batch 3"):
         produce_exactly_once(client(kafka_bootstrap), OffsetRange(source, 0, 400, 500), _reader(source, 0), _scorer(output), prefix, 4)
+
+
+@pytest.mark.broker
+def test_a_mark_left_pending_by_a_dead_task_is_fenced_at_start_not_waited_for(kafka_bootstrap, topic_name):
+    """A task killed between sending its mark and committing leaves the transaction open, and the mark pending:
+    stable reads of the group wait for it until the broker's transaction timeout. serve's start check fences
+    the query's transactional ids first, so it reads at once and the dead task's transaction is aborted."""
+    output, source = f"{topic_name}-out", f"{topic_name}-src"
+    ensure_topics(client(kafka_bootstrap), {output: 2, source: 2})
+    prefix = f"test-{topic_name}"
+    assert produce_exactly_once(client(kafka_bootstrap), OffsetRange(source, 0, 0, 300), _reader(source, 0), _scorer(output), prefix, 0) == 300
+    # Batch 1's task, as a kill leaves it: its records and its mark sent, the transaction not committed.
+    dead = build_client(Producer, transactional_config(client(kafka_bootstrap), transactional_id(prefix, source, 0)))
+    dead.init_transactions(30)
+    dead.begin_transaction()
+    dead.produce(output, b"from the dead task", partition=0)
+    batch_1 = OffsetRange(source, 0, 300, 600)
+    group = build_client(Consumer, marks_config(client(kafka_bootstrap), prefix))
+    dead.send_offsets_to_transaction([TopicPartition(source, 0, 600, mark_metadata(prefix, 1, batch_1))], group.consumer_group_metadata(), 30)
+    group.close()
+    reader = build_client(Consumer, marks_config(client(kafka_bootstrap), prefix))
+    with pytest.raises(KafkaException, match="Timed out"):
+        reader.committed([TopicPartition(source, 0)], timeout=5)
+    reader.close()
+
+    check_marks(client(kafka_bootstrap), prefix, History(0, {(source, 0): 300}, 1, {(source, 0): 600}))  # fails after 30 s unfenced
+
+    assert [tp.offset for tp in _committed(kafka_bootstrap, prefix, source)] == [300, -1001]
+    with pytest.raises(KafkaException):
+        dead.commit_transaction(30)  # fenced: the broker aborted its transaction
+    assert produce_exactly_once(client(kafka_bootstrap), batch_1, _reader(source, 0), _scorer(output), prefix, 1) == 300
+    _one_each(kafka_bootstrap, output, source, range(600))
 
 
 @pytest.mark.broker

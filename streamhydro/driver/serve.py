@@ -120,6 +120,7 @@ class Service:
             **self.connector.spark_conf(s.conf),
             **executor_conf(c.metrics, master.url),
         }
+        log.info("starting the Spark session (master %s)", master.url)
         self.spark = streaming_session(master, s.app_name, conf)
         if on_signal is not None:
             for sig in (signal.SIGTERM, signal.SIGINT):

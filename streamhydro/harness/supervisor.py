@@ -156,12 +156,39 @@ multiprocess_dir = "{work / 'metrics'}"
     return path
 
 
-class ServeProcess:
-    """One ``streamhydro serve --config FILE`` at a time, started again by :meth:`start` after it ended."""
+def write_minimal_config(
+    path: Path, run: Path, bootstrap: str, input_topic: str, output_topic: str, model: Path | str, *layers: Mapping[str, Mapping[str, Any]]
+) -> Path:
+    """The README's minimal serve config, as users start from it: bootstrap servers, input, output and
+    dead-letter topics, the model (``<registry>/<name>``: the registry's promoted version) and the checkpoint
+    under ``run``; everything else serve's default. Metrics keep their default (on); only where they are
+    served and kept moves (a free port, files under ``run``). ``layers``: config sections (strings, numbers
+    and booleans) on top, later layers' keys over earlier ones'."""
+    model = Path(model).resolve()
+    sections: dict[str, dict[str, Any]] = {
+        "spark": {"checkpoint_location": str(run / "checkpoint")},
+        "kafka": {"bootstrap_servers": bootstrap, "subscribe": input_topic, "output_topic": output_topic, "dead_letter_topic": f"{output_topic}-dlq"},
+        "model": {"registry": str(model.parent), "name": model.name},
+        "metrics": {"port": 0, "multiprocess_dir": str(run / "metrics")},
+    }
+    for layer in layers:
+        for section, keys in layer.items():
+            sections.setdefault(section, {}).update(keys)
+    path.write_text("".join(
+        f"[{section}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in keys.items()) + "\n"
+        for section, keys in sections.items()
+    ))
+    return path
 
-    def __init__(self, config: Path, log_path: Path) -> None:
+
+class ServeProcess:
+    """One ``streamhydro serve --config FILE`` at a time, started again by :meth:`start` after it ended.
+    ``python``: the interpreter that runs it (default this one), e.g. a fresh virtualenv's."""
+
+    def __init__(self, config: Path, log_path: Path, python: str | None = None) -> None:
         self.config = config
         self.log_path = log_path
+        self.python = python or sys.executable
         self.starts = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._log_start = 0
@@ -187,7 +214,7 @@ class ServeProcess:
             log_file.flush()
             self._log_start = self._scanned = log_file.tell()
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "streamhydro", "--log-dir", str(self.log_path.parent), "serve", "--config", str(self.config)],
+                [self.python, "-m", "streamhydro", "--log-dir", str(self.log_path.parent), "serve", "--config", str(self.config)],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=die_with_parent,
             )

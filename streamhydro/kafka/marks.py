@@ -23,12 +23,13 @@ import logging
 from collections.abc import Mapping
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaError as ClientError
 
 from streamhydro.errors import KafkaConnectorError
 from streamhydro.kafka import clients
-from streamhydro.kafka.options import ClientConfig, offsets_from_json
+from streamhydro.kafka.options import ISOLATION_LEVEL, READ_UNCOMMITTED, ClientConfig, offsets_from_json
 from streamhydro.kafka.planning import TopicPartitionKey
-from streamhydro.kafka.transactions import ANCHOR, marks_config
+from streamhydro.kafka.transactions import ANCHOR, fence, marks_config
 
 log = logging.getLogger(__name__)
 
@@ -159,19 +160,45 @@ def check_group(history: History, marks: Mapping[TopicPartitionKey, int], anchor
 def read_marks(client: ClientConfig, group: str, partitions: list[TopicPartitionKey]) -> tuple[dict[TopicPartitionKey, int], bool]:
     """The group's committed offsets of ``partitions`` (stable: waits out pending transactions) and whether
     it holds its anchor."""
-    consumer = clients.build_client(Consumer, marks_config(client, group))
     wanted = [TopicPartition(t, p) for t, p in partitions] + [TopicPartition(*ANCHOR)]
+    found, error = _committed(marks_config(client, group), wanted)
+    if error is not None and error.code() == ClientError._TIMED_OUT:
+        raise KafkaConnectorError(f"reading the marks of consumer group {group}: {error.str()} after {_TIMEOUT_S:.0f} s. {_unstable(client, group, wanted)}")
+    if error is not None:
+        raise KafkaConnectorError(f"reading the marks of consumer group {group}: {error.str()}")
+    marks = {(tp.topic, tp.partition): tp.offset for tp in found}
+    return marks, marks.pop(ANCHOR) >= 0
+
+
+def _committed(config: ClientConfig, wanted: list[TopicPartition]) -> tuple[list[TopicPartition], ClientError | None]:
+    consumer = clients.build_client(Consumer, config)
     try:
         found = consumer.committed(wanted, timeout=_TIMEOUT_S)
     except KafkaException as exc:
-        raise KafkaConnectorError(f"reading the marks of consumer group {group}: {exc.args[0].str()}") from exc
+        return [], exc.args[0]
     finally:
         consumer.close()
     bad = [tp for tp in found if tp.error is not None]
-    if bad:
-        raise KafkaConnectorError(f"reading the marks of consumer group {group}: {bad[0].error.str()}")
-    marks = {(tp.topic, tp.partition): tp.offset for tp in found}
-    return marks, marks.pop(ANCHOR) >= 0
+    return found, bad[0].error if bad else None
+
+
+def _unstable(client: ClientConfig, group: str, wanted: list[TopicPartition]) -> str:
+    """Why a stable read of the group's offsets timed out, told apart by a plain read (one that does not
+    wait for pending transactional offsets), and the fix."""
+    _, plain = _committed(ClientConfig.of({**marks_config(client, group).as_dict(), ISOLATION_LEVEL: READ_UNCOMMITTED}), wanted)
+    if plain is not None:
+        return (
+            f"The group's coordinator did not answer a plain read either ({plain.str()}): the brokers are down or still "
+            "loading the group. Fix: check kafka.bootstrap.servers and the brokers; serve reads the marks again when started again"
+        )
+    return (
+        "The group's coordinator answers a plain read, so offsets committed in a transaction are pending that no producer "
+        "of this query holds (every one of its transactional ids was fenced, which finishes their transactions): a hanging "
+        "transaction, which Kafka's KIP-890 protocol prevents and librdkafka clients do not speak yet. Fix: find it with "
+        "kafka-transactions.sh --bootstrap-server <servers> find-hanging --topic __consumer_offsets, abort it with "
+        "kafka-transactions.sh --bootstrap-server <servers> abort --topic __consumer_offsets --partition <its partition> "
+        "--start-offset <its start offset>, and start serve again"
+    )
 
 
 def ensure_anchor(client: ClientConfig, group: str) -> None:
@@ -198,7 +225,10 @@ def _commit_anchor(client: ClientConfig, group: str) -> None:
 
 def check_marks(client: ClientConfig, group: str, history: History) -> None:
     """Raise :class:`GroupMismatch` when the group's marks do not match ``history``; else make sure the
-    group holds its anchor (a group restored by hand, or from before anchors, gets one here)."""
+    group holds its anchor (a group restored by hand, or from before anchors, gets one here). Earlier producers of
+    the query's transactions are fenced first (:func:`~streamhydro.kafka.transactions.fence`), so none is
+    left open to hold the read back or to commit a mark after it."""
+    fence(client, group, {*history.written, *history.planned})
     marks, anchored = read_marks(client, group, sorted(history.written))
     problems = check_group(history, marks, anchored)
     if problems:

@@ -58,10 +58,9 @@ class EndOffsetProbe:
     """Topic metadata, log start and true end offsets, and group commits, for one stream reader.
 
     ``use_fetch=False`` trusts ListOffsets (right on Apache Kafka); ``True`` reads ends from fetches (Tansu).
-    ``timeout_s`` bounds each broker request and each probe; a request that times out is tried again for
-    up to ``patience_s`` in all (a broker restarting or stalled for a while does not fail the query; Spark's
-    own connector waits up to about three minutes too) before the error goes to Spark.
-    ``timeout_s`` bounds each broker request and each probe.
+    ``timeout_s`` bounds each broker request and each probe; a request that fails is tried again, on a new
+    client, for up to ``patience_s`` in all (a broker restarting or stalled for a while does not fail the
+    query; Spark's own connector waits up to about three minutes too) before the error goes to Spark.
     """
 
     def __init__(self, client: ClientConfig, use_fetch: bool = False, timeout_s: float = 10.0, patience_s: float = 180.0) -> None:
@@ -97,7 +96,10 @@ class EndOffsetProbe:
                         f"{what}: no answer from {self._config.get('bootstrap.servers')} for {self._patience_s:.0f} s: {exc}. "
                         "Fix: check kafka.bootstrap.servers and that the brokers are reachable"
                     ) from exc
-                log.warning("%s: %s; trying again", what, exc)
+                log.warning("%s: %s; trying again with a new client", what, exc)
+                # A new client fetches metadata anew: after a broker restart librdkafka's cached metadata
+                # can keep a partition unknown to the old one for minutes ("Unknown partition").
+                self.close()
                 time.sleep(1.0)
 
     def topic_partitions(self, subscription: Subscription) -> list[TopicPartitionKey]:

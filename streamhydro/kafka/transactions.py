@@ -42,6 +42,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -75,6 +76,7 @@ PROBE_TOPIC = "__streamhydro_transaction_probe"
 ANCHOR = (PROBE_TOPIC, 0)
 _TIMEOUT_S = 30.0
 _GRACE_S = 10.0
+_FENCING_THREADS = 8
 
 
 def transaction_timeout_ms(config: ClientConfig) -> int:
@@ -362,6 +364,31 @@ def produce_exactly_once(
         batch_id, where, offsets.until_offset, tid, transactions, sent,
     )
     return sent
+
+
+def fence(client: ClientConfig, prefix: str, partitions: Iterable[tuple[str, int]]) -> None:
+    """Fence every earlier producer of the query's transactional ids for ``partitions`` and finish their open
+    transactions: ``init_transactions`` on a new producer of each id, which makes the broker abort what an
+    earlier one left open (a task or a whole serve killed mid-transaction). Its pending marks then stop
+    holding stable reads of the group back at once, instead of until the broker's transaction timeout; a
+    task of an earlier driver still running (a zombie) is fenced and can no longer commit. Runs on the driver
+    at start, before the marks are read; a few at a time, each bounded by ``transaction.timeout.ms``."""
+    ids = sorted({transactional_id(prefix, topic, partition) for topic, partition in partitions})
+
+    def one(tid: str) -> None:
+        config = transactional_config(client, tid)
+        producer = clients.build_client(Producer, config)
+        try:
+            retried(lambda: producer.init_transactions(_TIMEOUT_S), f"{tid}: init_transactions", time.monotonic() + transaction_timeout_ms(config) / 1000)
+        except KafkaException as exc:
+            raise KafkaConnectorError(f"fencing earlier producers of transaction {tid}: {exc.args[0].str()}") from exc
+        finally:
+            _close(producer, tid)
+
+    if ids:
+        with ThreadPoolExecutor(max_workers=min(_FENCING_THREADS, len(ids)), thread_name_prefix="streamhydro-fence") as pool:
+            list(pool.map(one, ids))
+        log.info("fenced %d transactional ids %s-*: no earlier producer of this query can commit", len(ids), prefix)
 
 
 def retried(call: Callable[[], None], what: str, deadline: float, clock: Callable[[], float] = time.monotonic) -> None:
