@@ -54,14 +54,16 @@ process.wait(60)
 
 
 def archive_path() -> Path:
-    """Where the archive for this pyspark installation (its jars are the JVM's class path) and this Java lives,
-    in the jar cache."""
+    """Where the archive for this pyspark installation (its jars are the JVM's class path) and this Java
+    binary (its path and modification time) lives, in the jar cache."""
     import pyspark
 
     from streamhydro import jars
     from streamhydro.brokers.process import java_binary
 
-    key = hashlib.sha256(f"{os.path.realpath(java_binary())}\0{Path(pyspark.__file__).resolve().parent}".encode()).hexdigest()[:12]
+    java = Path(os.path.realpath(java_binary()))
+    built = java.stat().st_mtime_ns if java.exists() else 0  # a Java upgraded in place gets an archive of its own
+    key = hashlib.sha256(f"{java}\0{built}\0{Path(pyspark.__file__).resolve().parent}".encode()).hexdigest()[:12]
     return jars.cache_dir() / f"spark-{pyspark.__version__}-{key}.jsa"
 
 

@@ -1,0 +1,122 @@
+"""JSON decoders for the demo model's events, on the same events in one run: which is fastest?
+
+    pip install -e '.[cpu,bench]'     # orjson, msgspec, pysimdjson
+    python benchmarks/json_decoders.py [--events 100000] [--rounds 5]
+
+Every candidate turns batches of 4,096 record values (the demo model's events from the load generator:
+one flat object of 30 numbers each) into the float32 matrix ONNX Runtime takes, on the happy path (every
+record well formed), one thread:
+
+- ``streamhydro``: serve's decoder (``make_decoder``: pyarrow's JSON reader over the joined batch, with
+  screening, bisection around bad records and type checks);
+- ``pyarrow``: ``pyarrow.json.read_json`` of the joined batch with the explicit schema, nothing else (the
+  core of the decoder above);
+- ``orjson``: ``orjson.loads`` per record, then the 30 values per row into numpy;
+- ``msgspec``: ``msgspec.json.Decoder`` of a typed ``Struct`` (30 float fields) per record, then numpy;
+- ``msgspec_array``: the same decoder over the whole batch joined as one JSON array;
+- ``simdjson``: ``simdjson.Parser`` per record, the 30 values per row into numpy.
+
+Only ``streamhydro`` sends a bad record to the dead-letter topic with its error class; the others would need
+that added (a failing batch falls back to per-record parsing), so their rates are upper bounds. Candidates
+take turns for ``--rounds`` rounds; the JSON line (last) has each one's median rows/s and its ratio to
+``streamhydro``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.json as pa_json
+import simdjson
+
+from streamhydro.config import PayloadSettings
+from streamhydro.payload.formats import make_decoder
+from streamhydro.producer import make_values
+from streamhydro.registry import Registry
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH = 4096
+
+
+def candidates(manifest) -> dict[str, Callable[[list[bytes]], np.ndarray]]:
+    names = list(manifest.inputs[0].features)
+    decoder = make_decoder(manifest, PayloadSettings())
+    schema = pa.schema([(name, pa.float64()) for name in names])
+    parse_options = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    Event = msgspec.defstruct("Event", [(name, float) for name in names])
+    one = msgspec.json.Decoder(Event)
+    many = msgspec.json.Decoder(list[Event])
+    parser = simdjson.Parser()
+
+    def streamhydro_decoder(values: list[bytes]) -> np.ndarray:
+        return decoder.decode(pa.array(values, pa.binary())).inputs[manifest.inputs[0].name]
+
+    def pyarrow_reader(values: list[bytes]) -> np.ndarray:
+        table = pa_json.read_json(pa.BufferReader(b"\n".join(values)), read_options=pa_json.ReadOptions(use_threads=False, block_size=1 << 24), parse_options=parse_options)
+        return np.column_stack([table.column(i).to_numpy() for i in range(len(names))]).astype(np.float32)
+
+    def orjson_rows(values: list[bytes]) -> np.ndarray:
+        return np.array([[document[name] for name in names] for document in map(orjson.loads, values)], dtype=np.float32)
+
+    def msgspec_rows(values: list[bytes]) -> np.ndarray:
+        return np.array([msgspec.structs.astuple(one.decode(value)) for value in values], dtype=np.float32)
+
+    def msgspec_array(values: list[bytes]) -> np.ndarray:
+        return np.array([msgspec.structs.astuple(event) for event in many.decode(b"[" + b",".join(values) + b"]")], dtype=np.float32)
+
+    def simdjson_rows(values: list[bytes]) -> np.ndarray:
+        rows = []
+        for value in values:
+            document = parser.parse(value)
+            rows.append([document[name] for name in names])
+            del document  # the parser is reused only once no object refers to its last document
+        return np.array(rows, dtype=np.float32)
+
+    return {
+        "streamhydro": streamhydro_decoder, "pyarrow": pyarrow_reader, "orjson": orjson_rows,
+        "msgspec": msgspec_rows, "msgspec_array": msgspec_array, "simdjson": simdjson_rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    manifest = Registry(REPO / "models").get("breast_cancer", "latest").manifest
+    values = make_values(manifest, "json", count=args.events)
+    batches = [values[i:i + BATCH] for i in range(0, len(values), BATCH)]
+    contenders = candidates(manifest)
+    reference = np.concatenate([contenders["streamhydro"](batch) for batch in batches])
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    for name, decode in contenders.items():  # every candidate decodes the same matrix
+        got = np.concatenate([decode(batch) for batch in batches])
+        if got.shape != reference.shape or not np.array_equal(got, reference):
+            raise SystemExit(f"{name} decoded other values than streamhydro's decoder")
+    for round_ in range(args.rounds):
+        for name, decode in contenders.items():
+            started = time.perf_counter()
+            for batch in batches:
+                decode(batch)
+            rates[name].append(len(values) / (time.perf_counter() - started))
+        print(f"round {round_ + 1}: " + ", ".join(f"{n} {r[-1]:,.0f}" for n, r in rates.items()), file=sys.stderr, flush=True)
+    medians = {name: round(statistics.median(r)) for name, r in rates.items()}
+    print(json.dumps({
+        "events": len(values), "batch": BATCH, "rounds": args.rounds, "rows_per_s": rates, "median_rows_per_s": medians,
+        "vs_streamhydro": {name: round(m / medians["streamhydro"], 3) for name, m in medians.items()},
+        "versions": {"pyarrow": pa.__version__, "orjson": orjson.__version__, "msgspec": msgspec.__version__},
+    }))
+
+
+if __name__ == "__main__":
+    main()
