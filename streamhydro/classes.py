@@ -23,6 +23,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from streamhydro.errors import StreamhydroError
+
 log = logging.getLogger(__name__)
 
 DRIVER_JAVA_OPTIONS = "spark.driver.extraJavaOptions"
@@ -93,7 +95,7 @@ def build_archive(force: bool = False) -> Path:
     done = subprocess.run([sys.executable, "-c", _WORKLOAD], env=env, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, check=False)
     if done.returncode != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
-        raise RuntimeError(f"building the JVM class archive failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        raise StreamhydroError(f"building the JVM class archive failed (exit {done.returncode}): {done.stderr[-2000:]}")
     partial.replace(path)
     log.info("JVM class archive %s built in %.1f s (%d MB)", path, time.monotonic() - started, path.stat().st_size // 2**20)
     return path

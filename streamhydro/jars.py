@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streamhydro.errors import ConfigError
+from streamhydro.errors import ConfigError, StreamhydroError
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +275,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.without_registry:
         registry = apicurio_registry()
         found[registry.name] = str(build(registry).parent)
-    found["class_archive"] = str(build_archive())
+    try:
+        found["class_archive"] = str(build_archive())
+    except StreamhydroError as exc:  # an optimization: Spark starts without it, only slower
+        log.warning("%s; Spark sessions start without a class archive", exc)
     print(json.dumps(found))
     return 0
