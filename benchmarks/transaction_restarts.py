@@ -69,22 +69,19 @@ def task(bootstrap: str, registry: str, model_name: str, partition: int, state: 
     from streamhydro.executor.engine import EngineSettings
     from streamhydro.executor.scoring import ScoringPlan
     from streamhydro.executor.sessions import TaskResources
+    from streamhydro.kafka.offsets import EndOffsetProbe
     from streamhydro.kafka.planning import OffsetRange
-    from streamhydro.outputs import topic_ends
 
     model = Registry(registry).get(model_name, "promoted")
     plan = ScoringPlan(
         model.manifest, SimpleNamespace(value=model.read_bytes()), PayloadSettings(), OUTPUT, f"{OUTPUT}-dlq",
         EngineSettings(providers=("CPUExecutionProvider",), batch_size=2000, pipeline_depth=0, intra_op_threads=1),
     )
+    probe = EndOffsetProbe(client_for(bootstrap))  # the planner's, as serve's source keeps one; it waits out a broker restart
     while True:
         at = json.loads(state.read_text()) if state.exists() else {"from": 0, "batch": 0, "until": None}
         if at["until"] is None:
-            try:
-                end = topic_ends(client_for(bootstrap), EVENTS)[(EVENTS, partition)]
-            except Exception:  # noqa: BLE001 -- the broker is down; ask again
-                time.sleep(1.0)
-                continue
+            end = probe.list_offsets([(EVENTS, partition)])[(EVENTS, partition)][1]
             if end <= at["from"]:
                 time.sleep(0.2)
                 continue

@@ -136,24 +136,12 @@ def write_serve_config(path: Path, work: Path, bootstrap: str, kafka: Mapping[st
     """A serve config for benchmark and test runs: local[2], checkpoint and metrics under ``work``, the
     registry's promoted demo model, sequential CPU scoring, metrics on a free port, and ``[kafka]`` keys
     ``kafka`` on top of: topics ``events`` -> ``predictions`` / ``predictions-dlq``, ``source = "builtin"``."""
-    table = {"bootstrap_servers": bootstrap, "subscribe": "events", "source": "builtin", **(kafka or {})}
-    keys = "".join(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
-    path.write_text(
-        f"""[spark]
-master = "local[2]"
-checkpoint_location = "{work / 'checkpoint'}"
-
-[kafka]
-{keys}
-[inference]
-pipeline_depth = 0
-
-[metrics]
-port = 0
-multiprocess_dir = "{work / 'metrics'}"
-"""
-    )
-    return path
+    return _write_config(path, {
+        "spark": {"master": "local[2]", "checkpoint_location": str(work / "checkpoint")},
+        "kafka": {"bootstrap_servers": bootstrap, "subscribe": "events", "source": "builtin", **(kafka or {})},
+        "inference": {"pipeline_depth": 0},
+        "metrics": {"port": 0, "multiprocess_dir": str(work / "metrics")},
+    })
 
 
 def write_minimal_config(
@@ -162,15 +150,21 @@ def write_minimal_config(
     """The README's minimal serve config, as users start from it: bootstrap servers, input, output and
     dead-letter topics, the model (``<registry>/<name>``: the registry's promoted version) and the checkpoint
     under ``run``; everything else serve's default. Metrics keep their default (on); only where they are
-    served and kept moves (a free port, files under ``run``). ``layers``: config sections (strings, numbers
-    and booleans) on top, later layers' keys over earlier ones'."""
+    served and kept moves (a free port, files under ``run``). ``layers``: config sections on top, later
+    layers' keys over earlier ones'."""
     model = Path(model).resolve()
-    sections: dict[str, dict[str, Any]] = {
+    return _write_config(path, {
         "spark": {"checkpoint_location": str(run / "checkpoint")},
         "kafka": {"bootstrap_servers": bootstrap, "subscribe": input_topic, "output_topic": output_topic, "dead_letter_topic": f"{output_topic}-dlq"},
         "model": {"registry": str(model.parent), "name": model.name},
         "metrics": {"port": 0, "multiprocess_dir": str(run / "metrics")},
-    }
+    }, *layers)
+
+
+def _write_config(path: Path, *layers: Mapping[str, Mapping[str, Any]]) -> Path:
+    """A TOML config of sections whose values are strings, numbers and booleans (JSON spells those as TOML
+    does); later layers' keys over earlier ones'."""
+    sections: dict[str, dict[str, Any]] = {}
     for layer in layers:
         for section, keys in layer.items():
             sections.setdefault(section, {}).update(keys)
