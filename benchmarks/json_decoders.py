@@ -1,24 +1,28 @@
 """JSON decoders for the demo model's events, on the same events in one run: which is fastest?
 
-    pip install -e '.[cpu,bench]'     # orjson, msgspec, pysimdjson
+    pip install -e '.[cpu,bench]'     # orjson, pysimdjson
     python benchmarks/json_decoders.py [--events 100000] [--rounds 5]
 
 Every candidate turns batches of 4,096 record values (the demo model's events from the load generator:
 one flat object of 30 numbers each) into the float32 matrix ONNX Runtime takes, on the happy path (every
 record well formed), one thread:
 
-- ``streamhydro``: serve's decoder (``make_decoder``: pyarrow's JSON reader over the joined batch, with
-  screening, bisection around bad records and type checks);
+- ``streamhydro``: serve's decoder (``make_decoder``: msgspec's typed pass over the plain records, the
+  general pass for the rest, with screening and type checks);
+- ``streamhydro_general``: its general pass alone (pyarrow's JSON reader over the joined batch, bisection
+  around bad records, classification in Python): serve's decoder before the msgspec pass;
 - ``pyarrow``: ``pyarrow.json.read_json`` of the joined batch with the explicit schema, nothing else (the
-  core of the decoder above);
+  core of the general pass);
 - ``orjson``: ``orjson.loads`` per record, then the 30 values per row into numpy;
 - ``msgspec``: ``msgspec.json.Decoder`` of a typed ``Struct`` (30 float fields) per record, then numpy;
 - ``msgspec_array``: the same decoder over the whole batch joined as one JSON array;
 - ``simdjson``: ``simdjson.Parser`` per record, the 30 values per row into numpy.
 
-Only ``streamhydro`` sends a bad record to the dead-letter topic with its error class; the others would need
-that added (a failing batch falls back to per-record parsing), so their rates are upper bounds. Candidates
-take turns for ``--rounds`` rounds; the JSON line (last) has each one's median rows/s and its ratio to
+Only the two ``streamhydro`` candidates send a bad record to the dead-letter topic with its error class;
+the others would need that added, so their rates are upper bounds. The two ``streamhydro`` candidates also
+run on the same batches with every 100th record malformed (``*_1pct_bad``: the load generator's JSON
+faults in turn), where serve's decoder hands those records to the general pass. Candidates take turns
+for ``--rounds`` rounds; the JSON line (last) has each one's median rows/s and its ratio to
 ``streamhydro``.
 """
 
@@ -41,7 +45,7 @@ import simdjson
 
 from streamhydro.config import PayloadSettings
 from streamhydro.payload.formats import make_decoder
-from streamhydro.producer import make_values
+from streamhydro.producer import JSON_BAD_KINDS, corrupt, make_values
 from streamhydro.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,6 +64,9 @@ def candidates(manifest) -> dict[str, Callable[[list[bytes]], np.ndarray]]:
 
     def streamhydro_decoder(values: list[bytes]) -> np.ndarray:
         return decoder.decode(pa.array(values, pa.binary())).inputs[manifest.inputs[0].name]
+
+    def streamhydro_general(values: list[bytes]) -> np.ndarray:
+        return decoder._decode_general(pa.array(values, pa.binary())).inputs[manifest.inputs[0].name]
 
     def pyarrow_reader(values: list[bytes]) -> np.ndarray:
         table = pa_json.read_json(pa.BufferReader(b"\n".join(values)), read_options=pa_json.ReadOptions(use_threads=False, block_size=1 << 24), parse_options=parse_options)
@@ -83,7 +90,7 @@ def candidates(manifest) -> dict[str, Callable[[list[bytes]], np.ndarray]]:
         return np.array(rows, dtype=np.float32)
 
     return {
-        "streamhydro": streamhydro_decoder, "pyarrow": pyarrow_reader, "orjson": orjson_rows,
+        "streamhydro": streamhydro_decoder, "streamhydro_general": streamhydro_general, "pyarrow": pyarrow_reader, "orjson": orjson_rows,
         "msgspec": msgspec_rows, "msgspec_array": msgspec_array, "simdjson": simdjson_rows,
     }
 
@@ -95,18 +102,24 @@ def main() -> None:
     args = parser.parse_args()
     manifest = Registry(REPO / "models").get("breast_cancer", "latest").manifest
     values = make_values(manifest, "json", count=args.events)
+    dirty = [corrupt(value, JSON_BAD_KINDS[(i // 100) % len(JSON_BAD_KINDS)], manifest) if i % 100 == 99 else value for i, value in enumerate(values)]
     batches = [values[i:i + BATCH] for i in range(0, len(values), BATCH)]
-    contenders = candidates(manifest)
-    reference = np.concatenate([contenders["streamhydro"](batch) for batch in batches])
+    dirty_batches = [dirty[i:i + BATCH] for i in range(0, len(dirty), BATCH)]
+    contenders = {name: (decode, batches) for name, decode in candidates(manifest).items()}
+    for name in ("streamhydro", "streamhydro_general"):
+        contenders[f"{name}_1pct_bad"] = (contenders[name][0], dirty_batches)
     rates: dict[str, list[float]] = {name: [] for name in contenders}
-    for name, decode in contenders.items():  # every candidate decodes the same matrix
-        got = np.concatenate([decode(batch) for batch in batches])
-        if got.shape != reference.shape or not np.array_equal(got, reference):
-            raise SystemExit(f"{name} decoded other values than streamhydro's decoder")
+    for runs in (batches, dirty_batches):  # every candidate decodes the same matrix from the same batches
+        reference = np.concatenate([contenders["streamhydro_general"][0](batch) for batch in runs])
+        for name, (decode, its_batches) in contenders.items():
+            if its_batches is runs:
+                got = np.concatenate([decode(batch) for batch in runs])
+                if got.shape != reference.shape or not np.array_equal(got, reference):
+                    raise SystemExit(f"{name} decoded other values than streamhydro's general pass")
     for round_ in range(args.rounds):
-        for name, decode in contenders.items():
+        for name, (decode, its_batches) in contenders.items():
             started = time.perf_counter()
-            for batch in batches:
+            for batch in its_batches:
                 decode(batch)
             rates[name].append(len(values) / (time.perf_counter() - started))
         print(f"round {round_ + 1}: " + ", ".join(f"{n} {r[-1]:,.0f}" for n, r in rates.items()), file=sys.stderr, flush=True)

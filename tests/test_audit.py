@@ -34,7 +34,7 @@ EDGE_CASES = [
     _document(**{FEATURES[0]: None}),
     _document(**{FEATURES[0]: 1e300}),  # a double, but no float32
     _document(**{FEATURES[0]: [1.0]}),
-    _document().replace(b"}", b', "%s": 1.0}' % FEATURES[0].encode()),  # a duplicate field
+    _document().replace(b"}", b', "%s": 1.0}' % FEATURES[0].encode()),  # a repeated field: the last counts
     _document() + _document(),  # two objects
     _document(**{FEATURES[0]: float("nan")}),  # json.dumps writes NaN, which JSON does not have
     _document(**{FEATURES[0]: float("inf")}),

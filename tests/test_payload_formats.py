@@ -148,9 +148,13 @@ def test_json_bad_fields_are_classified_between_good_neighbours(document, error_
     assert_inputs(decoded, [event(), event()])
 
 
-def test_json_duplicate_nested_field_is_invalid():
+def test_json_repeated_nested_field_takes_the_last_and_model_text_must_be_utf8():
     value = b'{"user":{"age":1,"city":"a","age":2},"tx":{"amount":1,"items":1},"doc":{"embedding":[1,2,3]},"vip":true}'
-    assert outcomes(decode(PayloadSettings(), [value])) == {0: p.INVALID_JSON}
+    decoded = decode(PayloadSettings(), [value, b"\xef\xbb\xbf" + value])
+    assert decoded.good.tolist() == [0, 1]
+    np.testing.assert_array_equal(decoded.inputs["num"], [[2, 1], [2, 1]])
+    surrogate = value.replace(b'"city":"a"', b'"city":"\\ud800"')
+    assert outcomes(decode(PayloadSettings(), [surrogate])) == {0: p.INVALID_JSON}
 
 
 def test_integer_inputs_take_whole_numbers_in_range():

@@ -26,7 +26,7 @@ from streamhydro.config import PayloadSettings
 from streamhydro.payload.formats import json as json_format
 from streamhydro.payload.formats import make_decoder
 from streamhydro.payload.encoding import Encoder
-from streamhydro.registry import TensorSpec
+from streamhydro.registry import Manifest, TensorSpec
 
 FAST = settings(max_examples=120, deadline=None)
 BOM = b"\xef\xbb\xbf"
@@ -182,6 +182,80 @@ def test_json_documents_decode_to_their_features_or_the_class_of_a_bad_one(recor
     check_dead_letters(batch, decoded.rejected)
 
 
+TYPED_MODEL = Manifest(
+    name="typed", version=1, sha256="0" * 64, labels=("a", "b"), created="2026-01-01T00:00:00Z",
+    inputs=(
+        TensorSpec("num", "float32", (-1, 2), ("user.age", "tx.amount")),
+        TensorSpec("vec", "float64", (-1, 3), field="doc.embedding"),
+        TensorSpec("city", "string", (-1, 1), ("user.city",)),
+        TensorSpec("flag", "bool", (-1,), ("vip",)),
+        TensorSpec("count", "int32", (-1, 1), ("tx.items",)),
+    ),
+    outputs=(TensorSpec("scores", "float32", (-1, 2)),),
+)
+typed_value = st.one_of(scalars, st.lists(st.one_of(st.floats(), st.integers(-(2**70), 2**70)), min_size=2, max_size=4))
+finite = st.one_of(
+    st.floats(-1000, 1000), st.floats(-1e30, 1e30), st.integers(-(2**40), 2**40), st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2**70), 2**70)
+)
+TYPED_FIELDS = {
+    ("user", "age"): finite,
+    ("user", "city"): st.one_of(st.text(max_size=8), text),
+    ("tx", "amount"): finite,
+    ("tx", "items"): st.one_of(st.integers(-(2**32), 2**32), st.integers(-(2**32), 2**32).map(float), st.floats(-1e10, 1e10)),
+    ("doc", "embedding"): st.lists(finite, min_size=3, max_size=3),
+    ("vip",): st.booleans(),
+}
+
+
+def _dumps(pairs, ascii_only: bool) -> str:
+    """JSON text of an object given as (name, value) pairs (repeated names kept); nested lists of pairs are objects."""
+    if isinstance(pairs, list) and all(isinstance(item, tuple) for item in pairs):
+        return "{" + ",".join(f"{json.dumps(k, ensure_ascii=ascii_only)}:{_dumps(v, ascii_only)}" for k, v in pairs) + "}"
+    return json.dumps(pairs, ensure_ascii=ascii_only)
+
+
+@st.composite
+def typed_values(draw):
+    """Events for TYPED_MODEL: most fields of the right JSON type (so many records are plain), some
+    of any type, absent, repeated at their level with another value, extra fields, a BOM or padding."""
+    top: dict[str, list] = {}
+    for path, good in TYPED_FIELDS.items():
+        if draw(st.integers(0, 31)) == 0:
+            continue
+        value = draw(good) if draw(st.integers(0, 15)) else draw(typed_value)
+        if len(path) == 1:
+            top[path[0]] = value
+            continue
+        pairs = top.setdefault(path[0], [])
+        pairs.append((path[1], value))
+        if draw(st.integers(0, 9)) == 0:
+            pairs.insert(draw(st.integers(0, len(pairs))), (path[1], draw(good)))
+    document = list(top.items())
+    if draw(st.booleans()):
+        document.insert(draw(st.integers(0, len(document))), (draw(text), draw(documents)))
+    body = _dumps(document, ascii_only=draw(st.booleans())).encode("utf-8", "surrogatepass")
+    return draw(st.sampled_from([b""] * 8 + [BOM, b" "])) + body
+
+
+@FAST
+@given(st.data())
+def test_the_msgspec_pass_reads_what_the_pyarrow_pass_reads(data):
+    """Whichever pass reads a record, it gets the same outcome: every record decoded as the batch it is in,
+    and by the general (pyarrow and Python) pass alone."""
+    manifest, records = data.draw(
+        st.one_of(
+            st.tuples(st.just(MIXED_MODEL), st.lists(st.one_of(st.just(GOOD_MIXED), anything), min_size=1, max_size=12)),
+            st.tuples(st.just(TYPED_MODEL), st.lists(typed_values(), min_size=1, max_size=12)),
+        )
+    )
+    decoder = make_decoder(manifest, PayloadSettings())
+    values = pa.array(records, pa.binary())
+    both = decoder.decode(values)
+    general = decoder._decode_general(values)
+    for position, value in enumerate(records):
+        assert outcome(both, position) == outcome(general, position), value
+
+
 @FAST
 @given(st.lists(st.one_of(st.just(b'{"x_f0":1,"x_f1":2,"x_f2":3}'), anything), max_size=12), st.integers(1, 80))
 def test_values_over_the_limit_are_rejected_unparsed_and_not_copied(values, limit):
@@ -292,10 +366,10 @@ def test_a_record_whose_decoding_raises_is_dead_lettered_alone(monkeypatch):
     values[13], values[27] = POISON, b'{"x_f0":1'
     classify = json_format.Decoder._classify
 
-    def raising_on_poison(self, record, parsed_rows, failure):
+    def raising_on_poison(self, record, parsed_rows, failure, rewrite):
         if record == POISON:
             raise LookupError("injected fault")
-        return classify(self, record, parsed_rows, failure)
+        return classify(self, record, parsed_rows, failure, rewrite)
 
     monkeypatch.setattr(json_format.Decoder, "_classify", raising_on_poison)
     dead, predictions = _score_with_one_poisoned_record(manifest, data, values)

@@ -221,21 +221,14 @@ class OutcomeLedger:
             return outcomes.outcome[offsets].copy(), outcomes.scores[offsets].copy()
 
 
-def _no_duplicate_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    document = dict(pairs)
-    if len(document) != len(pairs):
-        raise ValueError("duplicate field")
-    return document
-
-
 def reference_inputs(value: bytes | None, manifest: Manifest) -> dict[str, list[Any]] | None:
     """One JSON event's model inputs by the payload rules (``streamhydro.payload.formats.json``), read with
     Python's ``json`` rather than the service's decoder; None when the event must be a dead letter."""
     if not value or len(value) > PayloadSettings().max_value_bytes:
         return None
     try:
-        document = json.loads(value.decode("utf-8-sig"), object_pairs_hook=_no_duplicate_fields)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        document = json.loads(value.decode("utf-8-sig", "surrogateescape"))  # the last of a repeated field counts
+    except (ValueError, RecursionError):
         return None
     if not isinstance(document, dict):
         return None

@@ -44,7 +44,7 @@ class PayloadFormat(enum.StrEnum):
 # Error classes of bad records: a fixed vocabulary, used as a metric label and a dead-letter header.
 EMPTY_VALUE = "EmptyValue"  # null, empty or whitespace-only value
 VALUE_TOO_LARGE = "ValueTooLarge"  # a value over payload.max_value_bytes; not parsed, not copied
-INVALID_JSON = "InvalidJson"  # not parseable as JSON (truncated, not UTF-8, duplicate field...)
+INVALID_JSON = "InvalidJson"  # not parseable as JSON (truncated, nested too deeply, model text not UTF-8...)
 NOT_AN_OBJECT = "NotAnObject"  # valid JSON, but an array, number or string instead of an object
 MULTIPLE_OBJECTS = "MultipleObjects"  # more than one JSON value in one record
 NOT_WIRE_FORMAT = "NotWireFormat"  # avro/protobuf with a registry: no magic byte 0 or shorter than the header
@@ -125,10 +125,10 @@ class Rejections:
         kind = type(exc)
         self.add(position, UNEXPECTED_ERROR, str(exc) or kind.__qualname__, f"{kind.__module__}.{kind.__qualname__}")
 
-    def add_all(self, rejected: Rejected, offset: int) -> None:
-        """Add the rejections of a part of the batch that starts at ``offset``."""
-        for row, *why in zip(rejected.rows.tolist(), rejected.error_classes, rejected.messages, rejected.exceptions):
-            self._rows.append((offset + row, *why))
+    def add_all(self, rejected: Rejected, positions: np.ndarray) -> None:
+        """Add the rejections of a part of the batch; ``positions[i]`` is the batch position of ``rejected.rows[i]``."""
+        for position, *why in zip(np.asarray(positions).tolist(), rejected.error_classes, rejected.messages, rejected.exceptions, strict=True):
+            self._rows.append((position, *why))
 
     def result(self) -> Rejected:
         rows = sorted(self._rows)

@@ -106,7 +106,7 @@ def refuse_oversized(
         return predictions, rejected
     scored = np.setdiff1d(np.arange(meta.num_rows), rejected.rows)
     rejections = Rejections()
-    rejections.add_all(rejected, 0)
+    rejections.add_all(rejected, rejected.rows)
     for row, size in zip(scored[over].tolist(), sizes[over].tolist()):
         rejections.add(
             row,

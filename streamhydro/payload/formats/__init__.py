@@ -66,7 +66,7 @@ class Decoder:
         if len(parts) == 1 and not rejections:
             return parts[0][1]
         for lo, part in parts:
-            rejections.add_all(part.rejected, lo)
+            rejections.add_all(part.rejected, part.rejected.rows + lo)
         empty = self.fields.no_rows()
         inputs = {
             name: np.concatenate([empty[name]] + [part.inputs[name] for _, part in parts]) for name in empty

@@ -6,26 +6,40 @@ booleans, strings, and arrays for vector inputs (:mod:`streamhydro.payload.field
 input dtype takes). Other fields are ignored. A leading UTF-8 byte order mark and surrounding JSON
 whitespace are allowed. A value over ``payload.max_value_bytes`` is rejected unparsed.
 
-Decoding is vectorized: the values of a batch that start with ``{`` and end with ``}`` are joined
-into one newline-delimited buffer and parsed by ``pyarrow.json.read_json`` with an explicit schema
-(struct columns for nested objects, unexpected fields ignored at every level). When a block does
-not parse, or yields a different number of rows than it has records, it is split in halves until
-the bad records are isolated (O(bad * log n) parses, no per-record loop over good records). Each
-isolated record is then classified once, by what Python's ``json`` finds in it (types, not
-pyarrow's message text). Values that do not look like an object are classified in Python and never
-reach pyarrow: a top-level JSON ``null`` crashes ``pyarrow.json.read_json`` with a segmentation
-fault (pyarrow 26), which no ``except`` can catch.
+Decoding takes two passes:
 
-Every JSON number is read as a double; a field name containing a dot cannot be addressed.
+* **Plain records** (almost all of a healthy stream) are read by msgspec into a typed ``Struct``
+  mirroring the model's fields (nested structs for dotted paths, fixed-length lists for vector
+  inputs, other fields skipped unparsed into Python), one C call per record, and the batch's inputs
+  are built from those structs in numpy. A record is plain when msgspec reads it whole with every
+  field present and of its exact JSON type, and its numbers fit the input's dtype.
+* **The other records** (the batch's leftovers: anything msgspec refuses) take the general path.
+  Those that start with ``{`` and end with ``}`` are joined into one newline-delimited buffer and
+  parsed by ``pyarrow.json.read_json`` with an explicit schema (struct columns for nested objects,
+  unexpected fields ignored at every level). When a block does not parse, or yields a different
+  number of rows than it has records, it is split in halves until the failing records stand alone
+  (O(bad * log n) parses). Each of those is read once by Python's ``json``: a record it can name a
+  problem for is rejected with that problem's class (types, not pyarrow's message text); one whose
+  model fields are all fine (pyarrow refused something about it that the model does not read: a
+  field repeated, a number beyond a double in an ignored field) is rewritten to just its model
+  fields and parsed again, so it decodes as msgspec would read it. Values that do not look like an
+  object are classified in Python and never reach pyarrow: a top-level JSON ``null`` crashes
+  ``pyarrow.json.read_json`` with a segmentation fault (pyarrow 26), which no ``except`` can catch.
+
+Both passes read the same values: every JSON number as a double, the last of a field repeated in one
+object, text that is valid UTF-8. A field name containing a dot cannot be addressed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import operator
 from collections.abc import Iterable, Mapping
-from typing import Any
+from itertools import chain
+from typing import Annotated, Any
 
+import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,8 +56,8 @@ from streamhydro.payload import (
     Rejections,
 )
 from streamhydro.payload import formats
-from streamhydro.payload.fields import BOOLEAN, NUMBER, TEXT, column_at, nested_schema
-from streamhydro.registry import Manifest
+from streamhydro.payload.fields import BOOLEAN, FLOATS, INTS, NUMBER, TEXT, column_at, nested_schema, numpy_dtype
+from streamhydro.registry import Manifest, TensorSpec
 
 _SLICE_END = 2**31 - 1
 _MIN_BLOCK = 1 << 16
@@ -62,8 +76,21 @@ class Decoder(formats.Decoder):
             for part in field.parts[:-1]:
                 node = node.setdefault(part, {})
             node[field.parts[-1]] = field
+        self._plain = _PlainReader(self.manifest, self._tree)
 
     def _decode(self, values: pa.Array) -> formats.Decoded:
+        inputs, good, others = self._plain.read(values, self.settings.max_value_bytes)
+        errors = Rejections()
+        if not len(others):
+            return self.finish(errors, inputs, good)
+        rest = self._decode_general(values.take(pa.array(others)))
+        errors.add_all(rest.rejected, others[rest.rejected.rows])
+        positions = np.concatenate([good, others[rest.good]])
+        order = np.argsort(positions, kind="stable")
+        inputs = {name: np.concatenate([inputs[name], rest.inputs[name]])[order] for name in inputs}
+        return self.finish(errors, inputs, positions[order])
+
+    def _decode_general(self, values: pa.Array) -> formats.Decoded:
         errors = Rejections()
         lengths, worth = self.screen(values, errors)
         opens = pc.fill_null(pc.equal(pc.binary_slice(values, 0, 1), pa.scalar(b"{")), False)
@@ -79,7 +106,7 @@ class Decoder(formats.Decoder):
         return self.finish(errors, inputs, good)
 
     def _parse_objects(
-        self, records: pa.Array, positions: np.ndarray, errors: Rejections
+        self, records: pa.Array, positions: np.ndarray, errors: Rejections, rewrite: bool = True
     ) -> tuple[pa.Table, np.ndarray]:
         """Parse records that start with '{' and end with '}' in one go, bisecting around failures.
 
@@ -87,13 +114,15 @@ class Decoder(formats.Decoder):
         newlines. A raw newline cannot sit inside a JSON string, and after a record's final '}' the
         next record's '{' is a syntax error unless that '}' closed the record's object, so two
         records can never merge into one row: equal row and record counts mean every record gave
-        exactly one row, in order.
+        exactly one row, in order. A failing record whose model fields are fine is parsed again as
+        its model fields alone (``rewrite``; once).
         """
         lines = pc.binary_join_element_wise(records, pa.scalar(b"\n"), pa.scalar(b""))
         offsets = formats.offsets(lines)
         buffer = lines.buffers()[2]
         tables: list[pa.Table] = []
         parsed: list[np.ndarray] = []
+        rewritten = _Rewritten()
 
         def visit(lo: int, hi: int) -> None:
             table, failure = self._read(buffer, int(offsets[lo]), int(offsets[hi]))
@@ -103,7 +132,8 @@ class Decoder(formats.Decoder):
                 return
             if hi - lo == 1:
                 rows = None if table is None else table.num_rows
-                errors.add(positions[lo], *self._classify(records[lo].as_py(), rows, failure))
+                outcome = self._classify(records[lo].as_py(), rows, failure, rewrite)
+                rewritten.settle(positions[lo], outcome, errors)
                 return
             mid = (lo + hi) // 2
             visit(lo, mid)
@@ -111,7 +141,8 @@ class Decoder(formats.Decoder):
 
         if len(records):
             visit(0, len(records))
-        return self._join(tables, parsed)
+        table, parsed_positions = self._join(tables, parsed)
+        return self._add_bodies(rewritten, table, parsed_positions, errors, rewrite=False)
 
     def _add_suspects(
         self, values: pa.Array, suspects: np.ndarray, table: pa.Table, positions: np.ndarray, errors: Rejections
@@ -121,19 +152,25 @@ class Decoder(formats.Decoder):
         One that is an object once a leading BOM and JSON whitespace are trimmed is parsed like the
         others; the rest are classified in Python.
         """
-        bodies: list[bytes] = []
-        kept: list[int] = []
+        bodies = _Rewritten()
         for position in suspects:
             record = values[int(position)].as_py()
             body = record.removeprefix(_UTF8_BOM).strip(_JSON_WHITESPACE)
             if body.startswith(b"{") and body.endswith(b"}"):
-                bodies.append(body)
-                kept.append(int(position))
+                bodies.settle(position, body, errors)
             else:
-                errors.add(position, *self._classify(record, None, None))
-        if not bodies:
+                bodies.settle(position, self._classify(record, None, None, rewrite=False), errors)
+        return self._add_bodies(bodies, table, positions, errors, rewrite=True)
+
+    def _add_bodies(
+        self, bodies: _Rewritten, table: pa.Table, positions: np.ndarray, errors: Rejections, rewrite: bool
+    ) -> tuple[pa.Table, np.ndarray]:
+        """``table`` (rows of the batch at ``positions``) with the rows of ``bodies`` parsed, in batch order."""
+        if not bodies.positions:
             return table, positions
-        more, more_positions = self._parse_objects(pa.array(bodies, pa.binary()), np.array(kept, np.int64), errors)
+        more, more_positions = self._parse_objects(
+            pa.array(bodies.bodies, pa.binary()), np.array(bodies.positions, np.int64), errors, rewrite
+        )
         joined, order = self._join([table, more], [positions, more_positions])
         ranks = np.argsort(order, kind="stable")
         return joined.take(pa.array(ranks)), order[ranks]
@@ -157,22 +194,22 @@ class Decoder(formats.Decoder):
             return None, failure
         return table, None
 
-    def _classify(self, record: bytes, rows: int | None, failure: pa.ArrowInvalid | None) -> tuple[str, str]:
-        """Error class and message of one record that did not give exactly one row.
+    def _classify(
+        self, record: bytes, rows: int | None, failure: pa.ArrowInvalid | None, rewrite: bool
+    ) -> tuple[str, str] | bytes:
+        """Error class and message of one record that did not give exactly one row, or (``rewrite``)
+        the record as its model fields alone when nothing is wrong with them.
 
         ``rows`` is what pyarrow made of it when it parsed (None when it failed or never saw it),
         ``failure`` its error. The class comes from the JSON types Python's parser finds; pyarrow's
-        message is only quoted.
+        message is only quoted. Bytes that are not UTF-8 count only inside a model field's text.
         """
         body = record.removeprefix(_UTF8_BOM).strip(_JSON_WHITESPACE)
         if not body:
             return EMPTY_VALUE, "record value holds only whitespace"
         if rows is not None and rows > 1:
             return MULTIPLE_OBJECTS, f"record value holds {rows} JSON values; expected one object"
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return INVALID_JSON, f"record value is not UTF-8 ({exc.reason} at byte {exc.start})"
+        text = body.decode("utf-8", "surrogateescape")
         try:
             document, end = _PARSER.raw_decode(text)
             rest = text[end:].lstrip(" \t\r\n")
@@ -192,18 +229,124 @@ class Decoder(formats.Decoder):
         problem = _field_problem(document, self._tree, "")
         if problem is not None:
             return problem
+        if rewrite:
+            return json.dumps(_model_part(document, self._tree), separators=(",", ":")).encode()
         reason = str(failure).split("\n")[0] if failure is not None else "it gave no row"
         return INVALID_JSON, f"not valid JSON for this model: {reason}"
 
 
+class _Rewritten:
+    """Record bodies to parse again, by batch position; outcomes that are a class and message go to ``errors``."""
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []
+        self.bodies: list[bytes] = []
+
+    def settle(self, position: int, outcome: tuple[str, str] | bytes, errors: Rejections) -> None:
+        if isinstance(outcome, bytes):
+            self.positions.append(int(position))
+            self.bodies.append(outcome)
+        else:
+            errors.add(position, *outcome)
+
+
+class _PlainReader:
+    """msgspec's reading of a batch's plain records (see the module's docstring) into the model's inputs."""
+
+    def __init__(self, manifest: Manifest, tree: Mapping[str, Any]) -> None:
+        attributes: dict[str, str] = {}
+        self._decode = msgspec.json.Decoder(_struct(tree, "", attributes)).decode
+        top = [f"f{i}" for i in range(len(tree))]
+        # Per input: its spec, the values of one event (astuple when it reads every top-level field in
+        # order, the common flat event), and whether those are a sequence (several features, a vector).
+        self._inputs: list[tuple[TensorSpec, Any, bool]] = []
+        for spec in manifest.inputs:
+            paths = [attributes[path] for path in spec.features or (spec.field or spec.name,)]
+            getter = msgspec.structs.astuple if spec.features and paths == top else operator.attrgetter(*paths)
+            self._inputs.append((spec, getter, len(paths) > 1 or not spec.features))
+
+    def read(self, values: pa.Array, max_value_bytes: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """The inputs of the plain records of ``values``, their positions, and the positions of the others.
+
+        A value over ``max_value_bytes`` is not parsed (it is one of the others).
+        """
+        records = values.to_pylist()
+        lengths = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
+        for position in np.flatnonzero(lengths > max_value_bytes):
+            records[position] = None
+        events: list[Any] = []
+        failed: list[int] = []
+        remaining = iter(records)
+        while True:
+            try:
+                events.extend(map(self._decode, remaining))  # keeps the events before a failure; ``remaining`` is past it
+                break
+            except (msgspec.DecodeError, TypeError, RecursionError):  # TypeError: a null value
+                failed.append(len(events))
+                events.append(None)
+        plain = np.ones(len(records), dtype=bool)
+        if failed:
+            plain[failed] = False
+            events = [event for event in events if event is not None]
+        positions = np.flatnonzero(plain)
+        inputs, fits = self._columns(events)
+        if not fits.all():
+            plain[positions[~fits]] = False
+            positions = positions[fits]
+            inputs = {name: matrix[fits] for name, matrix in inputs.items()}
+        return inputs, positions, np.flatnonzero(~plain)
+
+    def _columns(self, events: list[Any]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Each input's array of ``events``, and per event whether its numbers fit the inputs' dtypes."""
+        n = len(events)
+        fits = np.ones(n, dtype=bool)
+        inputs: dict[str, np.ndarray] = {}
+        for spec, getter, sequence in self._inputs:
+            shape = (n, *spec.shape[1:])
+            values = chain.from_iterable(map(getter, events)) if sequence else map(getter, events)
+            if spec.dtype in FLOATS:
+                with np.errstate(over="ignore"):
+                    matrix = np.fromiter(values, dtype=spec.dtype, count=n * spec.width).reshape(shape)
+                fits &= np.isfinite(matrix.reshape(n, spec.width)).all(axis=1)
+            elif spec.dtype in INTS:
+                raw = np.fromiter(values, dtype=np.float64, count=n * spec.width).reshape(n, spec.width)
+                info = np.iinfo(spec.dtype)
+                whole = (np.floor(raw) == raw) & (raw >= info.min) & (raw < float(info.max) + 1)  # 2**63 - 1 is no double
+                fits &= whole.all(axis=1)
+                matrix = np.where(whole, raw, 0).astype(spec.dtype).reshape(shape)
+            else:
+                matrix = np.fromiter(values, dtype=numpy_dtype(spec.dtype), count=n * spec.width).reshape(shape)
+            inputs[spec.name] = matrix
+        return inputs, fits
+
+
+def _struct(tree: Mapping[str, Any], prefix: str, attributes: dict[str, str]) -> type:
+    """The msgspec ``Struct`` of one object of the model's fields; fills ``attributes`` (field path ->
+    dotted attribute path). Attributes are named f0, f1... and renamed to the JSON keys."""
+    fields: list[tuple[str, Any]] = []
+    rename: dict[str, str] = {}
+    for i, (key, node) in enumerate(tree.items()):
+        name = f"f{i}"
+        rename[name] = key
+        if isinstance(node, dict):
+            kind = _struct(node, f"{prefix}{name}.", attributes)
+        else:
+            attributes[node.path] = f"{prefix}{name}"
+            kind = _PLAIN_KIND[node.kind]
+            if node.vector:
+                width = node.spec.width
+                kind = Annotated[list[kind], msgspec.Meta(min_length=width, max_length=width)]
+        fields.append((name, kind))
+    return msgspec.defstruct("Event", fields, rename=rename, gc=False)
+
+
+_PLAIN_KIND = {NUMBER: float, BOOLEAN: bool, TEXT: str}  # msgspec's float takes JSON integers too
+
+
 def _field_problem(document: _Object, tree: Mapping[str, Any], prefix: str) -> tuple[str, str] | None:
-    """The first model field of a parsed object (at ``prefix``) that cannot feed the model, if any."""
-    found: dict[str, Any] = {}
-    for name, value in document:
-        if name in tree:
-            if name in found:
-                return INVALID_JSON, f"field '{prefix}{name}' appears more than once"
-            found[name] = value
+    """The first model field of a parsed object (at ``prefix``) that cannot feed the model, if any
+    (the last of a field repeated in one object counts)."""
+    found = {name: value for name, value in document if name in tree}
     for name, value in found.items():
         node = tree[name]
         if isinstance(node, dict):
@@ -223,6 +366,15 @@ def _field_problem(document: _Object, tree: Mapping[str, Any], prefix: str) -> t
         if problem is not None:
             return problem
     return None
+
+
+def _model_part(document: _Object, tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The model fields of a parsed object (the last of a repeated one), nested as in the object."""
+    found = {name: value for name, value in document if name in tree}
+    return {
+        name: _model_part(value, tree[name]) if isinstance(value, _Object) and isinstance(tree[name], dict) else value
+        for name, value in found.items()
+    }
 
 
 class _Object(list):
@@ -253,7 +405,17 @@ def _value_problem(value: Any, kind: str, what: str) -> tuple[str, str] | None:
         return WRONG_TYPE, f"{what} is a JSON {_json_type(value)}, not a {kind}"
     if kind == NUMBER and not math.isfinite(value):
         return NON_FINITE, f"{what} is NaN, Infinity or too large for a double"
+    if kind == TEXT and not _is_utf8(value):
+        return INVALID_JSON, f"{what} is not UTF-8 text (invalid bytes or a lone surrogate escape)"
     return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode(events: Iterable[Mapping[str, Any]]) -> list[bytes]:
