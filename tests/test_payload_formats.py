@@ -154,7 +154,8 @@ def test_json_repeated_nested_field_takes_the_last_and_model_text_must_be_utf8()
     assert decoded.good.tolist() == [0, 1]
     np.testing.assert_array_equal(decoded.inputs["num"], [[2, 1], [2, 1]])
     surrogate = value.replace(b'"city":"a"', b'"city":"\\ud800"')
-    assert outcomes(decode(PayloadSettings(), [surrogate])) == {0: p.INVALID_JSON}
+    invalid = value.replace(b'"city":"a"', b'"city":"\xff"')
+    assert outcomes(decode(PayloadSettings(), [surrogate, invalid, b" " + invalid, value])) == {0: p.INVALID_JSON, 1: p.INVALID_JSON, 2: p.INVALID_JSON}
 
 
 def test_integer_inputs_take_whole_numbers_in_range():

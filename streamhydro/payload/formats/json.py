@@ -77,6 +77,7 @@ class Decoder(formats.Decoder):
                 node = node.setdefault(part, {})
             node[field.parts[-1]] = field
         self._plain = _PlainReader(self.manifest, self._tree)
+        self._text_fields = [field for field in self.fields.fields if field.kind == TEXT]
 
     def _decode(self, values: pa.Array) -> formats.Decoded:
         inputs, good, others = self._plain.read(values, self.settings.max_value_bytes)
@@ -102,8 +103,30 @@ class Decoder(formats.Decoder):
         suspects = np.flatnonzero(~clean & worth)
         if len(suspects):
             table, positions = self._add_suspects(values, suspects, table, positions, errors)
+        table, positions = self._drop_text_not_utf8(table, positions, errors)
         inputs, good = self.fields.convert(lambda field: column_at(table, field), positions, errors)
         return self.finish(errors, inputs, good)
+
+    def _drop_text_not_utf8(self, table: pa.Table, positions: np.ndarray, errors: Rejections) -> tuple[pa.Table, np.ndarray]:
+        """Rejects the rows whose model text holds bytes that are not UTF-8 (pyarrow's reader copies them as they are)."""
+        bad = np.zeros(table.num_rows, dtype=bool)
+        for field in self._text_fields:
+            column = column_at(table, field)
+            try:
+                column.validate(full=True)
+                continue
+            except pa.ArrowInvalid:
+                pass
+            texts = pc.list_flatten(column) if field.vector else column
+            rows = pc.list_parent_indices(column).to_numpy() if field.vector else np.arange(len(column))
+            invalid = np.array([text is not None and not _decodes(text) for text in texts.cast(pa.binary()).to_pylist()], dtype=bool)
+            for row in np.unique(rows[invalid]):
+                if not bad[row]:
+                    errors.add(positions[row], INVALID_JSON, f"{field.describe()} is not UTF-8 text")
+            bad[rows[invalid]] = True
+        if not bad.any():
+            return table, positions
+        return table.filter(pa.array(~bad)), positions[~bad]
 
     def _parse_objects(
         self, records: pa.Array, positions: np.ndarray, errors: Rejections, rewrite: bool = True
@@ -408,6 +431,14 @@ def _value_problem(value: Any, kind: str, what: str) -> tuple[str, str] | None:
     if kind == TEXT and not _is_utf8(value):
         return INVALID_JSON, f"{what} is not UTF-8 text (invalid bytes or a lone surrogate escape)"
     return None
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _is_utf8(text: str) -> bool:
