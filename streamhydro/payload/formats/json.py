@@ -119,7 +119,7 @@ class Decoder(formats.Decoder):
                 pass
             texts = pc.list_flatten(column) if field.vector else column
             rows = pc.list_parent_indices(column).to_numpy() if field.vector else np.arange(len(column))
-            invalid = np.array([text is not None and not _decodes(text) for text in texts.cast(pa.binary()).to_pylist()], dtype=bool)
+            invalid = np.array([text is not None and not _is_utf8(text) for text in texts.cast(pa.binary()).to_pylist()], dtype=bool)
             for row in np.unique(rows[invalid]):
                 if not bad[row]:
                     errors.add(positions[row], INVALID_JSON, f"{field.describe()} is not UTF-8 text")
@@ -433,18 +433,11 @@ def _value_problem(value: Any, kind: str, what: str) -> tuple[str, str] | None:
     return None
 
 
-def _decodes(data: bytes) -> bool:
+def _is_utf8(text: str | bytes) -> bool:
+    """Whether bytes decode as UTF-8, or a str encodes as UTF-8 (holds no lone surrogate)."""
     try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
+        text.decode("utf-8") if isinstance(text, bytes) else text.encode("utf-8")
+    except UnicodeError:
         return False
     return True
 
