@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
-import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -47,6 +45,7 @@ from streamhydro.config import PayloadSettings
 from streamhydro.payload.formats import make_decoder
 from streamhydro.producer import JSON_BAD_KINDS, corrupt, make_values
 from streamhydro.registry import Registry
+from turns import take_turns
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 4096
@@ -108,7 +107,6 @@ def main() -> None:
     contenders = {name: (decode, batches) for name, decode in candidates(manifest).items()}
     for name in ("streamhydro", "streamhydro_general"):
         contenders[f"{name}_1pct_bad"] = (contenders[name][0], dirty_batches)
-    rates: dict[str, list[float]] = {name: [] for name in contenders}
     for runs in (batches, dirty_batches):  # every candidate decodes the same matrix from the same batches
         reference = np.concatenate([contenders["streamhydro_general"][0](batch) for batch in runs])
         for name, (decode, its_batches) in contenders.items():
@@ -116,20 +114,17 @@ def main() -> None:
                 got = np.concatenate([decode(batch) for batch in runs])
                 if got.shape != reference.shape or not np.array_equal(got, reference):
                     raise SystemExit(f"{name} decoded other values than streamhydro's general pass")
-    for round_ in range(args.rounds):
-        for name, (decode, its_batches) in contenders.items():
-            started = time.perf_counter()
-            for batch in its_batches:
-                decode(batch)
-            rates[name].append(len(values) / (time.perf_counter() - started))
-        print(f"round {round_ + 1}: " + ", ".join(f"{n} {r[-1]:,.0f}" for n, r in rates.items()), file=sys.stderr, flush=True)
-    medians = {name: round(statistics.median(r)) for name, r in rates.items()}
+    runs = {name: partial(_each, decode, its_batches) for name, (decode, its_batches) in contenders.items()}
     print(json.dumps({
-        "events": len(values), "batch": BATCH, "rounds": args.rounds, "rows_per_s": rates, "median_rows_per_s": medians,
-        "vs_streamhydro": {name: round(m / medians["streamhydro"], 3) for name, m in medians.items()},
+        "events": len(values), "batch": BATCH, "rounds": args.rounds,
+        **take_turns(runs, len(values), args.rounds, baseline="streamhydro"),
         "versions": {"pyarrow": pa.__version__, "orjson": orjson.__version__, "msgspec": msgspec.__version__},
     }))
 
+
+def _each(decode: Callable[[list[bytes]], np.ndarray], batches: list[list[bytes]]) -> None:
+    for batch in batches:
+        decode(batch)
 
 if __name__ == "__main__":
     main()

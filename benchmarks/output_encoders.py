@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
-import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -37,6 +35,7 @@ import pyarrow as pa
 from streamhydro.kafka.records import ARROW_SCHEMA, ConsumedColumns, to_record_batch
 from streamhydro.payload.encoding import Encoder
 from streamhydro.registry import Registry
+from turns import take_turns
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 4096
@@ -118,21 +117,17 @@ def main() -> None:
         got = [value for meta, scores in work for value in encode(meta, scores)]
         if len(got) != len(reference) or not all(map(same_json, got, reference)):
             raise SystemExit(f"{name} encoded other values than streamhydro's encoder")
-    rates: dict[str, list[float]] = {name: [] for name in contenders}
-    for round_ in range(args.rounds):
-        for name, encode in contenders.items():
-            started = time.perf_counter()
-            for meta, scores in work:
-                encode(meta, scores)
-            rates[name].append(args.rows / (time.perf_counter() - started))
-        print(f"round {round_ + 1}: " + ", ".join(f"{n} {r[-1]:,.0f}" for n, r in rates.items()), file=sys.stderr, flush=True)
-    medians = {name: round(statistics.median(r)) for name, r in rates.items()}
+    runs = {name: partial(_each, encode, work) for name, encode in contenders.items()}
     print(json.dumps({
-        "rows": args.rows, "batch": BATCH, "rounds": args.rounds, "rows_per_s": rates, "median_rows_per_s": medians,
-        "vs_streamhydro": {name: round(m / medians["streamhydro"], 3) for name, m in medians.items()},
+        "rows": args.rows, "batch": BATCH, "rounds": args.rounds,
+        **take_turns(runs, args.rows, args.rounds, baseline="streamhydro"),
         "versions": {"pyarrow": pa.__version__, "orjson": orjson.__version__, "msgspec": msgspec.__version__},
     }))
 
+
+def _each(encode: Candidate, work: list[tuple[pa.RecordBatch, np.ndarray]]) -> None:
+    for meta, scores in work:
+        encode(meta, scores)
 
 if __name__ == "__main__":
     main()

@@ -367,10 +367,8 @@ _PLAIN_KIND = {NUMBER: float, BOOLEAN: bool, TEXT: str}  # msgspec's float takes
 
 
 def _field_problem(document: _Object, tree: Mapping[str, Any], prefix: str) -> tuple[str, str] | None:
-    """The first model field of a parsed object (at ``prefix``) that cannot feed the model, if any
-    (the last of a field repeated in one object counts)."""
-    found = {name: value for name, value in document if name in tree}
-    for name, value in found.items():
+    """The first model field of a parsed object (at ``prefix``) that cannot feed the model, if any."""
+    for name, value in _model_fields(document, tree).items():
         node = tree[name]
         if isinstance(node, dict):
             if value is None:
@@ -391,12 +389,16 @@ def _field_problem(document: _Object, tree: Mapping[str, Any], prefix: str) -> t
     return None
 
 
+def _model_fields(document: _Object, tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a parsed object that ``tree`` names, by name: the last of a field repeated in it counts."""
+    return {name: value for name, value in document if name in tree}
+
+
 def _model_part(document: _Object, tree: Mapping[str, Any]) -> dict[str, Any]:
-    """The model fields of a parsed object (the last of a repeated one), nested as in the object."""
-    found = {name: value for name, value in document if name in tree}
+    """The model fields of a parsed object, nested as in the object."""
     return {
         name: _model_part(value, tree[name]) if isinstance(value, _Object) and isinstance(tree[name], dict) else value
-        for name, value in found.items()
+        for name, value in _model_fields(document, tree).items()
     }
 
 
