@@ -8,11 +8,13 @@ and, for the all-reduce, torch; it imports nothing that imports pyspark. Prints 
 * ``gpu``: whether NVML sees an NVIDIA GPU; ``ort_builds`` / ``ort_providers``: what ONNX Runtime is here.
 * ``tasks``: for each GPU address (as Spark would hand it to a task) the device the engine asked for, the
   device and providers ONNX Runtime really used, and the provider options it got.
-* ``models``: for the demo model (``models/breast_cancer/1``) and a compute-bound model made here (a wide
-  MLP whose hidden layers share one weight matrix: hundreds of MFLOP per row, a small file), on the CPU
-  and on GPU 0: rows/s sequential (``pipeline_depth`` 0) and pipelined (2), seconds per engine stage
-  (decode, h2d, compute, d2h, encode, from the engine's BatchStats), and on the GPU its busy % and memory
-  used before and at peak (NVML, whole device, sampled every 50 ms); ``gpu_over_cpu``; GPU vs CPU scores on the same rows against
+* ``models``: for the demo model (``models/breast_cancer/1``) and compute-bound models made here (wide MLPs
+  whose hidden layers share one weight matrix: hundreds of MFLOP per row from a 64 MB file; one per
+  ``--layers`` count), on the CPU and on GPU 0: rows/s sequential (``pipeline_depth`` 0) and pipelined (2), each after a warm-up at its
+  own depth; seconds per engine stage (decode, h2d, compute, d2h, encode, from the engine's BatchStats);
+  on the GPU its busy % and memory used before and at peak (NVML, whole device, sampled every 50 ms);
+  ``overlap_ideal``, what pipelining buys when compute fully overlaps the host stages, from the sequential
+  run's stage times (:func:`overlap_ideal`); ``gpu_over_cpu``; GPU vs CPU scores on the same rows against
   :func:`streamhydro.precision.score_tolerance`.
 * ``gpu_tests``: ``pytest -m gpu`` on the test files that hold GPU tests.
 * ``allreduce``: the trainer's nccl group (2 ranks, one GPU each) summing a tensor, when 2 GPUs exist.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -182,12 +185,16 @@ class GpuSampler:
 
 def measure(data: bytes, manifest: Any, table: pa.Table, providers: tuple[str, ...], address: str | None, batch_size: int,
             allow_tf32: bool) -> tuple[dict[str, Any], np.ndarray]:
-    """Sequential and pipelined runs of ``table`` on one device, after a warm-up; the pipelined run's scores."""
+    """Sequential and pipelined runs of ``table`` on one device; the pipelined run's scores.
+
+    Each timed run follows a warm-up at its own depth: sessions are cached per depth and a worker keeps one
+    session per model and device, so without it a run would also time creating its session (a second and
+    more for the compute-bound model), and the comparison would be between session creations."""
     warm_up = table.slice(0, batch_size if address is not None else 64)  # session, CUDA context, first kernels
-    engine_run(data, manifest, warm_up, providers, address, 2, batch_size, allow_tf32)
     result: dict[str, Any] = {"rows": table.num_rows}
     scores = np.zeros((0, 0))
     for name, depth in DEPTHS.items():
+        engine_run(data, manifest, warm_up, providers, address, depth, batch_size, allow_tf32)
         sampler = GpuSampler(address) if address is not None else None
         with sampler or contextlib.nullcontext():
             scores, stats, seconds = engine_run(data, manifest, table, providers, address, depth, batch_size, allow_tf32)
@@ -202,7 +209,18 @@ def measure(data: bytes, manifest: Any, table: pa.Table, providers: tuple[str, .
             result[name]["memory_used_before_bytes"] = sampler.memory_before_bytes
             result[name]["peak_memory_used_bytes"] = sampler.peak_memory_bytes
     result["pipelined_over_sequential"] = round(result["pipelined"]["rows_per_s"] / result["sequential"]["rows_per_s"], 3)
+    result["overlap_ideal"] = overlap_ideal(result["sequential"]["stage_seconds"])
     return result, scores
+
+
+def overlap_ideal(stage_seconds: dict[str, float]) -> float | None:
+    """The speed-up over the sequential run whose stages took ``stage_seconds`` when compute fully overlaps the
+    host stages (decode, h2d, d2h, encode) and those run one after another, as one interpreter runs them:
+    ``(host + compute) / max(host, compute)``. Host stages that release the GIL can overlap one another too, and
+    timing noise moves both runs, so a pipelined run can come out a few percent above it."""
+    compute = stage_seconds["compute"]
+    host = sum(seconds for stage, seconds in stage_seconds.items() if stage != "compute")
+    return round((host + compute) / max(host, compute), 3) if max(host, compute) > 0 else None
 
 
 def gpu_tests() -> dict[str, Any]:
@@ -286,6 +304,14 @@ def check_tasks(count: int, allow_tf32: bool, failures: list[str]) -> list[dict[
     return tasks
 
 
+def layer_counts(text: str) -> tuple[int, ...]:
+    """``--layers``: comma-separated positive layer counts."""
+    counts = tuple(int(part) for part in text.split(","))
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"layer counts must be positive integers, got {text!r}")
+    return counts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=200_000, help="demo-model rows per run (CPU and GPU)")
@@ -293,7 +319,8 @@ def main() -> int:
     parser.add_argument("--cpu-heavy-rows", type=int, default=500, help="compute-bound model rows per CPU run")
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--hidden", type=int, default=4096, help="width of the compute-bound model")
-    parser.add_argument("--depth", type=int, default=16, help="hidden layers of the compute-bound model")
+    parser.add_argument("--layers", type=layer_counts, default=(4, 8, 16),
+                        help="hidden layers of the compute-bound models, one model per count (comma-separated)")
     parser.add_argument("--allow-tf32", action="store_true", help="run the GPU with TF32 (and its tolerance)")
     parser.add_argument("--allreduce-mb", type=int, default=256)
     parser.add_argument("--no-gpu-tests", action="store_true", help="do not run pytest -m gpu")
@@ -324,11 +351,14 @@ def main() -> int:
     try:
         if use_gpu:
             report["tasks"] = check_tasks(count, args.allow_tf32, failures)
-        heavy_data, heavy_manifest, heavy_mflop = compute_bound_mlp(args.hidden, args.depth)
-        models = {"demo": (*demo_model(), args.rows, args.rows),
-                  "compute_bound": (heavy_data, heavy_manifest, heavy_mflop, args.heavy_rows, args.cpu_heavy_rows)}
+        models = [("demo", demo_model, args.rows, args.rows)] + [
+            (f"compute_bound_{layers}_layers", functools.partial(compute_bound_mlp, args.hidden, layers), args.heavy_rows,
+             args.cpu_heavy_rows)
+            for layers in args.layers
+        ]
         agree = []
-        for name, (data, manifest, mflop, gpu_rows, cpu_rows) in models.items():
+        for name, make, gpu_rows, cpu_rows in models:
+            data, manifest, mflop = make()
             table = kafka_table(manifest, max(gpu_rows, cpu_rows) if use_gpu else cpu_rows)
             entry: dict[str, Any] = {"model": f"{manifest.name}:{manifest.version}", "mflop_per_row": mflop,
                                      "batch_size": args.batch_size}

@@ -100,6 +100,19 @@ def test_stage_events_show_overlap(model):
     assert events.index(("encode", 0, "start")) < events.index(("compute", 1, "end"))
 
 
+def test_a_large_arrow_batch_reaches_compute_one_model_batch_at_a_time(model):
+    """An Arrow batch of ten model batches is decoded a model batch at a time: compute starts on the first
+    while the rest are still to be decoded, instead of waiting for the whole Arrow batch."""
+    data, manifest = model
+    batch = kafka_batch(json_values(manifest, np.ones((1000, 4))), first_offset=0)
+    plan = ScoringPlan(manifest, Holder(data), PayloadSettings(), "o", "d", EngineSettings(batch_size=100, pipeline_depth=2))
+    events: list[tuple[str, int, str]] = []
+    out = list(score_partition(plan, iter([batch]), trace=lambda *event: events.append(event)))
+    assert sum(b.num_rows for b in out) == 1000
+    assert [seq for stage, seq, what in events if stage == "decode" and what == "start"] == list(range(10))
+    assert events.index(("compute", 0, "start")) < events.index(("decode", 9, "start"))
+
+
 def test_pipelining_off_runs_stages_in_sequence(model):
     data, manifest = model
     batches = [kafka_batch(json_values(manifest, np.ones((10, 4))), first_offset=i * 10) for i in range(3)]

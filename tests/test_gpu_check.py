@@ -14,7 +14,7 @@ import pytest
 from streamhydro.devices import nvml_gpu_count
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--rows", "1000", "--cpu-heavy-rows", "32", "--hidden", "256", "--depth", "2", "--batch-size", "256"]
+SMALL = ["--rows", "1000", "--cpu-heavy-rows", "32", "--hidden", "256", "--layers", "1,2", "--batch-size", "256"]
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +43,17 @@ def test_cpu_mode_says_no_gpu_measures_the_cpu_and_passes(no_gpu):
     assert report["gpu"] is False and report["ok"] is True and report["failures"] == []
     assert report["tolerance"] == {"rtol": 1e-4, "atol": 1e-5}
     assert report["gpu_tests"]["ran"] and report["gpu_tests"]["exit_code"] == 0 and "skipped" in report["gpu_tests"]["summary"]
-    for name in ("demo", "compute_bound"):
-        entry = report["models"][name]
+    assert list(report["models"]) == ["demo", "compute_bound_1_layers", "compute_bound_2_layers"]
+    for entry in report["models"].values():
         assert entry["gpu"] is None and entry["matches_cpu"] is None
         for variant in ("sequential", "pipelined"):
             run = entry["cpu"][variant]
             assert run["rows_per_s"] > 0 and run["device"] == "cpu"
             assert set(run["stage_seconds"]) == {"decode", "h2d", "compute", "d2h", "encode"}
-    assert report["models"]["compute_bound"]["mflop_per_row"] == pytest.approx(2 * (30 * 256 + 2 * 256 * 256 + 256 * 2) / 1e6)
+        assert 1 <= entry["cpu"]["overlap_ideal"] <= 2
+    for layers in (1, 2):
+        mflop = report["models"][f"compute_bound_{layers}_layers"]["mflop_per_row"]
+        assert mflop == pytest.approx(2 * (30 * 256 + layers * 256 * 256 + 256 * 2) / 1e6)
 
 
 def test_a_gpu_that_onnx_runtime_cannot_use_fails_the_run(gpu_check, monkeypatch, capsys):
@@ -75,3 +78,44 @@ def test_a_cuda_provider_that_does_not_load_fails_the_run(gpu_check, monkeypatch
     assert gpu_check.main() == 1
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is False and report["failures"][0].startswith("CpuFallbackError: task assigned cuda:0")
+
+
+def test_timed_runs_do_not_create_sessions(gpu_check, monkeypatch):
+    """Each variant's timed run finds its session warm: timing a session's creation would skew the ratio."""
+    from streamhydro.executor import sessions
+
+    created: list[str] = []
+    create = sessions._create
+    monkeypatch.setattr(sessions, "_create", lambda manifest, *args: (created.append(manifest.name), create(manifest, *args))[1])
+    runs: list[tuple[int, int]] = []
+    engine_run = gpu_check.engine_run
+
+    def counted(*args, **kwargs):
+        before = len(created)
+        result = engine_run(*args, **kwargs)
+        runs.append((args[5], len(created) - before))
+        return result
+
+    monkeypatch.setattr(gpu_check, "engine_run", counted)
+    data, manifest, _ = gpu_check.compute_bound_mlp(64, 2)
+    result, scores = gpu_check.measure(data, manifest, gpu_check.kafka_table(manifest, 300), gpu_check.CPU, None, 128, False)
+    sessions.clear_sessions()
+    assert runs == [(0, 1), (0, 0), (2, 1), (2, 0)]
+    assert scores.shape == (300, 2) and result["sequential"]["device"] == result["pipelined"]["device"] == "cpu"
+
+
+def test_the_overlap_ideal_is_what_hiding_the_shorter_side_buys(gpu_check):
+    stages = {"decode": 0.3, "h2d": 0.05, "compute": 1.0, "d2h": 0.05, "encode": 0.1}
+    assert gpu_check.overlap_ideal(stages) == 1.5
+    assert gpu_check.overlap_ideal({**stages, "compute": 0.5}) == 2.0
+    assert gpu_check.overlap_ideal({**stages, "compute": 0.25}) == 1.5
+    assert gpu_check.overlap_ideal(dict.fromkeys(stages, 0.0)) is None
+
+
+def test_layer_counts_are_positive_integers(gpu_check):
+    import argparse
+
+    assert gpu_check.layer_counts("4,8,16") == (4, 8, 16)
+    for bad in ("0", "4,-1", "4,,8", "many"):
+        with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+            gpu_check.layer_counts(bad)

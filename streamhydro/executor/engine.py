@@ -6,7 +6,7 @@ Arrow/numpy, so it is tested without a cluster and runs on GPU hosts that have n
 
 Three stage groups run concurrently when ``pipeline_depth > 0``::
 
-    [front thread]   decode batch N+1, re-batch, stage on host, copy host->device
+    [front thread]   decode the next slice of an input batch, re-batch, stage on host, copy host->device
           | queue "staged" (at most pipeline_depth items)
     [compute thread] run the model on batch N
           | queue "computed" (at most pipeline_depth items)

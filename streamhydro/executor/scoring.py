@@ -131,6 +131,18 @@ def _timed_reads(batches: Iterator[pa.RecordBatch], clock: StageClock) -> Iterat
         seq += 1
 
 
+def _slices(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """``batches`` cut into slices of at most ``rows`` rows, without copying.
+
+    The front decodes one slice at a time, so with pipelining it hands compute a model batch about every
+    ``rows`` rows decoded. Decoding a whole Arrow batch (maxRecordsPerBatch, 20,000 rows) before staging
+    any of it would stage its model batches in a burst the queue cannot hold, and leave the device idle
+    while the next one decodes."""
+    for batch in batches:
+        for start in range(0, batch.num_rows, rows):
+            yield batch.slice(start, rows)
+
+
 def publish_stats(stats: BatchStats) -> None:
     """Hand a task partition's stats to the metrics module: the one place the engine reports to."""
     from streamhydro.metrics.executor import observe_batch
@@ -171,7 +183,7 @@ class _Stages:
     def front(self, batches: Iterator[pa.RecordBatch]) -> Iterator[_Staged | pa.RecordBatch]:
         rebatcher = Rebatcher(self.batch_size)
         chunks = 0
-        for seq, batch in enumerate(batches):
+        for seq, batch in enumerate(_slices(batches, self.batch_size)):
             with self.clock.stage("decode", seq):
                 decoded = self.decoder.decode(batch.column("value"))
                 meta = batch.select(list(META_COLUMNS))
