@@ -2,8 +2,8 @@
 
 Runs on a GPU machine (and, small, in CI), once, through ``bash benchmarks/gpu_check.sh`` (which sets
 ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, as streamhydro's Spark conf does for executors). Needs Python, numpy,
-pyarrow, onnx, ONNX Runtime (the GPU build where there is a GPU), nvidia-ml-py, pytest for the GPU tests
-and, for the all-reduce, torch; it imports nothing that imports pyspark. Prints one JSON line:
+pyarrow, msgspec, onnx, ONNX Runtime (the GPU build where there is a GPU), nvidia-ml-py, pytest for the
+GPU tests and, for the all-reduce, torch; it imports nothing that imports pyspark. Prints one JSON line:
 
 * ``gpu``: whether NVML sees an NVIDIA GPU; ``ort_builds`` / ``ort_providers``: what ONNX Runtime is here.
 * ``tasks``: for each GPU address (as Spark would hand it to a task) the device the engine asked for, the
