@@ -124,23 +124,32 @@ def demo_model() -> tuple[bytes, Any, float | None]:
 
 
 def engine_run(data: bytes, manifest: Any, table: Any, providers: tuple[str, ...], address: str | None, depth: int,
-               batch_size: int, allow_tf32: bool = False) -> tuple[np.ndarray, Any, float]:
-    """Score ``table`` through the engine as a scoring task would; returns scores, stats, seconds."""
+               batch_size: int, allow_tf32: bool = False, arrow_rows: int | None = None,
+               cpus: int | None = None) -> tuple[list[pa.RecordBatch], Any, float]:
+    """Score ``table`` (in Arrow batches of ``arrow_rows``, default serve's maxRecordsPerBatch) through the
+    engine as a scoring task with ``cpus`` CPUs (default: all) would; returns its output batches, stats, seconds."""
     from streamhydro.config import PayloadSettings
     from streamhydro.executor.engine import EngineSettings
     from streamhydro.executor.scoring import ScoringPlan, score_partition
     from streamhydro.executor.sessions import TaskResources
+    from streamhydro.spark import STREAMING_CONF
+
+    arrow_rows = arrow_rows or int(STREAMING_CONF["spark.sql.execution.arrow.maxRecordsPerBatch"])
 
     settings = EngineSettings(providers=providers, batch_size=batch_size, pipeline_depth=depth, allow_tf32=allow_tf32)
     plan = ScoringPlan(manifest, SimpleNamespace(value=data), PayloadSettings(), "out", "dlq", settings)
     stats: list[Any] = []
-    resources = TaskResources((address,) if address is not None else (), os.cpu_count() or 1)
+    resources = TaskResources((address,) if address is not None else (), cpus or os.cpu_count() or 1)
     started = time.perf_counter()
-    out = list(score_partition(plan, iter(table.to_batches(max_chunksize=20_000)), stats.append, resources=resources))
+    out = list(score_partition(plan, iter(table.to_batches(max_chunksize=arrow_rows)), stats.append, resources=resources))
     seconds = time.perf_counter() - started
+    return out, stats[0], seconds
+
+
+def scores_of(out: list[pa.RecordBatch]) -> np.ndarray:
+    """The prediction scores of an engine run's output, one row per prediction."""
     docs = [json.loads(v) for b in out for v in b.column("value").to_pylist()]
-    scores = np.array([list(d["prediction"]["scores"].values()) for d in docs], dtype=np.float64)
-    return scores, stats[0], seconds
+    return np.array([list(d["prediction"]["scores"].values()) for d in docs], dtype=np.float64)
 
 
 class GpuSampler:
@@ -192,12 +201,12 @@ def measure(data: bytes, manifest: Any, table: pa.Table, providers: tuple[str, .
     more for the compute-bound model), and the comparison would be between session creations."""
     warm_up = table.slice(0, batch_size if address is not None else 64)  # session, CUDA context, first kernels
     result: dict[str, Any] = {"rows": table.num_rows}
-    scores = np.zeros((0, 0))
+    outputs: list[pa.RecordBatch] = []
     for name, depth in DEPTHS.items():
         engine_run(data, manifest, warm_up, providers, address, depth, batch_size, allow_tf32)
         sampler = GpuSampler(address) if address is not None else None
         with sampler or contextlib.nullcontext():
-            scores, stats, seconds = engine_run(data, manifest, table, providers, address, depth, batch_size, allow_tf32)
+            outputs, stats, seconds = engine_run(data, manifest, table, providers, address, depth, batch_size, allow_tf32)
         result[name] = {
             "rows_per_s": round(table.num_rows / seconds, 1),
             "seconds": round(seconds, 4),
@@ -210,7 +219,7 @@ def measure(data: bytes, manifest: Any, table: pa.Table, providers: tuple[str, .
             result[name]["peak_memory_used_bytes"] = sampler.peak_memory_bytes
     result["pipelined_over_sequential"] = round(result["pipelined"]["rows_per_s"] / result["sequential"]["rows_per_s"], 3)
     result["overlap_ideal"] = overlap_ideal(result["sequential"]["stage_seconds"])
-    return result, scores
+    return result, scores_of(outputs)
 
 
 def overlap_ideal(stage_seconds: dict[str, float]) -> float | None:

@@ -35,18 +35,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gpu_check import CPU, REPORTED_STAGES, demo_model, kafka_table, overlap_ideal  # noqa: E402
-from streamhydro.config import PayloadSettings  # noqa: E402
+from gpu_check import CPU, REPORTED_STAGES, demo_model, engine_run, kafka_table, overlap_ideal  # noqa: E402
 from streamhydro.executor import scoring, sessions  # noqa: E402
-from streamhydro.executor.engine import EngineSettings  # noqa: E402
-from streamhydro.executor.sessions import TaskResources  # noqa: E402
+from streamhydro.spark import STREAMING_CONF  # noqa: E402
 
 MODEL_BATCH = 4096
+SERVE_ARROW_ROWS = int(STREAMING_CONF["spark.sql.execution.arrow.maxRecordsPerBatch"])
 VARIANTS = {"sequential": (0, True), "pipelined": (2, True), "sequential_whole": (0, False), "pipelined_whole": (2, False)}
 
 
@@ -80,17 +78,10 @@ def front(sliced: bool) -> Iterator[None]:
 
 
 def run(data: bytes, manifest: Any, table: Any, arrow_rows: int, depth: int, sliced: bool) -> tuple[float, Any]:
-    """Seconds to score ``table`` (in Arrow batches of ``arrow_rows``) through one task's engine, and its stats."""
-    settings = EngineSettings(providers=CPU, batch_size=MODEL_BATCH, pipeline_depth=depth, intra_op_threads=1)
-    plan = scoring.ScoringPlan(manifest, SimpleNamespace(value=data), PayloadSettings(), "out", "dlq", settings)
-    stats: list[Any] = []
+    """Seconds to score ``table`` (in Arrow batches of ``arrow_rows``) through one single-CPU task, and its stats."""
     with front(sliced):
-        started = time.perf_counter()
-        for _ in scoring.score_partition(plan, iter(table.to_batches(max_chunksize=arrow_rows)), stats.append,
-                                         resources=TaskResources((), 1)):
-            pass
-        seconds = time.perf_counter() - started
-    return seconds, stats[0]
+        _, stats, seconds = engine_run(data, manifest, table, CPU, None, depth, MODEL_BATCH, arrow_rows=arrow_rows, cpus=1)
+    return seconds, stats
 
 
 def host_seconds_per_batch(stats: Any) -> float:
@@ -102,7 +93,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=30 * MODEL_BATCH, help="rows per run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--factors", default="0,0.5,1,2", help="device wait per model batch, in host-stage times")
-    parser.add_argument("--arrow-rows", default=f"{MODEL_BATCH},20000", help="input Arrow batch sizes")
+    parser.add_argument("--arrow-rows", default=f"{MODEL_BATCH},{SERVE_ARROW_ROWS}", help="input Arrow batch sizes")
     args = parser.parse_args()
     factors = [float(f) for f in args.factors.split(",")]
     arrow_sizes = [int(n) for n in args.arrow_rows.split(",")]

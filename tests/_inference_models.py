@@ -60,6 +60,22 @@ def softmax_model(specs: Sequence[TensorSpec], labels: Sequence[str] = LABELS, s
     return data, manifest
 
 
+def mixed_manifest(name: str = "mixed", vector: str = "float32", count: str = "int64") -> Manifest:
+    """A manifest (with no model behind it) whose inputs read nested JSON fields of every kind: two numbers,
+    a ``vector``-typed array, a text, a boolean and a ``count``-typed integer."""
+    return Manifest(
+        name=name, version=1, sha256="0" * 64, labels=("a", "b"), created="2026-01-01T00:00:00Z",
+        inputs=(
+            TensorSpec("num", "float32", (-1, 2), ("user.age", "tx.amount")),
+            TensorSpec("vec", vector, (-1, 3), field="doc.embedding"),
+            TensorSpec("city", "string", (-1, 1), ("user.city",)),
+            TensorSpec("flag", "bool", (-1,), ("vip",)),
+            TensorSpec("count", count, (-1, 1), ("tx.items",)),
+        ),
+        outputs=(TensorSpec("scores", "float32", (-1, 2)),),
+    )
+
+
 def feature_spec(name: str = "x", n: int = 4) -> TensorSpec:
     return TensorSpec(name, "float32", (-1, n), tuple(f"{name}_f{i}" for i in range(n)))
 

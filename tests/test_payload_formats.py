@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _inference_models import mixed_manifest
 from streamhydro import payload as p
 from streamhydro.config import PayloadSettings
 from streamhydro.errors import ModelError, SchemaRegistryError
@@ -27,21 +28,7 @@ from streamhydro.registry import Manifest, TensorSpec
 URL = "http://registry.invalid:8081"
 FAST = settings(max_examples=60, deadline=None)
 
-MANIFEST = Manifest(
-    name="mixed",
-    version=1,
-    sha256="0" * 64,
-    inputs=(
-        TensorSpec("num", "float32", (-1, 2), ("user.age", "tx.amount")),
-        TensorSpec("vec", "float32", (-1, 3), field="doc.embedding"),
-        TensorSpec("city", "string", (-1, 1), ("user.city",)),
-        TensorSpec("flag", "bool", (-1,), ("vip",)),
-        TensorSpec("count", "int64", (-1, 1), ("tx.items",)),
-    ),
-    outputs=(TensorSpec("scores", "float32", (-1, 2)),),
-    labels=("a", "b"),
-    created="2026-01-01T00:00:00Z",
-)
+MANIFEST = mixed_manifest()
 
 
 def event(age=30.0, amount=2.5, city="Oslo", vip=True, items=3, embedding=(1.0, 2.0, 3.0)):

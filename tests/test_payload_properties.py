@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _inference_models import LABELS, Holder, feature_spec, json_values, kafka_batch, softmax_model
+from _inference_models import LABELS, Holder, feature_spec, json_values, kafka_batch, mixed_manifest, softmax_model
 from streamhydro import payload as p
 from streamhydro.executor.scoring import EngineSettings, ScoringPlan, score_batches
 from streamhydro.payload import encoding
@@ -26,7 +26,7 @@ from streamhydro.config import PayloadSettings
 from streamhydro.payload.formats import json as json_format
 from streamhydro.payload.formats import make_decoder
 from streamhydro.payload.encoding import Encoder
-from streamhydro.registry import Manifest, TensorSpec
+from streamhydro.registry import TensorSpec
 
 FAST = settings(max_examples=120, deadline=None)
 BOM = b"\xef\xbb\xbf"
@@ -182,17 +182,7 @@ def test_json_documents_decode_to_their_features_or_the_class_of_a_bad_one(recor
     check_dead_letters(batch, decoded.rejected)
 
 
-TYPED_MODEL = Manifest(
-    name="typed", version=1, sha256="0" * 64, labels=("a", "b"), created="2026-01-01T00:00:00Z",
-    inputs=(
-        TensorSpec("num", "float32", (-1, 2), ("user.age", "tx.amount")),
-        TensorSpec("vec", "float64", (-1, 3), field="doc.embedding"),
-        TensorSpec("city", "string", (-1, 1), ("user.city",)),
-        TensorSpec("flag", "bool", (-1,), ("vip",)),
-        TensorSpec("count", "int32", (-1, 1), ("tx.items",)),
-    ),
-    outputs=(TensorSpec("scores", "float32", (-1, 2)),),
-)
+TYPED_MODEL = mixed_manifest("typed", vector="float64", count="int32")
 typed_value = st.one_of(scalars, st.lists(st.one_of(st.floats(), st.integers(-(2**70), 2**70)), min_size=2, max_size=4))
 finite = st.one_of(
     st.floats(-1000, 1000), st.floats(-1e30, 1e30), st.integers(-(2**40), 2**40), st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2**70), 2**70)
